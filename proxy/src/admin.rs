@@ -1,0 +1,331 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The admin listener (Envoy's `admin.address`, 15000 in Istio): `/ready`, `/config_dump`, `/clusters`,
+//! `/stats`, `/stats/prometheus`, `/logging`, `/quitquitquit`. It runs on its own runtime, away from the
+//! data plane.
+
+use crate::Shared;
+use crate::xds::json::dynamic_to_json;
+use envoy_types::pb::envoy::admin::v3 as admin;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
+use envoy_types::pb::google::protobuf::{Any, Timestamp};
+use prost::{Message, Name};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Changes log levels at runtime (`/logging`); provided by the binary's tracing setup.
+pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// What the admin server needs.
+pub struct Admin {
+    /// proxy state
+    pub shared: Arc<Shared>,
+    /// `/quitquitquit` trigger
+    pub quit: Arc<tokio::sync::watch::Sender<bool>>,
+    /// `/logging`
+    pub log_control: Option<LogControl>,
+}
+
+/// Serves admin requests until the process ends.
+pub async fn serve(admin: Arc<Admin>, socket: TcpListener) {
+    loop {
+        let Ok((stream, _)) = socket.accept().await else {
+            continue;
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let _ = handle(&admin, stream).await;
+        });
+    }
+}
+
+async fn handle(admin: &Admin, mut stream: TcpStream) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let (method, target) = loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                break (
+                    req.method.unwrap_or("GET").to_string(),
+                    req.path.unwrap_or("/").to_string(),
+                );
+            }
+            Ok(httparse::Status::Partial) if buf.len() < 64 * 1024 => continue,
+            _ => {
+                respond(&mut stream, 400, "text/plain", b"bad request\n").await?;
+                return Ok(());
+            }
+        }
+    };
+    let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
+    let (status, ctype, body) = route(admin, &method, path, query);
+    respond(&mut stream, status, ctype, body.as_bytes()).await?;
+    if path == "/quitquitquit" && method == "POST" {
+        admin.quit.send_replace(true);
+    }
+    Ok(())
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    ctype: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\ncache-control: no-cache, max-age=0\r\nx-content-type-options: nosniff\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
+    stream.shutdown().await
+}
+
+fn route(admin: &Admin, method: &str, path: &str, query: &str) -> (u16, &'static str, String) {
+    let mutating = matches!(
+        path,
+        "/quitquitquit" | "/logging" | "/drain_listeners" | "/healthcheck/fail" | "/healthcheck/ok"
+    );
+    if mutating && method != "POST" && !(path == "/logging" && query.is_empty()) {
+        return (405, "text/plain", "This endpoint requires POST\n".into());
+    }
+    match path {
+        "/ready" => {
+            if *admin.quit.borrow() {
+                (503, "text/plain", "DRAINING\n".into())
+            } else {
+                (200, "text/plain", "LIVE\n".into())
+            }
+        }
+        "/config_dump" => (200, "application/json", config_dump(&admin.shared)),
+        "/clusters" => (200, "text/plain", clusters(&admin.shared)),
+        "/stats" => {
+            let mut s = String::new();
+            for (k, v) in admin.shared.stats.counters() {
+                let _ = writeln!(s, "{k}: {v}");
+            }
+            (200, "text/plain", s)
+        }
+        "/stats/prometheus" => (200, "text/plain; version=0.0.4", prometheus(&admin.shared)),
+        "/logging" => logging(admin, query),
+        "/quitquitquit" => (200, "text/plain", "OK\n".into()),
+        "/server_info" => {
+            let v = serde_json::json!({
+                "version": concat!("pingsail/", env!("CARGO_PKG_VERSION")),
+                "state": if *admin.quit.borrow() { "DRAINING" } else { "LIVE" },
+            });
+            (200, "application/json", v.to_string())
+        }
+        _ => (404, "text/plain", "invalid path. admin commands are: /clusters /config_dump /logging /quitquitquit /ready /server_info /stats /stats/prometheus\n".into()),
+    }
+}
+
+fn logging(admin: &Admin, query: &str) -> (u16, &'static str, String) {
+    if query.is_empty() {
+        return (200, "text/plain", "active loggers: use POST /logging?level=<trace|debug|info|warning|error|critical|off>\n".into());
+    }
+    let Some(control) = &admin.log_control else {
+        return (
+            400,
+            "text/plain",
+            "log levels are not controllable in this process\n".into(),
+        );
+    };
+    for kv in query.split('&') {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let level = match v {
+            "trace" | "debug" | "info" | "error" | "off" => v,
+            "warning" | "warn" => "warn",
+            "critical" => "error",
+            _ => {
+                return (
+                    400,
+                    "text/plain",
+                    format!("error: unknown logger level '{v}'\n"),
+                );
+            }
+        };
+        let directive = if k == "level" || k == "paths" {
+            level.to_string()
+        } else {
+            format!("{k}={level}")
+        };
+        if let Err(e) = control(&directive) {
+            return (400, "text/plain", format!("error: {e}\n"));
+        }
+    }
+    (200, "text/plain", "OK\n".into())
+}
+
+fn ts(t: SystemTime) -> Option<Timestamp> {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).ok()?;
+    Some(Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    })
+}
+
+fn any<M: Message + Name>(m: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    }
+}
+
+/// `/config_dump` in Envoy's shape (what `istioctl proxy-config` parses).
+pub fn config_dump(shared: &Shared) -> String {
+    let snap = shared.snapshot.load();
+    let now = ts(SystemTime::now());
+    let bootstrap = admin::BootstrapConfigDump {
+        bootstrap: Some((*snap.bootstrap).clone()),
+        last_updated: now,
+    };
+    let mut clusters = admin::ClustersConfigDump::default();
+    let mut names: Vec<_> = snap.clusters.keys().collect();
+    names.sort();
+    for n in names {
+        let e = &snap.clusters[n];
+        clusters
+            .static_clusters
+            .push(admin::clusters_config_dump::StaticCluster {
+                cluster: Some(any(&*e.proto)),
+                last_updated: ts(e.updated),
+            });
+    }
+    let mut listeners = admin::ListenersConfigDump::default();
+    let mut routes = admin::RoutesConfigDump::default();
+    for e in &snap.listeners {
+        listeners
+            .static_listeners
+            .push(admin::listeners_config_dump::StaticListener {
+                listener: Some(any(&*e.proto)),
+                last_updated: ts(e.updated),
+            });
+        for fc in e
+            .proto
+            .filter_chains
+            .iter()
+            .chain(e.proto.default_filter_chain.iter())
+        {
+            for f in &fc.filters {
+                use envoy_types::pb::envoy::config::listener::v3::filter::ConfigType;
+                let Some(ConfigType::TypedConfig(a)) = &f.config_type else {
+                    continue;
+                };
+                if a.type_url != HttpConnectionManager::type_url() {
+                    continue;
+                }
+                if let Ok(h) = HttpConnectionManager::decode(a.value.as_slice())
+                    && let Some(RouteSpecifier::RouteConfig(rc)) = h.route_specifier
+                {
+                    routes.static_route_configs.push(
+                        admin::routes_config_dump::StaticRouteConfig {
+                            route_config: Some(any(&rc)),
+                            last_updated: ts(e.updated),
+                        },
+                    );
+                }
+            }
+        }
+    }
+    let dump = admin::ConfigDump {
+        configs: vec![
+            any(&bootstrap),
+            any(&clusters),
+            any(&listeners),
+            any(&admin::ScopedRoutesConfigDump::default()),
+            any(&routes),
+            any(&admin::SecretsConfigDump::default()),
+        ],
+    };
+    let Some(desc) = crate::xds::pool::pool().get_message_by_name(&admin::ConfigDump::full_name())
+    else {
+        return "{}".into();
+    };
+    match prost_reflect::DynamicMessage::decode(desc, dump.encode_to_vec().as_slice()) {
+        Ok(d) => serde_json::to_string_pretty(&dynamic_to_json(&d)).unwrap_or_default(),
+        Err(e) => format!("{{\"error\": \"{e}\"}}"),
+    }
+}
+
+fn clusters(shared: &Shared) -> String {
+    let mut s = String::new();
+    let all = shared.clusters.all();
+    let mut names: Vec<_> = all.keys().collect();
+    names.sort();
+    for n in names {
+        let c = &all[n];
+        let _ = writeln!(s, "{n}::observability_name::{n}");
+        let _ = writeln!(s, "{n}::default_priority::max_connections::1024");
+        let _ = writeln!(s, "{n}::default_priority::max_pending_requests::1024");
+        let _ = writeln!(s, "{n}::default_priority::max_requests::1024");
+        let _ = writeln!(s, "{n}::default_priority::max_retries::3");
+        let _ = writeln!(s, "{n}::added_via_api::false");
+        for e in c.endpoints().iter() {
+            let Some(addr) = e.addr else { continue };
+            let _ = writeln!(s, "{n}::{addr}::health_flags::healthy");
+            let _ = writeln!(s, "{n}::{addr}::weight::{}", e.weight);
+            let _ = writeln!(
+                s,
+                "{n}::{addr}::hostname::{}",
+                e.hostname.as_deref().unwrap_or("")
+            );
+        }
+    }
+    s
+}
+
+/// Envoy's Prometheus naming with its default tag extraction for the stats we have.
+fn prometheus(shared: &Shared) -> String {
+    let mut by_metric: std::collections::BTreeMap<String, Vec<(String, u64)>> = Default::default();
+    for (name, value) in shared.stats.counters() {
+        let (metric, labels) = match name.split_once('.') {
+            Some(("cluster", rest)) => match rest.rsplit_once('.') {
+                Some((c, stat)) => (
+                    format!("envoy_cluster_{stat}"),
+                    format!("envoy_cluster_name=\"{c}\""),
+                ),
+                None => continue,
+            },
+            Some(("http", rest)) => match rest.rsplit_once('.') {
+                Some((p, stat)) => (
+                    format!("envoy_http_{stat}"),
+                    format!("envoy_http_conn_manager_prefix=\"{p}\""),
+                ),
+                None => continue,
+            },
+            Some(("tcp", rest)) => match rest.rsplit_once('.') {
+                Some((p, stat)) => (
+                    format!("envoy_tcp_{stat}"),
+                    format!("envoy_tcp_prefix=\"{p}\""),
+                ),
+                None => continue,
+            },
+            _ => (format!("envoy_{name}"), String::new()),
+        };
+        let metric = metric.replace(|c: char| !c.is_ascii_alphanumeric() && c != '_', "_");
+        by_metric.entry(metric).or_default().push((labels, value));
+    }
+    let mut s = String::new();
+    for (metric, series) in by_metric {
+        let _ = writeln!(s, "# TYPE {metric} counter");
+        for (labels, value) in series {
+            let _ = writeln!(s, "{metric}{{{labels}}} {value}");
+        }
+    }
+    s
+}

@@ -1,0 +1,152 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Every way a request can fail locally, with its status, body and Envoy response flag — in one place.
+
+/// A local failure (Envoy's local replies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No virtual host or route matched.
+    NoRoute,
+    /// The route names a cluster that does not exist.
+    ClusterNotFound,
+    /// The cluster has no usable endpoint.
+    NoHealthyUpstream,
+    /// TCP connect refused / unreachable.
+    ConnectFailure,
+    /// TCP connect timed out.
+    ConnectTimeout,
+    /// The upstream closed or reset before sending response headers.
+    ConnectionTermination,
+    /// The route timeout expired.
+    UpstreamTimeout,
+    /// `max_stream_duration` expired.
+    StreamDuration,
+    /// The upstream sent something that is not valid HTTP.
+    UpstreamProtocolError,
+    /// Request headers over `max_request_headers_kb` or too many headers.
+    HeadersTooLarge,
+    /// An invalid request (bad path, escaped slashes rejected, …).
+    BadRequest,
+    /// The stream idle timeout expired.
+    StreamIdleTimeout,
+}
+
+impl Failure {
+    /// HTTP status of the local reply.
+    pub fn status(self) -> u16 {
+        match self {
+            Failure::NoRoute => 404,
+            Failure::ClusterNotFound
+            | Failure::NoHealthyUpstream
+            | Failure::ConnectFailure
+            | Failure::ConnectTimeout
+            | Failure::ConnectionTermination => 503,
+            Failure::UpstreamTimeout | Failure::StreamDuration => 504,
+            Failure::UpstreamProtocolError => 502,
+            Failure::HeadersTooLarge => 431,
+            Failure::BadRequest => 400,
+            Failure::StreamIdleTimeout => 408,
+        }
+    }
+
+    /// Body of the local reply, as Envoy 1.40 writes it.
+    pub fn body(self) -> &'static str {
+        match self {
+            Failure::NoRoute | Failure::ClusterNotFound => "",
+            Failure::NoHealthyUpstream => "no healthy upstream",
+            Failure::ConnectFailure => {
+                "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"
+            }
+            Failure::ConnectTimeout => {
+                "upstream connect error or disconnect/reset before headers. reset reason: connection timeout"
+            }
+            Failure::ConnectionTermination => {
+                "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+            }
+            Failure::UpstreamTimeout => "upstream request timeout",
+            Failure::StreamDuration => "downstream duration timeout",
+            Failure::UpstreamProtocolError => {
+                "upstream connect error or disconnect/reset before headers. reset reason: protocol error"
+            }
+            Failure::HeadersTooLarge => "Request Header Fields Too Large",
+            Failure::BadRequest => "Bad Request",
+            Failure::StreamIdleTimeout => "stream timeout",
+        }
+    }
+
+    /// Envoy's short response flag.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Failure::NoRoute => "NR",
+            Failure::ClusterNotFound => "NC",
+            Failure::NoHealthyUpstream => "UH",
+            Failure::ConnectFailure | Failure::ConnectTimeout => "UF",
+            Failure::ConnectionTermination => "UC",
+            Failure::UpstreamTimeout => "UT",
+            Failure::StreamDuration => "UMSDR",
+            Failure::UpstreamProtocolError => "UPE",
+            Failure::HeadersTooLarge | Failure::BadRequest => "DPE",
+            Failure::StreamIdleTimeout => "SI",
+        }
+    }
+
+    /// `%RESPONSE_CODE_DETAILS%`
+    pub fn details(self) -> &'static str {
+        match self {
+            Failure::NoRoute => "route_not_found",
+            Failure::ClusterNotFound => "cluster_not_found",
+            Failure::NoHealthyUpstream => "no_healthy_upstream",
+            Failure::ConnectFailure | Failure::ConnectTimeout => {
+                "upstream_reset_before_response_started{remote_connection_failure}"
+            }
+            Failure::ConnectionTermination => {
+                "upstream_reset_before_response_started{connection_termination}"
+            }
+            Failure::UpstreamTimeout => "upstream_response_timeout",
+            Failure::StreamDuration => "max_duration_timeout",
+            Failure::UpstreamProtocolError => {
+                "upstream_reset_before_response_started{protocol_error}"
+            }
+            Failure::HeadersTooLarge => "http1.headers_too_large",
+            Failure::BadRequest => "http1.codec_error",
+            Failure::StreamIdleTimeout => "stream_idle_timeout",
+        }
+    }
+
+    /// Classifies a Pingora error from the upstream side.
+    pub fn from_pingora(e: &pingora_error::Error) -> Failure {
+        use pingora_error::ErrorType as E;
+        match e.etype() {
+            E::ConnectTimedout => Failure::ConnectTimeout,
+            E::ConnectRefused
+            | E::ConnectNoRoute
+            | E::ConnectError
+            | E::BindError
+            | E::SocketError => Failure::ConnectFailure,
+            E::ReadTimedout | E::WriteTimedout => Failure::UpstreamTimeout,
+            E::InvalidHTTPHeader | E::H1Error | E::H2Error | E::InvalidH2 => {
+                Failure::UpstreamProtocolError
+            }
+            _ => Failure::ConnectionTermination,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RESET_PREFIX: &str =
+        "upstream connect error or disconnect/reset before headers. reset reason: ";
+
+    #[test]
+    fn reset_bodies() {
+        for (f, reason) in [
+            (Failure::ConnectFailure, "remote connection failure"),
+            (Failure::ConnectTimeout, "connection timeout"),
+            (Failure::ConnectionTermination, "connection termination"),
+            (Failure::UpstreamProtocolError, "protocol error"),
+        ] {
+            assert_eq!(f.body(), format!("{RESET_PREFIX}{reason}"));
+        }
+    }
+}

@@ -1,0 +1,843 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The Pingora `ProxyHttp` implementation: maps Pingora's phases onto route selection and the filters,
+//! and turns every failure into Envoy's local reply in one place ([`Router::fail_to_proxy`]).
+
+pub mod error;
+mod path;
+
+use crate::Shared;
+use crate::access_log::Entry;
+use crate::cluster::{ClusterState, Picked};
+use crate::config::HttpConnectionManager;
+use crate::stats::{ClusterStats, HttpStats, class_index};
+use arcstr::ArcStr;
+use async_trait::async_trait;
+use bytes::Bytes;
+use error::Failure;
+use http::{HeaderName, HeaderValue};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use pingsail_filters::cors::Decision;
+use pingsail_filters::headers::HeaderMut;
+use pingsail_filters::retry::{Outcome, RetryPolicy};
+use pingsail_filters::route::{
+    Action, ClusterSpecifier, HashPolicy, RequestView, Route, RouteTable, VirtualHost,
+};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Facts about a downstream connection, attached by the listener before Pingora sees the stream.
+#[derive(Debug)]
+pub struct ConnFacts {
+    /// the chain's HTTP connection manager
+    pub hcm: Arc<HttpConnectionManager>,
+    /// its counters
+    pub stats: Arc<HttpStats>,
+    /// downstream peer
+    pub remote: SocketAddr,
+    /// our local address
+    pub local: SocketAddr,
+    /// original destination (capture), if any
+    pub original_dst: Option<SocketAddr>,
+}
+
+/// The `ProxyHttp` implementation.
+pub struct Router {
+    shared: Arc<Shared>,
+}
+
+impl Router {
+    /// A router over shared proxy state.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Router { shared }
+    }
+}
+
+/// Per-request state (one small struct, as STYLE.md asks).
+pub struct RequestCtx {
+    facts: Option<Arc<ConnFacts>>,
+    start: Instant,
+    start_time: SystemTime,
+    table: Option<Arc<RouteTable>>,
+    vhost: usize,
+    route: Option<usize>,
+    weighted: Option<usize>,
+    cluster: Option<Arc<ClusterState>>,
+    cluster_stats: Option<Arc<ClusterStats>>,
+    picked: Option<Picked>,
+    tried: Vec<SocketAddr>,
+    retries: u32,
+    retry: Option<Arc<RetryPolicy>>,
+    failure: Option<Failure>,
+    upstream_start: Option<Instant>,
+    upstream_host: Option<SocketAddr>,
+    cors: Vec<(&'static str, String)>,
+    deadline: Option<(Instant, Failure)>,
+    hash: Option<u64>,
+    status: u16,
+    request_bytes: u64,
+    host_rewrite: Option<String>,
+    auto_host: bool,
+    retry_status: bool,
+}
+
+fn new_ctx() -> RequestCtx {
+    RequestCtx {
+        facts: None,
+        start: Instant::now(),
+        start_time: SystemTime::now(),
+        table: None,
+        vhost: 0,
+        route: None,
+        weighted: None,
+        cluster: None,
+        cluster_stats: None,
+        picked: None,
+        tried: Vec::new(),
+        retries: 0,
+        retry: None,
+        failure: None,
+        upstream_start: None,
+        upstream_host: None,
+        cors: Vec::new(),
+        deadline: None,
+        hash: None,
+        status: 0,
+        request_bytes: 0,
+        host_rewrite: None,
+        auto_host: false,
+        retry_status: false,
+    }
+}
+
+impl RequestCtx {
+    fn route(&self) -> Option<(&RouteTable, &VirtualHost, &Route)> {
+        let t = self.table.as_deref()?;
+        let vh = t.vhosts.get(self.vhost)?;
+        let r = vh.routes.get(self.route?)?;
+        Some((t, vh, r))
+    }
+}
+
+struct Req<'a>(&'a mut RequestHeader);
+struct Resp<'a>(&'a mut ResponseHeader);
+
+impl HeaderMut for Req<'_> {
+    fn remove(&mut self, name: &HeaderName) {
+        self.0.remove_header(name);
+    }
+    fn contains(&self, name: &HeaderName) -> bool {
+        self.0.headers.contains_key(name)
+    }
+    fn insert(&mut self, name: &HeaderName, value: &HeaderValue) {
+        let _ = self.0.insert_header(name.clone(), value.clone());
+    }
+    fn append(&mut self, name: &HeaderName, value: &HeaderValue) {
+        let _ = self.0.append_header(name.clone(), value.clone());
+    }
+}
+
+impl HeaderMut for Resp<'_> {
+    fn remove(&mut self, name: &HeaderName) {
+        self.0.remove_header(name);
+    }
+    fn contains(&self, name: &HeaderName) -> bool {
+        self.0.headers.contains_key(name)
+    }
+    fn insert(&mut self, name: &HeaderName, value: &HeaderValue) {
+        let _ = self.0.insert_header(name.clone(), value.clone());
+    }
+    fn append(&mut self, name: &HeaderName, value: &HeaderValue) {
+        let _ = self.0.append_header(name.clone(), value.clone());
+    }
+}
+
+fn facts_of(session: &Session) -> Option<Arc<ConnFacts>> {
+    let digest = session.as_downstream().digest()?;
+    let pd = digest.proxy_digest.as_ref()?;
+    pd.user_data
+        .as_ref()?
+        .downcast_ref::<Arc<ConnFacts>>()
+        .cloned()
+}
+
+fn authority(req: &RequestHeader) -> &str {
+    req.uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            req.headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("")
+}
+
+fn protocol(session: &Session) -> &'static str {
+    if session.as_downstream().is_http2() {
+        return "HTTP/2";
+    }
+    match session.req_header().version {
+        http::Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// Applies response header mutations in Envoy's level order.
+fn finalize_response(ctx: &RequestCtx, resp: &mut ResponseHeader) {
+    let Some((table, vh, route)) = ctx.route() else {
+        return;
+    };
+    let mut levels: [Option<&pingsail_filters::headers::HeaderOps>; 4] = [None; 4];
+    if let (Some(i), Action::Forward(a)) = (ctx.weighted, &route.action)
+        && let ClusterSpecifier::Weighted(w) = &a.cluster
+    {
+        levels[0] = w.clusters.get(i).map(|c| &c.response_headers);
+    }
+    levels[1] = Some(&route.response_headers);
+    levels[2] = Some(&vh.response_headers);
+    levels[3] = Some(&table.response_headers);
+    if table.most_specific_wins {
+        levels.reverse();
+    }
+    let mut h = Resp(resp);
+    for ops in levels.into_iter().flatten() {
+        if !ops.is_empty() {
+            ops.apply(&mut h);
+        }
+    }
+}
+
+impl Router {
+    /// Writes a local reply (status, optional body, extra headers), as Envoy formats them.
+    async fn local_reply(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        status: u16,
+        body: &[u8],
+        extra: &[(HeaderName, HeaderValue)],
+    ) -> Result<()> {
+        let head_only = session.req_header().method == http::Method::HEAD;
+        let mut resp = ResponseHeader::build(status, Some(4))?;
+        // Envoy answers a HEAD with an empty local body without content-length.
+        if !(head_only && body.is_empty()) {
+            resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        }
+        if !body.is_empty() {
+            resp.insert_header(http::header::CONTENT_TYPE, "text/plain")?;
+        }
+        for (k, v) in extra {
+            resp.insert_header(k.clone(), v.clone())?;
+        }
+        finalize_response(ctx, &mut resp);
+        self.decorate_response(ctx, &mut resp);
+        ctx.status = status;
+        session
+            .write_response_header(Box::new(resp), body.is_empty() || head_only)
+            .await?;
+        if !body.is_empty() && !head_only {
+            session
+                .write_response_body(Some(Bytes::copy_from_slice(body)), true)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Headers every response gets from the connection manager (server, CORS decoration).
+    fn decorate_response(&self, ctx: &RequestCtx, resp: &mut ResponseHeader) {
+        if let Some(f) = &ctx.facts
+            && !f.hcm.server_pass_through
+        {
+            let _ = resp.insert_header(http::header::SERVER, f.hcm.server_name.clone());
+        }
+        for (k, v) in &ctx.cors {
+            let _ = resp.insert_header(*k, v.as_str());
+        }
+    }
+
+    async fn fail(&self, session: &mut Session, ctx: &mut RequestCtx, f: Failure) -> Result<bool> {
+        ctx.failure = Some(f);
+        if let Some(facts) = &ctx.facts {
+            match f {
+                Failure::NoRoute => facts.stats.no_route.inc(),
+                Failure::ClusterNotFound => facts.stats.no_cluster.inc(),
+                _ => {}
+            }
+        }
+        self.local_reply(session, ctx, f.status(), f.body().as_bytes(), &[])
+            .await?;
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Router {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        new_ctx()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let Some(facts) = facts_of(session) else {
+            return Error::e_explain(
+                ErrorType::InternalError,
+                "connection without listener facts",
+            );
+        };
+        facts.stats.rq_total.inc();
+        let hcm = facts.hcm.clone();
+        ctx.facts = Some(facts.clone());
+
+        // Header limits (Envoy: 60 KiB default, 100 headers).
+        {
+            let req = session.req_header();
+            let size: usize = req
+                .headers
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len())
+                .sum();
+            if size > hcm.max_request_headers_kb as usize * 1024 || req.headers.len() > 100 {
+                return self.fail(session, ctx, Failure::HeadersTooLarge).await;
+            }
+        }
+
+        // Path normalisation (normalize_path, merge_slashes, escaped slashes).
+        let raw_path = String::from_utf8_lossy(session.req_header().raw_path()).into_owned();
+        if raw_path.contains('#') {
+            return self.fail(session, ctx, Failure::BadRequest).await;
+        }
+        match path::normalize(
+            &raw_path,
+            hcm.normalize_path,
+            hcm.merge_slashes,
+            hcm.escaped_slashes,
+        ) {
+            Ok(path::Normalized::Same) => {}
+            Ok(path::Normalized::Changed(p)) => {
+                session.req_header_mut().set_raw_path(p.as_bytes())?
+            }
+            Ok(path::Normalized::Redirect(p)) => {
+                let loc = HeaderValue::from_str(&p)
+                    .map_err(|_| Error::new(ErrorType::InvalidHTTPHeader))?;
+                self.local_reply(session, ctx, 307, b"", &[(http::header::LOCATION, loc)])
+                    .await?;
+                return Ok(true);
+            }
+            Err(()) => return self.fail(session, ctx, Failure::BadRequest).await,
+        }
+
+        // Connection-manager request headers.
+        {
+            let req = session.req_header_mut();
+            if hcm.generate_request_id && !req.headers.contains_key("x-request-id") {
+                req.insert_header("x-request-id", uuid::Uuid::new_v4().to_string())?;
+            }
+            if !req.headers.contains_key("x-forwarded-proto") || hcm.use_remote_address {
+                req.insert_header("x-forwarded-proto", "http")?;
+            }
+            if hcm.use_remote_address {
+                let ip = facts.remote.ip().to_string();
+                let xff = match req
+                    .headers
+                    .get("x-forwarded-for")
+                    .and_then(|v| v.to_str().ok())
+                {
+                    Some(prev) => format!("{prev},{ip}"),
+                    None => ip,
+                };
+                req.insert_header("x-forwarded-for", xff)?;
+            }
+        }
+
+        // Route selection.
+        let table = hcm.routes.clone();
+        let (vidx, ridx) = {
+            let req = session.req_header();
+            let host = authority(req);
+            let Some(vh) = table.virtual_host(host) else {
+                return self.fail(session, ctx, Failure::NoRoute).await;
+            };
+            let vidx = table
+                .vhosts
+                .iter()
+                .position(|v| std::ptr::eq(v, vh))
+                .unwrap_or(0);
+            let path = std::str::from_utf8(req.raw_path()).unwrap_or("/");
+            let is_grpc = req
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|c| c.starts_with("application/grpc"));
+            let view = RequestView {
+                path,
+                method: req.method.as_str(),
+                authority: host,
+                scheme: "http",
+                headers: &req.headers,
+                is_grpc,
+                random: rand::random::<u64>() % 1_000_000,
+            };
+            let ridx = vh.routes.iter().position(|r| r.matcher.matches(&view));
+            if let Some(Action::Forward(a)) = ridx.and_then(|i| vh.routes.get(i)).map(|r| &r.action)
+                && !a.hash_policy.is_empty()
+            {
+                let src = facts.remote.ip().to_string();
+                ctx.hash = HashPolicy::compute(&a.hash_policy, &view, Some(&src));
+            }
+            (vidx, ridx)
+        };
+        ctx.table = Some(table.clone());
+        ctx.vhost = vidx;
+        let Some(ridx) = ridx else {
+            return self.fail(session, ctx, Failure::NoRoute).await;
+        };
+        ctx.route = Some(ridx);
+        let vh = &table.vhosts[vidx];
+        let route = &vh.routes[ridx];
+
+        // CORS.
+        if hcm.cors_filter
+            && let Some(policy) = route.cors.as_ref().or(vh.cors.as_ref())
+        {
+            let req = session.req_header();
+            let get = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
+            match policy.decide(
+                req.method.as_str(),
+                get("origin"),
+                get("access-control-request-method"),
+            ) {
+                Decision::PassThrough => {}
+                Decision::Preflight(headers) => {
+                    ctx.cors = headers;
+                    self.local_reply(session, ctx, 200, b"", &[]).await?;
+                    return Ok(true);
+                }
+                Decision::Decorate(headers) => ctx.cors = headers,
+            }
+        }
+
+        match &route.action {
+            Action::Direct(d) => {
+                let body = d.body.as_deref().unwrap_or(b"");
+                self.local_reply(session, ctx, d.status, body, &[]).await?;
+                Ok(true)
+            }
+            Action::Redirect(r) => {
+                let req = session.req_header();
+                let path = String::from_utf8_lossy(req.raw_path()).into_owned();
+                let loc = r.location("http", authority(req), &path, &route.matcher.path);
+                let loc = HeaderValue::from_str(&loc)
+                    .map_err(|_| Error::new(ErrorType::InvalidHTTPHeader))?;
+                self.local_reply(
+                    session,
+                    ctx,
+                    r.status,
+                    b"",
+                    &[(http::header::LOCATION, loc)],
+                )
+                .await?;
+                Ok(true)
+            }
+            Action::Forward(a) => {
+                let cluster_name: ArcStr = match &a.cluster {
+                    ClusterSpecifier::Cluster(c) => c.clone(),
+                    ClusterSpecifier::Header(h) => {
+                        match session
+                            .req_header()
+                            .headers
+                            .get(h)
+                            .and_then(|v| v.to_str().ok())
+                        {
+                            Some(v) => v.into(),
+                            None => return self.fail(session, ctx, Failure::ClusterNotFound).await,
+                        }
+                    }
+                    ClusterSpecifier::Weighted(w) => {
+                        let r = rand::random::<u64>();
+                        let Some(c) = w.pick(r) else {
+                            return self.fail(session, ctx, Failure::ClusterNotFound).await;
+                        };
+                        ctx.weighted = w.clusters.iter().position(|x| std::ptr::eq(x, c));
+                        c.name.clone()
+                    }
+                };
+                let Some(cluster) = self.shared.clusters.get(&cluster_name) else {
+                    return self.fail(session, ctx, Failure::ClusterNotFound).await;
+                };
+                // Answer "no healthy upstream" here rather than from upstream_peer: Pingora closes the
+                // downstream connection after any upstream-phase error, Envoy keeps it.
+                if cluster.endpoint_count() == 0
+                    && cluster.config.discovery != crate::config::Discovery::OriginalDst
+                {
+                    self.shared.stats.cluster(&cluster_name).none_healthy.inc();
+                    return self.fail(session, ctx, Failure::NoHealthyUpstream).await;
+                }
+                ctx.cluster_stats = Some(self.shared.stats.cluster(&cluster_name));
+                ctx.cluster = Some(cluster);
+                ctx.retry = a.retry_policy.clone();
+                ctx.auto_host = a.auto_host_rewrite;
+                let now = Instant::now();
+                let grpc = a.grpc_timeout.and_then(|g| {
+                    let h = session
+                        .req_header()
+                        .headers
+                        .get("grpc-timeout")?
+                        .to_str()
+                        .ok()?;
+                    g.bound(h)
+                });
+                ctx.deadline = match (a.timeout, a.max_stream_duration.or(grpc)) {
+                    (_, Some(msd)) => Some((now + msd, Failure::StreamDuration)),
+                    (Some(t), None) => Some((now + t, Failure::UpstreamTimeout)),
+                    (None, None) => None,
+                };
+
+                // Request header mutations: most specific first (Envoy's observed order).
+                let req = session.req_header_mut();
+                if let Some(new_path) = a.rewrite_path(
+                    &route.matcher.path,
+                    &String::from_utf8_lossy(req.raw_path()),
+                ) {
+                    req.set_raw_path(new_path.as_bytes())?;
+                }
+                let mut levels: [Option<&pingsail_filters::headers::HeaderOps>; 4] = [None; 4];
+                if let (Some(i), ClusterSpecifier::Weighted(w)) = (ctx.weighted, &a.cluster)
+                    && let Some(c) = w.clusters.get(i)
+                {
+                    levels[0] = Some(&c.request_headers);
+                    ctx.host_rewrite = c.host_rewrite.clone();
+                }
+                levels[1] = Some(&route.request_headers);
+                levels[2] = Some(&vh.request_headers);
+                levels[3] = Some(&table.request_headers);
+                if table.most_specific_wins {
+                    levels.reverse();
+                }
+                {
+                    let mut h = Req(req);
+                    for ops in levels.into_iter().flatten() {
+                        if !ops.is_empty() {
+                            ops.apply(&mut h);
+                        }
+                    }
+                }
+                if let Some(h) = ctx.host_rewrite.clone().or_else(|| a.host_rewrite.clone()) {
+                    set_authority(req, &h)?;
+                }
+                if let Some(t) = a.timeout {
+                    req.insert_header("x-envoy-expected-rq-timeout-ms", t.as_millis().to_string())?;
+                } else {
+                    req.remove_header("x-envoy-expected-rq-timeout-ms");
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let Some(cluster) = ctx.cluster.clone() else {
+            return Error::e_explain(ErrorType::InternalError, "no cluster selected");
+        };
+        if ctx.retries > 0
+            && let Some(p) = &ctx.retry
+        {
+            pingora_timeout::sleep(p.backoff(ctx.retries, rand::random())).await;
+        }
+        let attempts = ctx
+            .retry
+            .as_ref()
+            .filter(|p| p.previous_hosts)
+            .map_or(1, |p| p.host_selection_max_attempts);
+        let orig = ctx.facts.as_ref().and_then(|f| f.original_dst);
+        let Some(picked) = cluster.pick(&ctx.tried, attempts, orig) else {
+            ctx.failure = Some(Failure::NoHealthyUpstream);
+            if let Some(s) = &ctx.cluster_stats {
+                s.none_healthy.inc();
+            }
+            return Error::e_explain(ErrorType::ConnectNoRoute, "no healthy upstream");
+        };
+        let addr = picked.addr;
+        if ctx.auto_host
+            && let Some(h) = &picked.hostname
+        {
+            set_authority(session.req_header_mut(), h)?;
+        }
+        ctx.picked = Some(picked);
+        ctx.upstream_host = Some(addr);
+        ctx.tried.push(addr);
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        let cfg = &cluster.config;
+        peer.options.connection_timeout = Some(cfg.connect_timeout);
+        let h2 = cfg.http2 || (cfg.use_downstream_protocol && session.as_downstream().is_http2());
+        if h2 {
+            peer.options.set_http_version(2, 2);
+        }
+        if let Some((deadline, _)) = ctx.deadline {
+            // Route timeouts bound the wait for upstream bytes (see docs/COMPATIBILITY.md).
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            peer.options.read_timeout = Some(left);
+        }
+        if let Some(s) = &ctx.cluster_stats {
+            s.rq_total.inc();
+        }
+        ctx.upstream_start = Some(Instant::now());
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(s) = &ctx.cluster_stats {
+            s.cx_connect_fail.inc();
+        }
+        ctx.picked = None;
+        let retry = ctx
+            .retry
+            .as_ref()
+            .is_some_and(|p| p.retriable(Outcome::ConnectFailure) && ctx.retries < p.num_retries);
+        if retry {
+            ctx.retries += 1;
+            if let Some(s) = &ctx.cluster_stats {
+                s.rq_retry.inc();
+            }
+        }
+        e.set_retry(retry);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        _peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e;
+        if std::mem::take(&mut ctx.retry_status) {
+            // upstream_response_filter decided to retry a retriable status.
+            e.set_retry(true);
+            return e;
+        }
+        let outcome = match e.etype() {
+            ErrorType::H2Error => Outcome::RefusedStream,
+            _ => Outcome::Reset,
+        };
+        let retry = ctx.status == 0
+            && !session.as_ref().retry_buffer_truncated()
+            && ctx
+                .retry
+                .as_ref()
+                .is_some_and(|p| p.retriable(outcome) && ctx.retries < p.num_retries);
+        if retry {
+            ctx.retries += 1;
+            ctx.picked = None;
+        }
+        e.set_retry(retry);
+        e
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if resp.status.is_informational() {
+            return Ok(());
+        }
+        let status = resp.status.as_u16();
+        if let Some(p) = &ctx.retry {
+            let grpc_status = resp
+                .headers
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            if ctx.retries < p.num_retries
+                && p.retriable(Outcome::Response {
+                    status,
+                    grpc_status,
+                })
+            {
+                ctx.retries += 1;
+                ctx.picked = None;
+                if let Some(s) = &ctx.cluster_stats {
+                    s.rq_retry.inc();
+                    if let Some(i) = class_index(status) {
+                        s.rq_class[i].inc();
+                    }
+                }
+                ctx.retry_status = true;
+                let mut e =
+                    Error::explain(ErrorType::HTTPStatus(status), "retriable upstream status");
+                e.set_retry(true);
+                return Err(e);
+            }
+        }
+        if let Some(s) = &ctx.cluster_stats
+            && let Some(i) = class_index(status)
+        {
+            s.rq_class[i].inc();
+        }
+        if let Some(t) = ctx.upstream_start {
+            resp.insert_header(
+                "x-envoy-upstream-service-time",
+                t.elapsed().as_millis().to_string(),
+            )?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if resp.status.is_informational() {
+            return Ok(());
+        }
+        finalize_response(ctx, resp);
+        self.decorate_response(ctx, resp);
+        ctx.status = resp.status.as_u16();
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        // The one rescue point: a typed failure recorded by a phase wins; otherwise classify Pingora's.
+        let failure = match (ctx.failure, e.esource()) {
+            (Some(f), _) => Some(f),
+            (None, pingora_error::ErrorSource::Upstream) => Some(Failure::from_pingora(e)),
+            (None, pingora_error::ErrorSource::Downstream) => match e.etype() {
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => None,
+                _ => Some(Failure::BadRequest),
+            },
+            (None, _) => match e.etype() {
+                ErrorType::HTTPStatus(s) if *s >= 500 => Some(Failure::ConnectionTermination),
+                ErrorType::ConnectTimedout
+                | ErrorType::ConnectRefused
+                | ErrorType::ConnectError => Some(Failure::ConnectFailure),
+                ErrorType::ReadTimedout => Some(Failure::UpstreamTimeout),
+                _ => Some(Failure::ConnectionTermination),
+            },
+        };
+        let failure = match (failure, ctx.deadline) {
+            (Some(Failure::UpstreamTimeout), Some((_, kind))) => Some(kind),
+            (f, _) => f,
+        };
+        let Some(f) = failure else {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        if f == Failure::UpstreamTimeout
+            && let Some(s) = &ctx.cluster_stats
+        {
+            s.rq_timeout.inc();
+        }
+        ctx.failure = Some(f);
+        let code = f.status();
+        // Pingora does not reuse the downstream connection after an upstream-phase error; say so.
+        session.set_keepalive(None);
+        if ctx.status == 0
+            && let Err(err) = self
+                .local_reply(session, ctx, code, f.body().as_bytes(), &[])
+                .await
+        {
+            tracing::debug!("failed to send local reply: {err}");
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
+        true
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let Some(facts) = ctx.facts.clone() else {
+            return;
+        };
+        if let Some(i) = class_index(ctx.status) {
+            facts.stats.rq_class[i].inc();
+        }
+        if facts.hcm.access_logs.is_empty() {
+            return;
+        }
+        let req = session.req_header();
+        let flags =
+            ctx.failure
+                .map(|f| f.flag())
+                .unwrap_or(if ctx.retries > 0 && ctx.status >= 500 {
+                    "URX"
+                } else {
+                    "-"
+                });
+        let path = String::from_utf8_lossy(req.raw_path());
+        let resp = session.response_written().map(|r| &r.headers);
+        let entry = Entry {
+            start: Some(ctx.start_time),
+            req: Some(&req.headers),
+            resp,
+            pseudo: (
+                req.method.as_str(),
+                &path,
+                authority(req),
+                protocol(session),
+            ),
+            status: ctx.status,
+            flags,
+            bytes_received: session.as_downstream().body_bytes_read() as u64,
+            bytes_sent: session.as_downstream().body_bytes_sent() as u64,
+            duration_ms: ctx.start.elapsed().as_millis() as u64,
+            upstream_host: ctx.upstream_host.map(|a| a.to_string()),
+            upstream_cluster: ctx.cluster.as_ref().map(|c| c.config.name.as_str()),
+            downstream_remote: Some(facts.remote.to_string()),
+            downstream_local: Some(facts.local.to_string()),
+            route_name: ctx
+                .route()
+                .map(|(_, _, r)| r.name.as_str())
+                .filter(|n| !n.is_empty()),
+            details: ctx.failure.map(|f| f.details()).or(Some("via_upstream")),
+        };
+        for log in &facts.hcm.access_logs {
+            log.write(&entry);
+        }
+        let _ = ctx.request_bytes;
+    }
+}
+
+fn set_authority(req: &mut RequestHeader, host: &str) -> Result<()> {
+    req.insert_header(http::header::HOST, host)?;
+    if req.uri.authority().is_some() {
+        let mut parts = req.uri.clone().into_parts();
+        parts.authority = host.parse().ok();
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            req.set_uri(uri);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,135 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Counters with Envoy's names, owned by the proxy instance (no globals). Runtime state: kept across
+//! configuration swaps by stat prefix / cluster name.
+
+use arcstr::ArcStr;
+use parking_lot::RwLock;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A monotonically increasing counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// +1
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    /// current value
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// `http.<stat_prefix>.*`
+#[derive(Debug, Default)]
+pub struct HttpStats {
+    /// downstream_rq_total
+    pub rq_total: Counter,
+    /// downstream_rq_1xx..5xx
+    pub rq_class: [Counter; 5],
+    /// no_route
+    pub no_route: Counter,
+    /// no_cluster
+    pub no_cluster: Counter,
+}
+
+/// `cluster.<name>.*`
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    /// upstream_rq_total
+    pub rq_total: Counter,
+    /// upstream_rq_1xx..5xx
+    pub rq_class: [Counter; 5],
+    /// upstream_cx_connect_fail
+    pub cx_connect_fail: Counter,
+    /// upstream_rq_retry
+    pub rq_retry: Counter,
+    /// upstream_rq_timeout
+    pub rq_timeout: Counter,
+    /// upstream_cx_none_healthy
+    pub none_healthy: Counter,
+}
+
+/// `tcp.<stat_prefix>.*`
+#[derive(Debug, Default)]
+pub struct TcpStats {
+    /// downstream_cx_total
+    pub cx_total: Counter,
+    /// upstream_flush_total (connections closed)
+    pub cx_closed: Counter,
+}
+
+/// Registry. Lookups take a read lock at connection/config time only; request paths hold `Arc`s.
+#[derive(Debug, Default)]
+pub struct Stats {
+    http: RwLock<BTreeMap<ArcStr, Arc<HttpStats>>>,
+    cluster: RwLock<BTreeMap<ArcStr, Arc<ClusterStats>>>,
+    tcp: RwLock<BTreeMap<ArcStr, Arc<TcpStats>>>,
+}
+
+fn get_or_insert<T: Default>(map: &RwLock<BTreeMap<ArcStr, Arc<T>>>, key: &ArcStr) -> Arc<T> {
+    if let Some(v) = map.read().get(key) {
+        return v.clone();
+    }
+    map.write().entry(key.clone()).or_default().clone()
+}
+
+/// Index of a status class counter (1xx → 0 … 5xx → 4).
+pub fn class_index(status: u16) -> Option<usize> {
+    matches!(status, 100..=599).then(|| usize::from(status / 100 - 1))
+}
+
+impl Stats {
+    /// HCM counters for a stat prefix.
+    pub fn http(&self, prefix: &ArcStr) -> Arc<HttpStats> {
+        get_or_insert(&self.http, prefix)
+    }
+    /// Cluster counters.
+    pub fn cluster(&self, name: &ArcStr) -> Arc<ClusterStats> {
+        get_or_insert(&self.cluster, name)
+    }
+    /// tcp_proxy counters.
+    pub fn tcp(&self, prefix: &ArcStr) -> Arc<TcpStats> {
+        get_or_insert(&self.tcp, prefix)
+    }
+
+    /// All counters as (name, value), sorted by name, in Envoy's naming.
+    pub fn counters(&self) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        for (p, s) in self.http.read().iter() {
+            out.push((format!("http.{p}.downstream_rq_total"), s.rq_total.get()));
+            for (i, c) in s.rq_class.iter().enumerate() {
+                out.push((format!("http.{p}.downstream_rq_{}xx", i + 1), c.get()));
+            }
+            out.push((format!("http.{p}.no_route"), s.no_route.get()));
+            out.push((format!("http.{p}.no_cluster"), s.no_cluster.get()));
+        }
+        for (n, s) in self.cluster.read().iter() {
+            out.push((format!("cluster.{n}.upstream_rq_total"), s.rq_total.get()));
+            for (i, c) in s.rq_class.iter().enumerate() {
+                out.push((format!("cluster.{n}.upstream_rq_{}xx", i + 1), c.get()));
+            }
+            out.push((
+                format!("cluster.{n}.upstream_cx_connect_fail"),
+                s.cx_connect_fail.get(),
+            ));
+            out.push((format!("cluster.{n}.upstream_rq_retry"), s.rq_retry.get()));
+            out.push((
+                format!("cluster.{n}.upstream_rq_timeout"),
+                s.rq_timeout.get(),
+            ));
+            out.push((
+                format!("cluster.{n}.upstream_cx_none_healthy"),
+                s.none_healthy.get(),
+            ));
+        }
+        for (p, s) in self.tcp.read().iter() {
+            out.push((format!("tcp.{p}.downstream_cx_total"), s.cx_total.get()));
+        }
+        out.sort();
+        out
+    }
+}

@@ -1,0 +1,311 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `Cluster` → [`config::Cluster`].
+
+// istiod still emits deprecated fields (append, exact_match, total_weight…): we translate them on purpose.
+#![allow(deprecated)]
+
+use super::common::*;
+use crate::config::{self, Discovery, Endpoint, LbPolicy};
+use envoy_types::pb::envoy::config::cluster::v3 as c;
+use envoy_types::pb::envoy::config::endpoint::v3 as e;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3 as up;
+use std::time::Duration;
+
+const RESILIENCE: &str = "resilience issue";
+const MTLS: &str = "mTLS issue";
+
+/// Translates a cluster.
+pub fn translate_cluster(cl: &c::Cluster, path: &Path) -> Result<config::Cluster> {
+    only(
+        cl,
+        path,
+        &[
+            "name",
+            "type",
+            "connect_timeout",
+            "lb_policy",
+            "load_assignment",
+            "typed_extension_protocol_options",
+            "dns_refresh_rate",
+            "dns_lookup_family",
+            "respect_dns_ttl",
+            "original_dst_lb_config",
+            "alt_stat_name",
+            "metadata",
+            "http2_protocol_options",
+            "common_lb_config",
+            "ignore_health_on_host_removal",
+        ],
+        &[
+            ("eds_cluster_config", "xDS issue"),
+            ("circuit_breakers", RESILIENCE),
+            ("outlier_detection", RESILIENCE),
+            ("health_checks", RESILIENCE),
+            ("max_requests_per_connection", RESILIENCE),
+            ("transport_socket", MTLS),
+            ("transport_socket_matches", MTLS),
+            ("upstream_connection_options", RESILIENCE),
+            ("per_connection_buffer_limit_bytes", RESILIENCE),
+            ("cleanup_interval", RESILIENCE),
+            ("filters", "later issues"),
+            ("lb_subset_config", "subset load balancing"),
+            ("ring_hash_lb_config", "consistent-hash load balancing"),
+            ("maglev_lb_config", "consistent-hash load balancing"),
+            ("least_request_lb_config", RESILIENCE),
+            ("upstream_bind_config", "capture issue"),
+        ],
+    )?;
+    if cl.name.is_empty() {
+        return err(&path.field("name"), ErrorKind::Required);
+    }
+    use c::cluster::ClusterDiscoveryType as T;
+    use c::cluster::DiscoveryType as D;
+    let discovery = match &cl.cluster_discovery_type {
+        None => Discovery::Static,
+        Some(T::Type(t)) => match D::try_from(*t) {
+            Ok(D::Static) => Discovery::Static,
+            Ok(D::StrictDns) => Discovery::StrictDns,
+            Ok(D::LogicalDns) => Discovery::LogicalDns,
+            Ok(D::OriginalDst) => Discovery::OriginalDst,
+            Ok(D::Eds) => {
+                // Endpoints arrive over EDS (xDS issue); a cluster without `eds_cluster_config`
+                // and with an inline load_assignment is served from it.
+                Discovery::Static
+            }
+            Err(_) => return invalid(&path.field("type"), "unknown discovery type"),
+        },
+        Some(T::ClusterType(ct)) => {
+            return err(
+                &path.field("cluster_type"),
+                ErrorKind::UnknownType(ct.name.clone()),
+            );
+        }
+    };
+    use c::cluster::LbPolicy as L;
+    let lb = match L::try_from(cl.lb_policy) {
+        Ok(L::RoundRobin) => LbPolicy::RoundRobin,
+        Ok(L::LeastRequest) => LbPolicy::LeastRequest,
+        Ok(L::Random) => LbPolicy::Random,
+        Ok(L::RingHash) | Ok(L::Maglev) => {
+            return err(
+                &path.field("lb_policy"),
+                ErrorKind::NotYet("consistent-hash load balancing"),
+            );
+        }
+        Ok(L::ClusterProvided) if discovery == Discovery::OriginalDst => LbPolicy::RoundRobin,
+        _ => return invalid(&path.field("lb_policy"), "unsupported lb_policy"),
+    };
+    if let Some(cfg) = &cl.common_lb_config {
+        only(
+            cfg,
+            &path.field("common_lb_config"),
+            &[],
+            &[
+                ("healthy_panic_threshold", RESILIENCE),
+                ("locality_weighted_lb_config", "locality load balancing"),
+            ],
+        )?;
+    }
+    let connect_timeout = match &cl.connect_timeout {
+        Some(d) => duration(d, &path.field("connect_timeout"))?,
+        None => Duration::from_secs(5),
+    };
+    let dns_refresh_rate = match &cl.dns_refresh_rate {
+        Some(d) => duration(d, &path.field("dns_refresh_rate"))?,
+        None => Duration::from_secs(5),
+    };
+    let mut original_dst_use_header = false;
+    if let Some(c::cluster::LbConfig::OriginalDstLbConfig(o)) = &cl.lb_config {
+        only(
+            o,
+            &path.field("original_dst_lb_config"),
+            &["use_http_header"],
+            &[
+                ("http_header_name", "capture issue"),
+                ("upstream_port_override", "capture issue"),
+                ("metadata_key", "capture issue"),
+            ],
+        )?;
+        original_dst_use_header = o.use_http_header;
+    }
+    let endpoints = match &cl.load_assignment {
+        Some(la) => load_assignment(la, &path.field("load_assignment"), &discovery)?,
+        None => Vec::new(),
+    };
+    if discovery == Discovery::LogicalDns && endpoints.len() > 1 {
+        return invalid(
+            &path.field("load_assignment"),
+            "LOGICAL_DNS clusters must have a single host",
+        );
+    }
+    let (http2, use_downstream_protocol) = protocol_options(cl, path)?;
+    Ok(config::Cluster {
+        name: cl.name.as_str().into(),
+        discovery,
+        endpoints: endpoints.into(),
+        lb,
+        hash_table: None,
+        connect_timeout,
+        http2,
+        use_downstream_protocol,
+        dns_refresh_rate,
+        original_dst_use_header,
+    })
+}
+
+fn protocol_options(cl: &c::Cluster, path: &Path) -> Result<(bool, bool)> {
+    let mut http2 = cl.http2_protocol_options.is_some();
+    let mut downstream = false;
+    for (name, any) in &cl.typed_extension_protocol_options {
+        let p = path.field("typed_extension_protocol_options").field(name);
+        let o: up::HttpProtocolOptions = unpack(any, &p)?;
+        only(
+            &o,
+            &p,
+            &[
+                "explicit_http_config",
+                "use_downstream_protocol_config",
+                "common_http_protocol_options",
+            ],
+            &[
+                ("upstream_http_protocol_options", RESILIENCE),
+                ("auto_config", "ALPN auto config"),
+            ],
+        )?;
+        if let Some(common) = &o.common_http_protocol_options {
+            only(
+                common,
+                &p.field("common_http_protocol_options"),
+                &["idle_timeout"],
+                &[
+                    ("max_requests_per_connection", RESILIENCE),
+                    ("max_connection_duration", RESILIENCE),
+                ],
+            )?;
+        }
+        use up::http_protocol_options::UpstreamProtocolOptions as U;
+        match &o.upstream_protocol_options {
+            Some(U::ExplicitHttpConfig(ex)) => {
+                use up::http_protocol_options::explicit_http_config::ProtocolConfig as P;
+                http2 = matches!(ex.protocol_config, Some(P::Http2ProtocolOptions(_)));
+                if matches!(ex.protocol_config, Some(P::Http3ProtocolOptions(_))) {
+                    return err(
+                        &p.field("explicit_http_config")
+                            .field("http3_protocol_options"),
+                        ErrorKind::NotSupported,
+                    );
+                }
+            }
+            Some(U::UseDownstreamProtocolConfig(_)) => downstream = true,
+            Some(U::AutoConfig(_)) => {
+                return err(
+                    &p.field("auto_config"),
+                    ErrorKind::NotYet("ALPN auto config"),
+                );
+            }
+            None => {}
+        }
+    }
+    Ok((http2, downstream))
+}
+
+fn load_assignment(
+    la: &e::ClusterLoadAssignment,
+    path: &Path,
+    discovery: &Discovery,
+) -> Result<Vec<Endpoint>> {
+    only(
+        la,
+        path,
+        &["cluster_name", "endpoints"],
+        &[("policy", RESILIENCE), ("named_endpoints", "xDS issue")],
+    )?;
+    let mut out = Vec::new();
+    for (i, le) in la.endpoints.iter().enumerate() {
+        let p = path.at("endpoints", i);
+        only(
+            le,
+            &p,
+            &[
+                "lb_endpoints",
+                "locality",
+                "load_balancing_weight",
+                "priority",
+            ],
+            &[("metadata", "locality load balancing")],
+        )?;
+        if le.priority != 0 {
+            return err(&p.field("priority"), ErrorKind::NotYet(RESILIENCE));
+        }
+        for (j, lbe) in le.lb_endpoints.iter().enumerate() {
+            let q = p.at("lb_endpoints", j);
+            only(
+                lbe,
+                &q,
+                &[
+                    "endpoint",
+                    "load_balancing_weight",
+                    "health_status",
+                    "metadata",
+                ],
+                &[],
+            )?;
+            use e::lb_endpoint::HostIdentifier as H;
+            let ep = match &lbe.host_identifier {
+                Some(H::Endpoint(ep)) => ep,
+                Some(H::EndpointName(_)) => {
+                    return err(&q.field("endpoint_name"), ErrorKind::NotSupported);
+                }
+                None => return err(&q.field("endpoint"), ErrorKind::Required),
+            };
+            let ep_path = q.field("endpoint");
+            only(
+                ep,
+                &ep_path,
+                &["address", "hostname"],
+                &[
+                    ("health_check_config", RESILIENCE),
+                    ("additional_addresses", "dual stack"),
+                ],
+            )?;
+            let Some(addr) = &ep.address else {
+                return err(&ep_path.field("address"), ErrorKind::Required);
+            };
+            let (host, port, sock) = match discovery {
+                Discovery::StrictDns | Discovery::LogicalDns => {
+                    let (h, p) = host_port(addr, &ep_path.field("address"))?;
+                    (h, p, None)
+                }
+                _ => {
+                    let s = socket_addr(addr, &ep_path.field("address"))?;
+                    (s.ip().to_string(), s.port(), Some(s))
+                }
+            };
+            // Envoy: unhealthy / draining / timeout hosts are not used for load balancing.
+            use envoy_types::pb::envoy::config::core::v3::HealthStatus as HS;
+            let healthy = matches!(
+                HS::try_from(lbe.health_status),
+                Ok(HS::Unknown | HS::Healthy | HS::Degraded)
+            );
+            if !healthy {
+                continue;
+            }
+            let weight = lbe
+                .load_balancing_weight
+                .as_ref()
+                .map(|w| w.value)
+                .unwrap_or(1);
+            if weight == 0 {
+                return invalid(&q.field("load_balancing_weight"), "must be at least 1");
+            }
+            out.push(Endpoint {
+                host: host.into(),
+                port,
+                addr: sock,
+                weight,
+                hostname: (!ep.hostname.is_empty()).then(|| ep.hostname.as_str().into()),
+            });
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,20 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Envoy protos → validated config. Every field is either honoured or refused with its path: the
+//! reflection check [`Ctx::only`] rejects any set field that the translator does not name.
+
+mod cluster;
+mod common;
+mod listener;
+mod route;
+
+pub use cluster::translate_cluster;
+pub use common::ErrorKind;
+pub use common::{Path, TranslateError};
+pub use listener::translate_listener;
+pub use route::translate_route_config;
+
+/// Re-exports of translation helpers for sibling modules that translate their own protos.
+pub use common::only as only_pub;
+pub use common::socket_addr as socket_addr_pub;
+pub use common::type_name as type_name_pub;
+pub use common::unpack as unpack_pub;
