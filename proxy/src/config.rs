@@ -195,8 +195,10 @@ pub struct Cluster {
     pub endpoints: Arc<[Endpoint]>,
     /// `lb_policy`
     pub lb: LbPolicy,
-    /// Ring hash ring or maglev table, built at config time.
-    pub hash_table: Option<Arc<crate::cluster::lb::HashTable>>,
+    /// Consistent-hash settings for RING_HASH / MAGLEV (tables are built per endpoint set).
+    pub hash_lb: Option<crate::cluster::lb::HashLb>,
+    /// `consistent_hashing_lb_config.use_hostname_for_hashing`
+    pub use_hostname_for_hashing: bool,
     /// `connect_timeout` (default 5 s)
     pub connect_timeout: Duration,
     /// Upstream protocol: HTTP/2 (explicit), or follow the downstream.

@@ -142,6 +142,18 @@ pub fn start(
         shared.clusters.sync(&snap);
     }
     let listeners: Vec<_> = snap.listeners.iter().map(|l| l.config.clone()).collect();
+    // Envoy lists every counter from the start, at zero.
+    for name in snap.clusters.keys() {
+        shared.stats.cluster(name);
+    }
+    for l in &listeners {
+        for chain in l.chains.iter().chain(l.default_chain.iter()) {
+            match &chain.kind {
+                config::ChainKind::Http(h) => drop(shared.stats.http(&h.stat_prefix)),
+                config::ChainKind::Tcp(t) => drop(shared.stats.tcp(&t.stat_prefix)),
+            }
+        }
+    }
     shared.snapshot.publish(snap);
 
     let conf = Arc::new(ServerConf {

@@ -34,7 +34,7 @@ pub async fn proxy(
         return;
     };
     let stats = shared.stats.cluster(&name);
-    let Some(picked) = cluster.pick(&[], 1, original_dst) else {
+    let Some(picked) = cluster.pick(None, &[], 1, original_dst) else {
         stats.none_healthy.inc();
         tracing::debug!(cluster = %name, "tcp_proxy: no healthy upstream; closing");
         return;

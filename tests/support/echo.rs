@@ -10,7 +10,9 @@
 //! - `x-echo-delay-ms: N` waits N ms before answering;
 //! - `x-echo-close: 1` closes the connection (FIN) without answering;
 //! - `x-echo-header: k=v` adds a response header (may be repeated);
-//! - `x-echo-body-size: N` replaces the JSON body with N bytes of `x`.
+//! - `x-echo-body-size: N` replaces the JSON body with N bytes of `x`;
+//! - `x-echo-force-body: 1` sends the body (with `content-length`) even for 1xx/204/304, which
+//!   is a protocol violation a proxy must reject.
 //!
 //! Keep-alive is the HTTP/1.1 default; request bodies may be Content-Length or chunked.
 
@@ -184,7 +186,8 @@ fn build_response(name: &str, head: &RequestHead, body: &[u8], close: bool) -> R
             body: String::from_utf8_lossy(body).into_owned(),
         })?,
     };
-    let bodyless = (100..200).contains(&status) || status == 204 || status == 304;
+    let bodyless = ((100..200).contains(&status) || status == 204 || status == 304)
+        && first(head, "x-echo-force-body") != Some("1");
     let mut out = format!("HTTP/1.1 {status} {}\r\n", reason(status));
     out.push_str("content-type: application/json\r\n");
     out.push_str(&format!("x-upstream: {name}\r\n"));

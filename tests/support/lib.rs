@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod compare;
+pub mod configdump;
 pub mod echo;
 pub mod envoy;
 pub mod net;

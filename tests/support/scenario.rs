@@ -33,7 +33,13 @@
 //!       upstream: reviews-v1            # or `local` for a local reply
 //!       body: no healthy upstream
 //!       distribution: {reviews-v1: 0.9, reviews-v2: 0.1}
+//!       upstream_path: /rewritten?q=1   # raw request target the echo upstream saw
+//!       upstream_headers: {x-added: "a, b", x-removed: "<absent>"}
+//!       response_headers: {location: "https://reviews/x", x-gone: "<absent>"}
 //! ```
+//!
+//! In `expect`, header values are all values joined with `", "`; `<absent>` means "not sent",
+//! `<present>` means "sent, with any value".
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -44,7 +50,7 @@ use serde::Deserialize;
 
 use crate::client::{Connection, RawReply, Request};
 use crate::compare::{
-    CompareSpec, Mismatch, Observation, check_expected_distribution, compare,
+    ABSENT, CompareSpec, Mismatch, Observation, check_expected_distribution, compare,
     compare_distributions, distribution, render_table,
 };
 use crate::echo::EchoServer;
@@ -61,6 +67,10 @@ pub struct Scenario {
     pub upstreams: Vec<String>,
     #[serde(default)]
     pub closed_upstreams: Vec<String>,
+    /// Both sides use the same echo upstreams (same addresses), for behaviour that depends on the
+    /// endpoint address itself, e.g. consistent hashing. Excludes the per-upstream count checks.
+    #[serde(default)]
+    pub shared_upstreams: bool,
     pub bootstrap: String,
     #[serde(default)]
     pub compare: CompareSpec,
@@ -128,6 +138,12 @@ pub struct Expect {
     /// Expected share of each outcome for `repeat` requests (keys as in the distribution:
     /// upstream name, `local:<status>`, `error:<class>`).
     pub distribution: Option<BTreeMap<String, f64>>,
+    /// The raw request target the echo upstream received.
+    pub upstream_path: Option<String>,
+    /// Request headers at the upstream: all values joined with `", "`, or `<absent>`.
+    pub upstream_headers: BTreeMap<String, String>,
+    /// Response headers at the client: all values joined with `", "`, or `<absent>`.
+    pub response_headers: BTreeMap<String, String>,
 }
 
 fn default_method() -> String {
@@ -153,7 +169,24 @@ impl Scenario {
         b: ProxyUnderTest,
     ) -> Result<Vec<Mismatch>> {
         let (mut side_a, mut side_b) =
-            tokio::try_join!(Side::start("A", a, self), Side::start("B", b, self))?;
+            {
+                let shared = if self.shared_upstreams {
+                    if self.compare_upstream_requests || self.compare_upstream_connections {
+                        bail!("shared_upstreams cannot be combined with per-upstream count comparisons");
+                    }
+                    let mut m = BTreeMap::new();
+                    for name in &self.upstreams {
+                        m.insert(name.clone(), std::sync::Arc::new(EchoServer::start(name).await?));
+                    }
+                    Some(m)
+                } else {
+                    None
+                };
+                tokio::try_join!(
+                    Side::start("A", a, self, shared.as_ref()),
+                    Side::start("B", b, self, shared.as_ref())
+                )?
+            };
         let verbose = std::env::var_os("PINGSAIL_DIFF_VERBOSE").is_some();
         let mut mismatches = Vec::new();
         let mut push = |request: &str, field: String, a: String, b: String| {
@@ -275,7 +308,7 @@ fn check_expect(
     expect: &Expect,
     a: &[Observation],
     b: &[Observation],
-) -> Vec<(&'static str, String, Pair)> {
+) -> Vec<(String, String, Pair)> {
     let mut out = Vec::new();
     // The first observation that violates `f`, shown; "ok" when all satisfy it.
     fn first_bad(
@@ -285,7 +318,7 @@ fn check_expect(
     ) -> Option<String> {
         obs.iter().find(|o| !ok(o)).map(show)
     }
-    let mut check = |field: &'static str,
+    let mut check = |field: String,
                      expected: String,
                      ok: &dyn Fn(&Observation) -> bool,
                      show: &dyn Fn(&Observation) -> String| {
@@ -301,7 +334,7 @@ fn check_expect(
     };
     if let Some(status) = expect.status {
         check(
-            "status",
+            "status".to_owned(),
             status.to_string(),
             &|o| o.status == Some(status),
             &|o| o.status.map_or_else(|| o.outcome_key(), |s| s.to_string()),
@@ -310,7 +343,7 @@ fn check_expect(
     if let Some(up) = &expect.upstream {
         let want = (up != "local").then(|| up.clone());
         check(
-            "upstream",
+            "upstream".to_owned(),
             up.clone(),
             &|o| o.error.is_none() && o.upstream == want,
             &|o| o.upstream.clone().unwrap_or_else(|| o.outcome_key()),
@@ -318,13 +351,73 @@ fn check_expect(
     }
     if let Some(body) = &expect.body {
         check(
-            "body",
+            "body".to_owned(),
             body.clone(),
             &|o| o.error.is_none() && &o.body == body,
             &|o| o.body.clone(),
         );
     }
+    if let Some(path) = &expect.upstream_path {
+        let got = |o: &Observation| {
+            o.echo
+                .as_ref()
+                .map_or_else(|| o.outcome_key(), |e| e.path.clone())
+        };
+        check(
+            "upstream_path".to_owned(),
+            path.clone(),
+            &|o| got(o) == *path,
+            &got,
+        );
+    }
+    for (name, want) in &expect.upstream_headers {
+        let got = |o: &Observation| {
+            o.echo.as_ref().map_or_else(
+                || o.outcome_key(),
+                |e| e.header(name).unwrap_or_else(|| ABSENT.to_owned()),
+            )
+        };
+        check(
+            format!("upstream_headers[{name}]"),
+            want.clone(),
+            &|o| o.echo.is_some() && header_ok(&got(o), want),
+            &got,
+        );
+    }
+    for (name, want) in &expect.response_headers {
+        let got = |o: &Observation| {
+            if o.error.is_some() {
+                return o.outcome_key();
+            }
+            let values: Vec<&str> = o
+                .response_headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+                .collect();
+            if values.is_empty() {
+                ABSENT.to_owned()
+            } else {
+                values.join(", ")
+            }
+        };
+        check(
+            format!("response_headers[{name}]"),
+            want.clone(),
+            &|o| o.error.is_none() && header_ok(&got(o), want),
+            &got,
+        );
+    }
     out
+}
+
+/// `<present>` accepts any value; anything else (including `<absent>`) must be equal.
+fn header_ok(got: &str, want: &str) -> bool {
+    if want == "<present>" {
+        got != ABSENT
+    } else {
+        got == want
+    }
 }
 
 /// One proxy with its own loopback IP and its own echo upstreams.
@@ -332,18 +425,26 @@ struct Side {
     label: &'static str,
     kind: ProxyUnderTest,
     ip: Ipv4Addr,
-    upstreams: BTreeMap<String, EchoServer>,
+    upstreams: BTreeMap<String, std::sync::Arc<EchoServer>>,
     proxy: Box<dyn RunningProxy>,
     conns: HashMap<u16, Connection>,
 }
 
 impl Side {
-    async fn start(label: &'static str, kind: ProxyUnderTest, sc: &Scenario) -> Result<Self> {
+    async fn start(
+        label: &'static str,
+        kind: ProxyUnderTest,
+        sc: &Scenario,
+        shared: Option<&BTreeMap<String, std::sync::Arc<EchoServer>>>,
+    ) -> Result<Self> {
         let ip = random_loopback_ip();
         let mut upstreams = BTreeMap::new();
         let mut ports = BTreeMap::new();
         for name in &sc.upstreams {
-            let echo = EchoServer::start(name).await?;
+            let echo = match shared.and_then(|m| m.get(name)) {
+                Some(e) => e.clone(),
+                None => std::sync::Arc::new(EchoServer::start(name).await?),
+            };
             ports.insert(name.clone(), echo.port());
             upstreams.insert(name.clone(), echo);
         }
@@ -368,6 +469,7 @@ impl Side {
     fn upstream(&self, name: &str) -> Result<&EchoServer> {
         self.upstreams
             .get(name)
+            .map(|e| &**e)
             .with_context(|| format!("no upstream {name}"))
     }
 

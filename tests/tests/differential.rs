@@ -17,6 +17,8 @@ macro_rules! scenario {
 scenario!(basic_routing);
 scenario!(weighted_split);
 scenario!(local_replies);
+scenario!(virtual_hosts);
+scenario!(http_connection_manager);
 
 /// The harness must not pass vacuously: on real Envoy vs Envoy, comparing a random header by
 /// value and asserting a wrong upstream must both be reported.

@@ -19,21 +19,30 @@ pub struct EndpointSet {
     /// endpoints with `addr` set
     pub endpoints: Arc<[Endpoint]>,
     schedule: lb::Schedule,
+    hash: Option<lb::HashTable>,
     active: Box<[Arc<AtomicU32>]>,
 }
 
 impl EndpointSet {
-    fn new(endpoints: Arc<[Endpoint]>) -> Self {
+    fn new(cfg: &Cluster, endpoints: Arc<[Endpoint]>) -> Self {
         let schedule = lb::Schedule::new(&endpoints);
-        let active = endpoints
-            .iter()
-            .map(|_| Arc::new(AtomicU32::new(0)))
-            .collect();
-        EndpointSet {
-            endpoints,
-            schedule,
-            active,
-        }
+        let hash = cfg.hash_lb.as_ref().and_then(|h| {
+            let keys: Vec<(String, u32)> = endpoints
+                .iter()
+                .map(|e| {
+                    // Envoy's host key: the address, or the hostname with use_hostname_for_hashing.
+                    let key = match (&e.hostname, e.addr) {
+                        (Some(h), _) if cfg.use_hostname_for_hashing => h.to_string(),
+                        (_, Some(a)) => a.to_string(),
+                        (_, None) => format!("{}:{}", e.host, e.port),
+                    };
+                    (key, e.weight)
+                })
+                .collect();
+            lb::HashTable::build(h, &keys)
+        });
+        let active = endpoints.iter().map(|_| Arc::new(AtomicU32::new(0))).collect();
+        EndpointSet { endpoints, schedule, hash, active }
     }
 }
 
@@ -69,6 +78,7 @@ impl ClusterState {
     /// like Envoy, after `attempts` re-picks we accept a previously used host.
     pub fn pick(
         &self,
+        hash: Option<u64>,
         exclude: &[SocketAddr],
         attempts: u32,
         original_dst: Option<SocketAddr>,
@@ -87,7 +97,9 @@ impl ClusterState {
         }
         let mut rng = rand::rng();
         let mut choice = None;
-        for _ in 0..attempts.max(1) {
+        // Without a request hash Envoy's hashing balancers use a random one.
+        let hash = hash.unwrap_or_else(rand::random);
+        for attempt in 0..attempts.max(1) {
             let i = match self.config.lb {
                 LbPolicy::RoundRobin => {
                     set.schedule.pick(self.rr.fetch_add(1, Ordering::Relaxed))?
@@ -98,9 +110,7 @@ impl ClusterState {
                         |i: usize| set.active.get(i).map_or(0, |a| a.load(Ordering::Relaxed));
                     lb::least_request(&set.endpoints, load, &mut rng)?
                 }
-                LbPolicy::RingHash | LbPolicy::Maglev => {
-                    set.schedule.pick(self.rr.fetch_add(1, Ordering::Relaxed))?
-                }
+                LbPolicy::RingHash | LbPolicy::Maglev => set.hash.as_ref()?.choose(hash, attempt)?,
             };
             choice = Some(i);
             let addr = set.endpoints[i].addr;
@@ -160,12 +170,12 @@ impl ClusterManager {
             let state = match old.get(name) {
                 Some(prev) if Arc::ptr_eq(&prev.config, &cfg) => prev.clone(),
                 Some(prev) => Arc::new(ClusterState {
-                    set: ArcSwap::from_pointee(EndpointSet::new(static_endpoints(&cfg))),
+                    set: ArcSwap::from_pointee(EndpointSet::new(&cfg, static_endpoints(&cfg))),
                     rr: prev.rr.clone(),
                     config: cfg,
                 }),
                 None => Arc::new(ClusterState {
-                    set: ArcSwap::from_pointee(EndpointSet::new(static_endpoints(&cfg))),
+                    set: ArcSwap::from_pointee(EndpointSet::new(&cfg, static_endpoints(&cfg))),
                     rr: Arc::new(AtomicUsize::new(rand::random::<u16>() as usize)),
                     config: cfg,
                 }),
@@ -228,7 +238,7 @@ fn spawn_dns(state: Weak<ClusterState>) {
                 cur.endpoints.iter().map(|e| e.addr).ne(resolved.iter().map(|e| e.addr))
             };
             if changed {
-                s.set.store(Arc::new(EndpointSet::new(resolved.into())));
+                s.set.store(Arc::new(EndpointSet::new(&cfg, resolved.into())));
             }
             let rate = cfg.dns_refresh_rate;
             drop(s);

@@ -558,7 +558,7 @@ impl ProxyHttp for Router {
             .filter(|p| p.previous_hosts)
             .map_or(1, |p| p.host_selection_max_attempts);
         let orig = ctx.facts.as_ref().and_then(|f| f.original_dst);
-        let Some(picked) = cluster.pick(&ctx.tried, attempts, orig) else {
+        let Some(picked) = cluster.pick(ctx.hash, &ctx.tried, attempts, orig) else {
             ctx.failure = Some(Failure::NoHealthyUpstream);
             if let Some(s) = &ctx.cluster_stats {
                 s.none_healthy.inc();

@@ -35,6 +35,8 @@ pub fn translate_cluster(cl: &c::Cluster, path: &Path) -> Result<config::Cluster
             "http2_protocol_options",
             "common_lb_config",
             "ignore_health_on_host_removal",
+            "ring_hash_lb_config",
+            "maglev_lb_config",
         ],
         &[
             ("eds_cluster_config", "xDS issue"),
@@ -49,8 +51,6 @@ pub fn translate_cluster(cl: &c::Cluster, path: &Path) -> Result<config::Cluster
             ("cleanup_interval", RESILIENCE),
             ("filters", "later issues"),
             ("lb_subset_config", "subset load balancing"),
-            ("ring_hash_lb_config", "consistent-hash load balancing"),
-            ("maglev_lb_config", "consistent-hash load balancing"),
             ("least_request_lb_config", RESILIENCE),
             ("upstream_bind_config", "capture issue"),
         ],
@@ -86,26 +86,69 @@ pub fn translate_cluster(cl: &c::Cluster, path: &Path) -> Result<config::Cluster
         Ok(L::RoundRobin) => LbPolicy::RoundRobin,
         Ok(L::LeastRequest) => LbPolicy::LeastRequest,
         Ok(L::Random) => LbPolicy::Random,
-        Ok(L::RingHash) | Ok(L::Maglev) => {
-            return err(
-                &path.field("lb_policy"),
-                ErrorKind::NotYet("consistent-hash load balancing"),
-            );
-        }
+        Ok(L::RingHash) => LbPolicy::RingHash,
+        Ok(L::Maglev) => LbPolicy::Maglev,
         Ok(L::ClusterProvided) if discovery == Discovery::OriginalDst => LbPolicy::RoundRobin,
         _ => return invalid(&path.field("lb_policy"), "unsupported lb_policy"),
     };
+    let mut use_hostname_for_hashing = false;
     if let Some(cfg) = &cl.common_lb_config {
+        let p = path.field("common_lb_config");
         only(
             cfg,
-            &path.field("common_lb_config"),
-            &[],
-            &[
-                ("healthy_panic_threshold", RESILIENCE),
-                ("locality_weighted_lb_config", "locality load balancing"),
-            ],
+            &p,
+            &["consistent_hashing_lb_config"],
+            &[("healthy_panic_threshold", RESILIENCE), ("locality_weighted_lb_config", "locality load balancing")],
         )?;
+        if let Some(ch) = &cfg.consistent_hashing_lb_config {
+            only(ch, &p.field("consistent_hashing_lb_config"), &["use_hostname_for_hashing"], &[("hash_balance_factor", "bounded-load hashing")])?;
+            use_hostname_for_hashing = ch.use_hostname_for_hashing;
+        }
     }
+    let is_static_type = matches!(&cl.cluster_discovery_type, None | Some(T::Type(0)));
+    if use_hostname_for_hashing && is_static_type {
+        return invalid(
+            &path.field("common_lb_config").field("consistent_hashing_lb_config").field("use_hostname_for_hashing"),
+            "Cannot use hostname for consistent hashing loadbalancing for cluster of type: 'envoy.cluster.static'",
+        );
+    }
+    let hash_lb = match lb {
+        LbPolicy::RingHash => {
+            let (mut min, mut max) = (1024u64, 8 * 1024 * 1024u64);
+            if let Some(c::cluster::LbConfig::RingHashLbConfig(r)) = &cl.lb_config {
+                let p = path.field("ring_hash_lb_config");
+                only(r, &p, &["minimum_ring_size", "maximum_ring_size", "hash_function"], &[])?;
+                if r.hash_function != c::cluster::ring_hash_lb_config::HashFunction::XxHash as i32 {
+                    return err(&p.field("hash_function"), ErrorKind::NotSupported);
+                }
+                if let Some(v) = &r.minimum_ring_size {
+                    min = v.value;
+                }
+                if let Some(v) = &r.maximum_ring_size {
+                    max = v.value;
+                }
+                if min == 0 || min > max || max > 8 * 1024 * 1024 {
+                    return invalid(&p, format!("ring hash: minimum_ring_size ({min}) > maximum_ring_size ({max})"));
+                }
+            }
+            Some(crate::cluster::lb::HashLb::Ring { min, max })
+        }
+        LbPolicy::Maglev => {
+            let mut size = 65537u64;
+            if let Some(c::cluster::LbConfig::MaglevLbConfig(m)) = &cl.lb_config {
+                let p = path.field("maglev_lb_config");
+                only(m, &p, &["table_size"], &[])?;
+                if let Some(v) = &m.table_size {
+                    size = v.value;
+                }
+                if !(2..=5_000_011).contains(&size) || !(2..).take_while(|d| d * d <= size).all(|d| size % d != 0) {
+                    return invalid(&p.field("table_size"), "The table size of maglev must be prime number");
+                }
+            }
+            Some(crate::cluster::lb::HashLb::Maglev { size })
+        }
+        _ => None,
+    };
     let connect_timeout = match &cl.connect_timeout {
         Some(d) => duration(d, &path.field("connect_timeout"))?,
         None => Duration::from_secs(5),
@@ -144,7 +187,8 @@ pub fn translate_cluster(cl: &c::Cluster, path: &Path) -> Result<config::Cluster
         discovery,
         endpoints: endpoints.into(),
         lb,
-        hash_table: None,
+        hash_lb,
+        use_hostname_for_hashing,
         connect_timeout,
         http2,
         use_downstream_protocol,
