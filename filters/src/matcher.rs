@@ -121,8 +121,18 @@ pub enum Pseudo {
 
 /// What a matcher can see of a request.
 pub trait HeaderSource {
-    /// All values of a regular header, joined with "," as Envoy does for matching; `None` if absent.
+    /// All values of a regular header, joined with ","; `None` if absent (used for hashing).
     fn header(&self, name: &http::HeaderName) -> Option<std::borrow::Cow<'_, str>>;
+    /// Calls `test` on each value of a regular header until one passes: `Some(true)` if one did,
+    /// `Some(false)` if none did, `None` if the header is absent. Envoy 1.40 matches a header
+    /// with several values when any single value matches (values are not joined).
+    fn any_value(
+        &self,
+        name: &http::HeaderName,
+        test: &mut dyn FnMut(&str) -> bool,
+    ) -> Option<bool> {
+        self.header(name).map(|v| test(&v))
+    }
     /// The value of a pseudo-header.
     fn pseudo(&self, p: Pseudo) -> Option<&str>;
 }
@@ -130,26 +140,23 @@ pub trait HeaderSource {
 impl HeaderMatcher {
     /// Does the request satisfy this matcher?
     pub fn matches(&self, req: &impl HeaderSource) -> bool {
-        let value = match self.pseudo {
-            Some(p) => req.pseudo(p).map(std::borrow::Cow::Borrowed),
-            None => req.header(&self.name),
-        };
-        let value = match value {
-            Some(v) => Some(v),
-            None if self.missing_as_empty => Some(std::borrow::Cow::Borrowed("")),
-            None => None,
-        };
-        let Some(v) = value else {
-            // Envoy: an absent header never matches, even with invert_match (unless it is `present_match:
-            // false`, which is expressed as Present with invert).
-            return matches!(self.value, ValueMatch::Present) && self.invert;
-        };
-        let hit = match &self.value {
+        let mut test = |v: &str| match &self.value {
             ValueMatch::Present => true,
             ValueMatch::Range { start, end } => {
                 v.parse::<i64>().is_ok_and(|n| n >= *start && n < *end)
             }
-            ValueMatch::String(m) => m.matches(&v),
+            ValueMatch::String(m) => m.matches(v),
+        };
+        let hit = match self.pseudo {
+            Some(p) => req.pseudo(p).map(&mut test),
+            None => req.any_value(&self.name, &mut test),
+        };
+        let hit = match hit {
+            Some(h) => h,
+            None if self.missing_as_empty => test(""),
+            // Envoy: an absent header never matches, even with invert_match (unless it is
+            // `present_match: false`, which is expressed as Present with invert).
+            None => return matches!(self.value, ValueMatch::Present) && self.invert,
         };
         hit != self.invert
     }
@@ -196,6 +203,60 @@ mod tests {
         assert!(!m.matches("/v12/x"));
         let m = StringMatcher::new(StringMatch::Suffix(".JS".into()), true);
         assert!(m.matches("a.js"));
+    }
+
+    struct Multi(http::HeaderMap);
+
+    impl HeaderSource for Multi {
+        fn header(&self, name: &http::HeaderName) -> Option<std::borrow::Cow<'_, str>> {
+            let v: Vec<&str> = self
+                .0
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect();
+            (!v.is_empty()).then(|| std::borrow::Cow::Owned(v.join(",")))
+        }
+        fn any_value(
+            &self,
+            name: &http::HeaderName,
+            test: &mut dyn FnMut(&str) -> bool,
+        ) -> Option<bool> {
+            let mut it = self.0.get_all(name).iter().peekable();
+            it.peek()?;
+            Some(it.any(|v| test(v.to_str().unwrap())))
+        }
+        fn pseudo(&self, _: Pseudo) -> Option<&str> {
+            None
+        }
+    }
+
+    fn exact(name: &'static str, value: &str, invert: bool) -> HeaderMatcher {
+        HeaderMatcher {
+            name: http::HeaderName::from_static(name),
+            pseudo: None,
+            value: ValueMatch::String(StringMatcher::new(StringMatch::Exact(value.into()), false)),
+            invert,
+            missing_as_empty: false,
+        }
+    }
+
+    #[test]
+    fn several_values_match_one_by_one() {
+        let mut h = http::HeaderMap::new();
+        h.append("x-m", "a".parse().unwrap());
+        h.append("x-m", "b".parse().unwrap());
+        let req = Multi(h);
+        assert!(exact("x-m", "a", false).matches(&req));
+        assert!(exact("x-m", "b", false).matches(&req));
+        assert!(!exact("x-m", "a,b", false).matches(&req));
+        assert!(!exact("x-m", "b", true).matches(&req));
+        assert!(exact("x-m", "c", true).matches(&req));
+        // Absent: never matches, inverted or not; unless treated as empty.
+        assert!(!exact("x-absent", "c", true).matches(&req));
+        let mut m = exact("x-absent", "", false);
+        m.missing_as_empty = true;
+        assert!(m.matches(&req));
     }
 
     #[test]

@@ -191,7 +191,7 @@ pub struct RequestView<'a> {
     pub scheme: &'a str,
     /// Request headers.
     pub headers: &'a http::HeaderMap,
-    /// Whether this is a gRPC request (`content-type: application/grpc*`).
+    /// Whether this is a gRPC request (see [`is_grpc_content_type`]).
     pub is_grpc: bool,
     /// A uniformly random value in `0..1_000_000` for `runtime_fraction`.
     pub random: u64,
@@ -217,6 +217,16 @@ impl HeaderSource for RequestView<'_> {
         }
     }
 
+    fn any_value(
+        &self,
+        name: &http::HeaderName,
+        test: &mut dyn FnMut(&str) -> bool,
+    ) -> Option<bool> {
+        let mut values = self.headers.get_all(name).iter().peekable();
+        values.peek()?;
+        Some(values.any(|v| test(v.to_str().unwrap_or(""))))
+    }
+
     fn pseudo(&self, p: crate::matcher::Pseudo) -> Option<&str> {
         use crate::matcher::Pseudo;
         Some(match p {
@@ -225,6 +235,29 @@ impl HeaderSource for RequestView<'_> {
             Pseudo::Method => self.method,
             Pseudo::Scheme => self.scheme,
         })
+    }
+}
+
+/// Envoy's `Grpc::Common::hasGrpcContentType`: `application/grpc`, optionally followed by
+/// `+suffix` or `;params` (so `application/grpc-web` is not gRPC).
+pub fn is_grpc_content_type(content_type: &str) -> bool {
+    const GRPC: &str = "application/grpc";
+    content_type.starts_with(GRPC)
+        && matches!(
+            content_type.as_bytes().get(GRPC.len()),
+            None | Some(b'+' | b';')
+        )
+}
+
+/// Envoy's `Grpc::Utility::httpToGrpcStatus`, for local replies to gRPC requests.
+pub fn http_to_grpc_status(status: u16) -> u8 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
     }
 }
 
@@ -465,13 +498,12 @@ impl RouteAction {
                 PathMatch::Exact(p) => p.len(),
                 PathMatch::Regex(_) => return None,
             };
+            // Literal substitution, as Envoy 1.40 does: prefix "/api" rewritten to "/" turns
+            // "/api/x" into "//x" (configure prefix "/api/" to get "/x").
             let rest = path.get(old_len..).unwrap_or("");
-            // Envoy: rewriting prefix "/api" to "/" yields "/x" for "/api/x", not "//x".
-            let out = if new_prefix.ends_with('/') && rest.starts_with('/') {
-                format!("{}{}", new_prefix, &rest[1..])
-            } else {
-                format!("{new_prefix}{rest}")
-            };
+            let mut out = String::with_capacity(new_prefix.len() + rest.len());
+            out.push_str(new_prefix);
+            out.push_str(rest);
             return Some(out);
         }
         if let Some((re, sub)) = &self.regex_rewrite {
@@ -610,9 +642,15 @@ impl Redirect {
             (Some(p), _) => Some(p.to_string()),
             (None, Some(p)) => Some(p.to_string()),
             (None, None) if self.host.is_none() => {
-                // A scheme change drops the old scheme's default port, as Envoy does.
+                // A scheme change drops the old scheme's default port (http://h:80 →
+                // https://h), as Envoy does; any other port is kept.
+                let old_default = if req_scheme.eq_ignore_ascii_case("https") {
+                    "443"
+                } else {
+                    "80"
+                };
                 match req_port {
-                    Some(p) if self.scheme.is_some() && (p == "80" || p == "443") => None,
+                    Some(p) if !scheme.eq_ignore_ascii_case(req_scheme) && p == old_default => None,
                     Some(p) => Some(p.to_string()),
                     None => None,
                 }
@@ -637,8 +675,9 @@ impl Redirect {
         let query = if self.strip_query {
             None
         } else {
+            // A `path_redirect` with its own query replaces the request's query.
             match &self.path {
-                RedirectPath::Replace(p) => orig_query.or(split_query(p).1),
+                RedirectPath::Replace(p) => split_query(p).1.or(orig_query),
                 _ => orig_query,
             }
         };

@@ -118,6 +118,8 @@ pub struct HttpConnectionManager {
     pub request_timeout: Option<Duration>,
     /// `max_request_headers_kb` (default 60)
     pub max_request_headers_kb: u32,
+    /// `http_protocol_options.accept_http_10` (otherwise HTTP/1.0 gets 426)
+    pub accept_http_10: bool,
     /// `upgrade_configs` contains websocket
     pub websocket: bool,
     /// The CORS filter is in the chain.

@@ -52,5 +52,55 @@ pub async fn proxy(
     stats.rq_total.inc();
     // Keep the active-request count for least-request while the connection lives.
     let _picked = picked;
-    let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+    let _ = copy_with_idle_timeout(&mut downstream, &mut upstream, cfg.idle_timeout).await;
+}
+
+/// Initial copy buffer: most mesh TCP exchanges are small; the buffer grows once a read fills it.
+const INITIAL_BUF: usize = 4 * 1024;
+/// Largest copy buffer per direction.
+const MAX_BUF: usize = 64 * 1024;
+
+/// Copies both ways until both sides have closed, or nothing moved in either direction for
+/// `idle` (tcp_proxy `idle_timeout`, Envoy's default 1 h). A half-close is propagated with shutdown.
+async fn copy_with_idle_timeout(
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    idle: Option<std::time::Duration>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut ar, mut aw) = a.split();
+    let (mut br, mut bw) = b.split();
+    let (mut buf_a, mut buf_b) = (vec![0u8; INITIAL_BUF], vec![0u8; INITIAL_BUF]);
+    let (mut a_open, mut b_open) = (true, true);
+    while a_open || b_open {
+        let step = async {
+            tokio::select! {
+                r = ar.read(&mut buf_a), if a_open => (true, r),
+                r = br.read(&mut buf_b), if b_open => (false, r),
+            }
+        };
+        let (from_a, r) = match idle {
+            Some(t) => match pingora_timeout::timeout(t, step).await {
+                Ok(x) => x,
+                Err(_) => return Ok(()),
+            },
+            None => step.await,
+        };
+        let n = r?;
+        let (buf, w, open) = if from_a {
+            (&mut buf_a, &mut bw, &mut a_open)
+        } else {
+            (&mut buf_b, &mut aw, &mut b_open)
+        };
+        if n == 0 {
+            *open = false;
+            let _ = w.shutdown().await;
+            continue;
+        }
+        w.write_all(&buf[..n]).await?;
+        if n == buf.len() && buf.len() < MAX_BUF {
+            buf.resize(buf.len() * 2, 0);
+        }
+    }
+    Ok(())
 }

@@ -8,7 +8,11 @@ use std::process::{Command, Stdio};
 const BIN: &str = env!("CARGO_BIN_EXE_pingsail-proxy");
 
 fn temp_file(name: &str, contents: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("pingsail-cli-{}-{}", std::process::id(), rand_suffix()));
+    let dir = std::env::temp_dir().join(format!(
+        "pingsail-cli-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(name);
     std::fs::write(&p, contents).unwrap();
@@ -18,7 +22,12 @@ fn temp_file(name: &str, contents: &str) -> std::path::PathBuf {
 fn rand_suffix() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    );
     h.finish()
 }
 
@@ -30,7 +39,11 @@ fn refused(bootstrap: &str) -> String {
     assert!(!out.status.success(), "expected failure, got success");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(err.trim_end().lines().count(), 1, "one line expected, got: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected, got: {err}"
+    );
     err
 }
 
@@ -82,13 +95,19 @@ fn bad_yaml() {
 #[test]
 fn wrong_field_type_names_its_path() {
     let err = refused(&GOOD.replace("port_value: 0", "port_value: zero"));
-    assert!(err.contains("static_resources.listeners[0].address.socket_address.port_value"), "{err}");
+    assert!(
+        err.contains("static_resources.listeners[0].address.socket_address.port_value"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unknown_type_url() {
     let err = refused(&GOOD.replace("router.v3.Router", "router.v3.Nope"));
-    assert!(err.contains("envoy.extensions.filters.http.router.v3.Nope"), "{err}");
+    assert!(
+        err.contains("envoy.extensions.filters.http.router.v3.Nope"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -100,7 +119,10 @@ fn unknown_field_name() {
 #[test]
 fn malformed_ip() {
     let good = GOOD.replace(", hedge_policy: {hedge_on_per_try_timeout: true}", "");
-    let err = refused(&good.replace("address: 127.0.0.1, port_value: 1", "address: 127.0.0.999, port_value: 1"));
+    let err = refused(&good.replace(
+        "address: 127.0.0.1, port_value: 1",
+        "address: 127.0.0.999, port_value: 1",
+    ));
     assert!(err.contains("static_resources.clusters[0].load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address: malformed IP address: 127.0.0.999"), "{err}");
 }
 
@@ -113,7 +135,10 @@ fn unknown_cluster_in_route() {
 
 #[test]
 fn missing_file() {
-    let out = Command::new(BIN).args(["-c", "/nonexistent/pingsail.yaml"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["-c", "/nonexistent/pingsail.yaml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/pingsail.yaml"));
 }
@@ -153,7 +178,11 @@ fn validate_mode_and_envoy_flags() {
         .output()
         .unwrap();
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Starts the binary with an admin listener, reads the bound admin port from a known free port, and
@@ -166,9 +195,17 @@ fn serves_admin_and_quits() {
         l.local_addr().unwrap().port()
     };
     let good = GOOD.replace(", hedge_policy: {hedge_on_per_try_timeout: true}", "");
-    let boot = format!("admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}}}\n{good}");
+    let boot = format!(
+        "admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}}}\n{good}"
+    );
     let path = temp_file("bootstrap.yaml", &boot);
-    let mut child = Command::new(BIN).arg("-c").arg(&path).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new(BIN)
+        .arg("-c")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     // Readiness: poll /ready (the admin socket is bound before listeners are served).
     let mut ready = None;
     for _ in 0..200 {
@@ -185,7 +222,12 @@ fn serves_admin_and_quits() {
     let dump = http(admin_port, "GET", "/config_dump").unwrap();
     let body = dump.split_once("\r\n\r\n").unwrap().1;
     let v: serde_json::Value = serde_json::from_str(body).unwrap();
-    let types: Vec<&str> = v["configs"].as_array().unwrap().iter().map(|c| c["@type"].as_str().unwrap()).collect();
+    let types: Vec<&str> = v["configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["@type"].as_str().unwrap())
+        .collect();
     assert_eq!(
         types,
         [
@@ -197,27 +239,64 @@ fn serves_admin_and_quits() {
             "type.googleapis.com/envoy.admin.v3.SecretsConfigDump",
         ]
     );
-    assert_eq!(v["configs"][1]["static_clusters"][0]["cluster"]["name"], "c");
-    assert_eq!(v["configs"][2]["static_listeners"][0]["listener"]["name"], "l");
-    assert!(v["configs"][4]["static_route_configs"][0]["route_config"]["virtual_hosts"][0]["domains"][0] == "*");
+    assert_eq!(
+        v["configs"][1]["static_clusters"][0]["cluster"]["name"],
+        "c"
+    );
+    assert_eq!(
+        v["configs"][2]["static_listeners"][0]["listener"]["name"],
+        "l"
+    );
+    assert!(
+        v["configs"][4]["static_route_configs"][0]["route_config"]["virtual_hosts"][0]["domains"]
+            [0]
+            == "*"
+    );
     // istioctl unmarshals this with protojson: it must decode as envoy.admin.v3.ConfigDump.
     pingsail_proxy::xds::json::dynamic_from_json("envoy.admin.v3.ConfigDump", &v).unwrap();
 
     let stats = http(admin_port, "GET", "/stats").unwrap();
     assert!(stats.contains("cluster.c.upstream_rq_total: 0"), "{stats}");
     let prom = http(admin_port, "GET", "/stats/prometheus").unwrap();
-    assert!(prom.contains("envoy_cluster_upstream_rq_total{envoy_cluster_name=\"c\"} 0"), "{prom}");
+    assert!(
+        prom.contains("envoy_cluster_upstream_rq_total{envoy_cluster_name=\"c\"} 0"),
+        "{prom}"
+    );
     let clusters = http(admin_port, "GET", "/clusters").unwrap();
-    assert!(clusters.contains("c::127.0.0.1:1::health_flags::healthy"), "{clusters}");
-    assert!(http(admin_port, "GET", "/quitquitquit").unwrap().starts_with("HTTP/1.1 405"));
-    assert!(http(admin_port, "POST", "/logging?level=bogus").unwrap().starts_with("HTTP/1.1 400"));
-    assert!(http(admin_port, "POST", "/logging?level=debug").unwrap().starts_with("HTTP/1.1 200"));
+    assert!(
+        clusters.contains("c::127.0.0.1:1::health_flags::healthy"),
+        "{clusters}"
+    );
+    assert!(
+        http(admin_port, "GET", "/quitquitquit")
+            .unwrap()
+            .starts_with("HTTP/1.1 405")
+    );
+    assert!(
+        http(admin_port, "POST", "/logging?level=bogus")
+            .unwrap()
+            .starts_with("HTTP/1.1 400")
+    );
+    assert!(
+        http(admin_port, "POST", "/logging?level=debug")
+            .unwrap()
+            .starts_with("HTTP/1.1 200")
+    );
 
-    assert!(http(admin_port, "POST", "/quitquitquit").unwrap().starts_with("HTTP/1.1 200"));
+    assert!(
+        http(admin_port, "POST", "/quitquitquit")
+            .unwrap()
+            .starts_with("HTTP/1.1 200")
+    );
     let status = child.wait().unwrap();
     assert!(status.success());
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(err.contains("/quitquitquit"), "{err}");
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
@@ -225,7 +304,10 @@ fn serves_admin_and_quits() {
 fn http(port: u16, method: &str, path: &str) -> std::io::Result<String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-    write!(s, "{method} {path} HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\n\r\n")?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\n\r\n"
+    )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)

@@ -172,7 +172,11 @@ pub fn parse_dump(file: String, text: &str) -> DumpFile {
             "RoutesConfigDump" => routes(c, &mut d.resources),
             "EndpointsConfigDump" => endpoints(c, &mut d.resources),
             other => {
-                let other = if other.is_empty() { "(no @type)" } else { other };
+                let other = if other.is_empty() {
+                    "(no @type)"
+                } else {
+                    other
+                };
                 if !d.not_covered.iter().any(|n| n == other) {
                     d.not_covered.push(other.to_string());
                 }
@@ -191,11 +195,9 @@ fn skip_reason(v: &Value) -> String {
         return "a bare BootstrapConfigDump (not covered: bootstrap)".into();
     }
     // pilot's `none_lds_*.json`: Go structs of v2 listeners (`Address`, `PortSpecifier`, `Kind`).
-    let go_struct = obj.values().any(|l| {
-        l.get("address")
-            .and_then(|a| a.get("Address"))
-            .is_some()
-    });
+    let go_struct = obj
+        .values()
+        .any(|l| l.get("address").and_then(|a| a.get("Address")).is_some());
     if go_struct {
         return "not proto3 JSON: Go-struct rendering of xDS v2 listeners \
                 (`Address`, `PortSpecifier`, `Kind` fields)"
@@ -218,6 +220,20 @@ fn name_of(v: &Value, field: &str) -> String {
         .and_then(Value::as_str)
         .unwrap_or("(unnamed)")
         .to_string()
+}
+
+/// Istio's bootstrap listeners (15090, 15021) have no name: show their address instead.
+fn listener_name(l: &Value) -> String {
+    if let Some(n) = l.get("name").and_then(Value::as_str) {
+        return n.to_string();
+    }
+    let sa = l.get("address").and_then(|a| a.get("socket_address"));
+    let host = sa.and_then(|s| s.get("address")).and_then(Value::as_str);
+    let port = sa.and_then(|s| s.get("port_value")).and_then(Value::as_u64);
+    match (host, port) {
+        (Some(h), Some(p)) => format!("(unnamed) {h}:{p}"),
+        _ => "(unnamed)".into(),
+    }
 }
 
 fn entries<'a>(section: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> + 'a {
@@ -262,7 +278,7 @@ fn listener_resource(origin: &str, l: &Value) -> Resource {
     Resource {
         kind: Kind::Listener,
         origin: origin.into(),
-        name: name_of(l, "name"),
+        name: listener_name(l),
         bootstrap: json!({"static_resources": sr}),
         prefix: LISTENER_PREFIX,
     }
@@ -508,7 +524,9 @@ pub fn render(dumps: &[DumpFile], outcomes: &[Vec<Outcome>]) -> String {
             }
             Outcome::Uncovered { path, reason } => {
                 *counts.entry("refused, no issue named").or_default() += 1;
-                *uncovered.entry((pattern(path), reason.clone())).or_default() += 1;
+                *uncovered
+                    .entry((pattern(path), reason.clone()))
+                    .or_default() += 1;
             }
             Outcome::Unexpected(_) => *counts.entry("unexpected").or_default() += 1,
         }
@@ -534,7 +552,10 @@ pub fn render(dumps: &[DumpFile], outcomes: &[Vec<Outcome>]) -> String {
             continue;
         }
         let _ = writeln!(s, "### {title}\n");
-        let _ = writeln!(s, "| field (in the resource) | reason | resources |\n| --- | --- | --- |");
+        let _ = writeln!(
+            s,
+            "| field (in the resource) | reason | resources |\n| --- | --- | --- |"
+        );
         let mut rows: Vec<_> = groups.iter().collect();
         rows.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
         for ((p, r), n) in rows {
@@ -563,7 +584,10 @@ pub fn render(dumps: &[DumpFile], outcomes: &[Vec<Outcome>]) -> String {
             );
         }
         if d.resources.is_empty() {
-            let _ = writeln!(s, "No listeners, clusters, route configurations or endpoints.\n");
+            let _ = writeln!(
+                s,
+                "No listeners, clusters, route configurations or endpoints.\n"
+            );
             continue;
         }
         let _ = writeln!(s, "| kind | name | outcome |\n| --- | --- | --- |");

@@ -168,25 +168,29 @@ impl Scenario {
         a: ProxyUnderTest,
         b: ProxyUnderTest,
     ) -> Result<Vec<Mismatch>> {
-        let (mut side_a, mut side_b) =
-            {
-                let shared = if self.shared_upstreams {
-                    if self.compare_upstream_requests || self.compare_upstream_connections {
-                        bail!("shared_upstreams cannot be combined with per-upstream count comparisons");
-                    }
-                    let mut m = BTreeMap::new();
-                    for name in &self.upstreams {
-                        m.insert(name.clone(), std::sync::Arc::new(EchoServer::start(name).await?));
-                    }
-                    Some(m)
-                } else {
-                    None
-                };
-                tokio::try_join!(
-                    Side::start("A", a, self, shared.as_ref()),
-                    Side::start("B", b, self, shared.as_ref())
-                )?
+        let (mut side_a, mut side_b) = {
+            let shared = if self.shared_upstreams {
+                if self.compare_upstream_requests || self.compare_upstream_connections {
+                    bail!(
+                        "shared_upstreams cannot be combined with per-upstream count comparisons"
+                    );
+                }
+                let mut m = BTreeMap::new();
+                for name in &self.upstreams {
+                    m.insert(
+                        name.clone(),
+                        std::sync::Arc::new(EchoServer::start(name).await?),
+                    );
+                }
+                Some(m)
+            } else {
+                None
             };
+            tokio::try_join!(
+                Side::start("A", a, self, shared.as_ref()),
+                Side::start("B", b, self, shared.as_ref())
+            )?
+        };
         let verbose = std::env::var_os("PINGSAIL_DIFF_VERBOSE").is_some();
         let mut mismatches = Vec::new();
         let mut push = |request: &str, field: String, a: String, b: String| {

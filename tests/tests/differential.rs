@@ -19,6 +19,9 @@ scenario!(weighted_split);
 scenario!(local_replies);
 scenario!(virtual_hosts);
 scenario!(http_connection_manager);
+scenario!(route_matching);
+scenario!(route_actions);
+scenario!(redirects_and_direct_responses);
 
 /// The harness must not pass vacuously: on real Envoy vs Envoy, comparing a random header by
 /// value and asserting a wrong upstream must both be reported.

@@ -70,7 +70,9 @@ fn prefix_rewrite_slash() {
         grpc_timeout: None,
     };
     let m = PathMatch::Prefix("/api".into());
-    assert_eq!(a.rewrite_path(&m, "/api/x").as_deref(), Some("/x"));
+    // Envoy 1.40 substitutes the prefix literally: "/" + "/x".
+    assert_eq!(a.rewrite_path(&m, "/api/x").as_deref(), Some("//x"));
+    assert_eq!(a.rewrite_path(&m, "/apixyz").as_deref(), Some("/xyz"));
     assert_eq!(a.rewrite_path(&m, "/api").as_deref(), Some("/"));
 }
 
@@ -99,4 +101,43 @@ fn weighted_pick() {
         .filter(|r| w.pick(*r).unwrap().name == "b")
         .count();
     assert_eq!(b, 100);
+}
+
+#[test]
+fn grpc_content_type() {
+    assert!(is_grpc_content_type("application/grpc"));
+    assert!(is_grpc_content_type("application/grpc+proto"));
+    assert!(is_grpc_content_type("application/grpc;charset=utf-8"));
+    assert!(!is_grpc_content_type("application/grpc-web"));
+    assert!(!is_grpc_content_type("application/json"));
+    assert_eq!(http_to_grpc_status(404), 12);
+    assert_eq!(http_to_grpc_status(503), 14);
+    assert_eq!(http_to_grpc_status(200), 2);
+}
+
+#[test]
+fn redirect_ports_and_queries() {
+    let r = |scheme: Option<&str>, path: RedirectPath| Redirect {
+        scheme: scheme.map(str::to_owned),
+        host: None,
+        port: None,
+        path,
+        status: 301,
+        strip_query: false,
+    };
+    let m = PathMatch::Prefix("/".into());
+    let https = r(Some("https"), RedirectPath::Keep);
+    assert_eq!(https.location("http", "h:80", "/a", &m), "https://h/a");
+    assert_eq!(https.location("http", "h:443", "/a", &m), "https://h:443/a");
+    assert_eq!(
+        https.location("http", "h:9080", "/a", &m),
+        "https://h:9080/a"
+    );
+    let http = r(Some("http"), RedirectPath::Keep);
+    assert_eq!(http.location("http", "h:80", "/a", &m), "http://h:80/a");
+    let q = r(None, RedirectPath::Replace("/new?x=1".into()));
+    assert_eq!(q.location("http", "h", "/a?k=v", &m), "http://h/new?x=1");
+    assert_eq!(q.location("http", "h", "/a", &m), "http://h/new?x=1");
+    let p = r(None, RedirectPath::Replace("/new".into()));
+    assert_eq!(p.location("http", "h", "/a?k=v", &m), "http://h/new?k=v");
 }

@@ -74,8 +74,12 @@ impl HashTable {
                     target: f64,
                     next: u64,
                 }
-                let mut sorted: Vec<(&str, u32, f64)> =
-                    keys.iter().zip(&weights).enumerate().map(|(i, ((k, _), w))| (k.as_str(), i as u32, *w)).collect();
+                let mut sorted: Vec<(&str, u32, f64)> = keys
+                    .iter()
+                    .zip(&weights)
+                    .enumerate()
+                    .map(|(i, ((k, _), w))| (k.as_str(), i as u32, *w))
+                    .collect();
                 sorted.sort_by(|a, b| a.0.cmp(b.0).then(a.1.cmp(&b.1)));
                 let mut entries: Vec<Entry> = sorted
                     .iter()
@@ -134,7 +138,11 @@ impl HashTable {
                         break;
                     }
                     let midval = ring[mid as usize].0;
-                    let midval1 = if mid == 0 { 0 } else { ring[mid as usize - 1].0 };
+                    let midval1 = if mid == 0 {
+                        0
+                    } else {
+                        ring[mid as usize - 1].0
+                    };
                     if hash <= midval && hash > midval1 {
                         break;
                     }
@@ -285,7 +293,13 @@ mod tests {
     #[test]
     fn ring_and_maglev_cover_all_hosts() {
         let keys: Vec<(String, u32)> = (1..=3).map(|i| (format!("10.0.0.{i}:80"), 1)).collect();
-        for lb in [HashLb::Ring { min: 1024, max: 8 << 20 }, HashLb::Maglev { size: 65537 }] {
+        for lb in [
+            HashLb::Ring {
+                min: 1024,
+                max: 8 << 20,
+            },
+            HashLb::Maglev { size: 65537 },
+        ] {
             let t = HashTable::build(&lb, &keys).unwrap();
             let mut seen = [0usize; 3];
             for k in 0..3000u64 {
@@ -296,7 +310,15 @@ mod tests {
             let h = xxh(b"user-1", 0);
             assert_eq!(t.choose(h, 0), t.choose(h, 0));
         }
-        if let HashTable::Ring(r) = HashTable::build(&HashLb::Ring { min: 1024, max: 8 << 20 }, &keys).unwrap() {
+        if let HashTable::Ring(r) = HashTable::build(
+            &HashLb::Ring {
+                min: 1024,
+                max: 8 << 20,
+            },
+            &keys,
+        )
+        .unwrap()
+        {
             assert_eq!(r.len(), 1026); // ceil(1/3 * 1024) * 3, as Envoy sizes it
         }
     }

@@ -41,8 +41,16 @@ impl EndpointSet {
                 .collect();
             lb::HashTable::build(h, &keys)
         });
-        let active = endpoints.iter().map(|_| Arc::new(AtomicU32::new(0))).collect();
-        EndpointSet { endpoints, schedule, hash, active }
+        let active = endpoints
+            .iter()
+            .map(|_| Arc::new(AtomicU32::new(0)))
+            .collect();
+        EndpointSet {
+            endpoints,
+            schedule,
+            hash,
+            active,
+        }
     }
 }
 
@@ -110,7 +118,9 @@ impl ClusterState {
                         |i: usize| set.active.get(i).map_or(0, |a| a.load(Ordering::Relaxed));
                     lb::least_request(&set.endpoints, load, &mut rng)?
                 }
-                LbPolicy::RingHash | LbPolicy::Maglev => set.hash.as_ref()?.choose(hash, attempt)?,
+                LbPolicy::RingHash | LbPolicy::Maglev => {
+                    set.hash.as_ref()?.choose(hash, attempt)?
+                }
             };
             choice = Some(i);
             let addr = set.endpoints[i].addr;

@@ -24,8 +24,16 @@ pub enum Failure {
     UpstreamProtocolError,
     /// Request headers over `max_request_headers_kb` or too many headers.
     HeadersTooLarge,
-    /// An invalid request (bad path, escaped slashes rejected, …).
+    /// A request the HTTP/1 codec rejects (answered with the status text).
     BadRequest,
+    /// Path normalisation failed or `path_with_escaped_slashes_action: REJECT_REQUEST`.
+    InvalidPath,
+    /// A `#fragment` in the request target.
+    InvalidUrl,
+    /// An HTTP/1.1 request without `host`.
+    MissingHost,
+    /// HTTP/1.0 without `accept_http_10`.
+    UpgradeRequired,
     /// The stream idle timeout expired.
     StreamIdleTimeout,
 }
@@ -43,7 +51,11 @@ impl Failure {
             Failure::UpstreamTimeout | Failure::StreamDuration => 504,
             Failure::UpstreamProtocolError => 502,
             Failure::HeadersTooLarge => 431,
-            Failure::BadRequest => 400,
+            Failure::BadRequest
+            | Failure::InvalidPath
+            | Failure::InvalidUrl
+            | Failure::MissingHost => 400,
+            Failure::UpgradeRequired => 426,
             Failure::StreamIdleTimeout => 408,
         }
     }
@@ -51,7 +63,11 @@ impl Failure {
     /// Body of the local reply, as Envoy 1.40 writes it.
     pub fn body(self) -> &'static str {
         match self {
-            Failure::NoRoute | Failure::ClusterNotFound => "",
+            Failure::NoRoute
+            | Failure::ClusterNotFound
+            | Failure::InvalidPath
+            | Failure::InvalidUrl
+            | Failure::MissingHost => "",
             Failure::NoHealthyUpstream => "no healthy upstream",
             Failure::ConnectFailure => {
                 "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"
@@ -69,6 +85,7 @@ impl Failure {
             }
             Failure::HeadersTooLarge => "Request Header Fields Too Large",
             Failure::BadRequest => "Bad Request",
+            Failure::UpgradeRequired => "Upgrade Required",
             Failure::StreamIdleTimeout => "stream timeout",
         }
     }
@@ -84,7 +101,12 @@ impl Failure {
             Failure::UpstreamTimeout => "UT",
             Failure::StreamDuration => "UMSDR",
             Failure::UpstreamProtocolError => "UPE",
-            Failure::HeadersTooLarge | Failure::BadRequest => "DPE",
+            Failure::HeadersTooLarge
+            | Failure::BadRequest
+            | Failure::InvalidUrl
+            | Failure::MissingHost
+            | Failure::UpgradeRequired => "DPE",
+            Failure::InvalidPath => "-",
             Failure::StreamIdleTimeout => "SI",
         }
     }
@@ -108,8 +130,25 @@ impl Failure {
             }
             Failure::HeadersTooLarge => "http1.headers_too_large",
             Failure::BadRequest => "http1.codec_error",
+            Failure::InvalidPath => "path_normalization_failed",
+            Failure::InvalidUrl => "http1.invalid_url",
+            Failure::MissingHost => "missing_host_header",
+            Failure::UpgradeRequired => "low_version",
             Failure::StreamIdleTimeout => "stream_idle_timeout",
         }
+    }
+
+    /// Envoy closes the downstream connection after these replies (`connection: close`).
+    pub fn closes_connection(self) -> bool {
+        matches!(
+            self,
+            Failure::HeadersTooLarge
+                | Failure::BadRequest
+                | Failure::InvalidPath
+                | Failure::InvalidUrl
+                | Failure::MissingHost
+                | Failure::UpgradeRequired
+        )
     }
 
     /// Classifies a Pingora error from the upstream side.

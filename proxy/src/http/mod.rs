@@ -3,6 +3,7 @@
 //! and turns every failure into Envoy's local reply in one place ([`Router::fail_to_proxy`]).
 
 pub mod error;
+mod forwarded;
 mod path;
 
 use crate::Shared;
@@ -25,6 +26,7 @@ use pingsail_filters::retry::{Outcome, RetryPolicy};
 use pingsail_filters::route::{
     Action, ClusterSpecifier, HashPolicy, RequestView, Route, RouteTable, VirtualHost,
 };
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -81,6 +83,8 @@ pub struct RequestCtx {
     request_bytes: u64,
     host_rewrite: Option<String>,
     auto_host: bool,
+    /// The authority before `auto_host_rewrite`, for `x-envoy-original-host`.
+    original_host: Option<String>,
     retry_status: bool,
 }
 
@@ -109,6 +113,7 @@ fn new_ctx() -> RequestCtx {
         request_bytes: 0,
         host_rewrite: None,
         auto_host: false,
+        original_host: None,
         retry_status: false,
     }
 }
@@ -176,6 +181,26 @@ fn authority(req: &RequestHeader) -> &str {
         .unwrap_or("")
 }
 
+fn is_grpc(req: &RequestHeader) -> bool {
+    req.headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(pingsail_filters::route::is_grpc_content_type)
+}
+
+/// Envoy's `PercentEncoding::encode` for grpc-message: bytes outside `' '..='~'` and `%`.
+fn percent_encode(body: &[u8]) -> String {
+    let mut out = String::with_capacity(body.len());
+    for &b in body {
+        if (b' '..=b'~').contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
 fn protocol(session: &Session) -> &'static str {
     if session.as_downstream().is_http2() {
         return "HTTP/2";
@@ -222,6 +247,28 @@ impl Router {
         extra: &[(HeaderName, HeaderValue)],
     ) -> Result<()> {
         let head_only = session.req_header().method == http::Method::HEAD;
+        if is_grpc(session.req_header()) {
+            // Envoy answers a gRPC request with a trailers-only style reply: HTTP 200, the status
+            // mapped to grpc-status and the body as grpc-message.
+            let mut resp = ResponseHeader::build(200, Some(6))?;
+            resp.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
+            resp.insert_header(
+                "grpc-status",
+                pingsail_filters::route::http_to_grpc_status(status).to_string(),
+            )?;
+            if !body.is_empty() {
+                resp.insert_header("grpc-message", percent_encode(body))?;
+            }
+            resp.insert_header(http::header::CONTENT_LENGTH, "0")?;
+            for (k, v) in extra {
+                resp.insert_header(k.clone(), v.clone())?;
+            }
+            finalize_response(ctx, &mut resp);
+            self.decorate_response(ctx, &mut resp);
+            ctx.status = 200;
+            session.write_response_header(Box::new(resp), true).await?;
+            return Ok(());
+        }
         let mut resp = ResponseHeader::build(status, Some(4))?;
         // Envoy answers a HEAD with an empty local body without content-length.
         if !(head_only && body.is_empty()) {
@@ -261,6 +308,9 @@ impl Router {
 
     async fn fail(&self, session: &mut Session, ctx: &mut RequestCtx, f: Failure) -> Result<bool> {
         ctx.failure = Some(f);
+        if f.closes_connection() {
+            session.set_keepalive(None);
+        }
         if let Some(facts) = &ctx.facts {
             match f {
                 Failure::NoRoute => facts.stats.no_route.inc(),
@@ -293,6 +343,14 @@ impl ProxyHttp for Router {
         let hcm = facts.hcm.clone();
         ctx.facts = Some(facts.clone());
 
+        // Codec-level checks, in Envoy's order: HTTP/1.0 (no `accept_http_10`), header limits,
+        // a fragment in the request target.
+        if !hcm.accept_http_10
+            && !session.as_downstream().is_http2()
+            && session.req_header().version == http::Version::HTTP_10
+        {
+            return self.fail(session, ctx, Failure::UpgradeRequired).await;
+        }
         // Header limits (Envoy: 60 KiB default, 100 headers).
         {
             let req = session.req_header();
@@ -306,11 +364,29 @@ impl ProxyHttp for Router {
             }
         }
 
+        // Pingora drops a fragment while parsing; Envoy rejects it: look at the request line.
+        if let Some(h1) = session.as_downstream().as_http1() {
+            let raw = h1.get_headers_raw_bytes();
+            let line = raw.split(|b| *b == b'\n').next().unwrap_or_default();
+            if line.contains(&b'#') {
+                return self.fail(session, ctx, Failure::InvalidUrl).await;
+            }
+        }
+        // Absolute-form target (`GET http://host/path`): route on its authority and path.
+        if let Some((auth, path)) = path::split_absolute_form(session.req_header().raw_path()) {
+            let (auth, path) = (auth.to_vec(), path.to_vec());
+            let req = session.req_header_mut();
+            if !req.headers.contains_key(http::header::HOST) {
+                req.insert_header(http::header::HOST, auth)?;
+            }
+            req.set_raw_path(&path)?;
+        }
+        if authority(session.req_header()).is_empty() && !session.as_downstream().is_http2() {
+            return self.fail(session, ctx, Failure::MissingHost).await;
+        }
+
         // Path normalisation (normalize_path, merge_slashes, escaped slashes).
         let raw_path = String::from_utf8_lossy(session.req_header().raw_path()).into_owned();
-        if raw_path.contains('#') {
-            return self.fail(session, ctx, Failure::BadRequest).await;
-        }
         match path::normalize(
             &raw_path,
             hcm.normalize_path,
@@ -328,7 +404,7 @@ impl ProxyHttp for Router {
                     .await?;
                 return Ok(true);
             }
-            Err(()) => return self.fail(session, ctx, Failure::BadRequest).await,
+            Err(()) => return self.fail(session, ctx, Failure::InvalidPath).await,
         }
 
         // Connection-manager request headers.
@@ -337,20 +413,23 @@ impl ProxyHttp for Router {
             if hcm.generate_request_id && !req.headers.contains_key("x-request-id") {
                 req.insert_header("x-request-id", uuid::Uuid::new_v4().to_string())?;
             }
-            if !req.headers.contains_key("x-forwarded-proto") || hcm.use_remote_address {
+            let m = forwarded::mutation(
+                &req.headers,
+                facts.remote.ip(),
+                hcm.use_remote_address,
+                hcm.xff_num_trusted_hops,
+            );
+            if let Some(xff) = m.xff {
+                req.insert_header("x-forwarded-for", xff)?;
+            }
+            if m.set_xfp {
                 req.insert_header("x-forwarded-proto", "http")?;
             }
-            if hcm.use_remote_address {
-                let ip = facts.remote.ip().to_string();
-                let xff = match req
-                    .headers
-                    .get("x-forwarded-for")
-                    .and_then(|v| v.to_str().ok())
-                {
-                    Some(prev) => format!("{prev},{ip}"),
-                    None => ip,
-                };
-                req.insert_header("x-forwarded-for", xff)?;
+            forwarded::strip_internal(m.edge, |n| {
+                req.remove_header(n);
+            });
+            if let Some(ip) = m.external_address {
+                req.insert_header("x-envoy-external-address", ip.to_string())?;
             }
         }
 
@@ -368,11 +447,7 @@ impl ProxyHttp for Router {
                 .position(|v| std::ptr::eq(v, vh))
                 .unwrap_or(0);
             let path = std::str::from_utf8(req.raw_path()).unwrap_or("/");
-            let is_grpc = req
-                .headers
-                .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|c| c.starts_with("application/grpc"));
+            let is_grpc = is_grpc(req);
             let view = RequestView {
                 path,
                 method: req.method.as_str(),
@@ -499,11 +574,16 @@ impl ProxyHttp for Router {
 
                 // Request header mutations: most specific first (Envoy's observed order).
                 let req = session.req_header_mut();
-                if let Some(new_path) = a.rewrite_path(
-                    &route.matcher.path,
-                    &String::from_utf8_lossy(req.raw_path()),
-                ) {
-                    req.set_raw_path(new_path.as_bytes())?;
+                if a.prefix_rewrite.is_some() || a.regex_rewrite.is_some() {
+                    // Envoy records the path whenever a rewrite is configured, even a no-op one.
+                    let original = String::from_utf8_lossy(req.raw_path()).into_owned();
+                    if let Some(new_path) = a.rewrite_path(&route.matcher.path, &original) {
+                        req.set_raw_path(new_path.as_bytes())?;
+                    }
+                    req.insert_header("x-envoy-original-path", original)?;
+                }
+                if a.auto_host_rewrite {
+                    ctx.original_host = Some(authority(req).to_owned());
                 }
                 let mut levels: [Option<&pingsail_filters::headers::HeaderOps>; 4] = [None; 4];
                 if let (Some(i), ClusterSpecifier::Weighted(w)) = (ctx.weighted, &a.cluster)
@@ -526,8 +606,13 @@ impl ProxyHttp for Router {
                         }
                     }
                 }
-                if let Some(h) = ctx.host_rewrite.clone().or_else(|| a.host_rewrite.clone()) {
-                    set_authority(req, &h)?;
+                if let Some(h) = &ctx.host_rewrite {
+                    set_authority(req, h)?;
+                } else if let Some(h) = &a.host_rewrite {
+                    // A route-level rewrite keeps the original (a weighted cluster's does not).
+                    let original = authority(req).to_owned();
+                    req.insert_header("x-envoy-original-host", original)?;
+                    set_authority(req, h)?;
                 }
                 if let Some(t) = a.timeout {
                     req.insert_header("x-envoy-expected-rq-timeout-ms", t.as_millis().to_string())?;
@@ -569,7 +654,11 @@ impl ProxyHttp for Router {
         if ctx.auto_host
             && let Some(h) = &picked.hostname
         {
-            set_authority(session.req_header_mut(), h)?;
+            let req = session.req_header_mut();
+            if let Some(original) = ctx.original_host.take() {
+                req.insert_header("x-envoy-original-host", original)?;
+            }
+            set_authority(req, h)?;
         }
         ctx.picked = Some(picked);
         ctx.upstream_host = Some(addr);

@@ -67,6 +67,26 @@ pub fn normalize(
     }
 }
 
+/// Splits an absolute-form request target (`http://host:port/path?q`) into authority and
+/// path-and-query (`/` when empty); `None` for any other form.
+pub fn split_absolute_form(target: &[u8]) -> Option<(&[u8], &[u8])> {
+    let colon = target.iter().position(|b| *b == b':')?;
+    let scheme = &target[..colon];
+    if !(scheme.eq_ignore_ascii_case(b"http") || scheme.eq_ignore_ascii_case(b"https")) {
+        return None;
+    }
+    let rest = target[colon..].strip_prefix(b"://")?;
+    let end = rest
+        .iter()
+        .position(|b| matches!(b, b'/' | b'?'))
+        .unwrap_or(rest.len());
+    let path: &[u8] = match &rest[end..] {
+        [] => b"/",
+        p => p,
+    };
+    Some((&rest[..end], path))
+}
+
 fn contains_escaped_slash(p: &str) -> bool {
     let b = p.as_bytes();
     b.windows(3).any(|w| {
@@ -165,6 +185,20 @@ fn remove_dot_segments(p: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absolute_form() {
+        assert_eq!(
+            split_absolute_form(b"http://reviews:9080/r?x=1"),
+            Some((&b"reviews:9080"[..], &b"/r?x=1"[..]))
+        );
+        assert_eq!(
+            split_absolute_form(b"HTTPS://reviews"),
+            Some((&b"reviews"[..], &b"/"[..]))
+        );
+        assert_eq!(split_absolute_form(b"/r"), None);
+        assert_eq!(split_absolute_form(b"/a:b"), None);
+    }
 
     #[test]
     fn normalises_like_envoy() {

@@ -82,18 +82,12 @@ pub fn load(b: Bootstrap) -> Result<Loaded, BootstrapError> {
             ("cluster_manager", XDS),
             ("tracing", "telemetry issue"),
             ("stats_sinks", "telemetry issue"),
-            ("bootstrap_extensions", "later issues"),
         ],
     )?;
     let admin = match &b.admin {
         Some(a) => {
             let p = root.field("admin");
-            translate::only_pub(
-                a,
-                &p,
-                &["address", "access_log", "profile_path"],
-                &[("socket_options", "later issues")],
-            )?;
+            translate::only_pub(a, &p, &["address", "access_log", "profile_path"], &[])?;
             match &a.address {
                 Some(addr) => Some(crate::xds::translate::socket_addr_pub(
                     addr,

@@ -36,6 +36,13 @@ fn build() -> DescriptorPool {
             "xds.type.v3",
         ));
     }
+    // Waypoint listeners' filter_chain_matcher uses it; envoy-types' set lacks xds/type/matcher/v3/ip.proto.
+    if pool
+        .get_message_by_name("xds.type.matcher.v3.IPMatcher")
+        .is_none()
+    {
+        files.push(ip_matcher_file());
+    }
     for file in files {
         if let Err(e) = pool.add_file_descriptor_proto(file) {
             panic!("built-in Istio descriptor is invalid: {e}");
@@ -137,6 +144,46 @@ fn typed_struct_file(name: &str, package: &str) -> FileDescriptorProto {
                 field("value", 2, Message, Some(".google.protobuf.Struct"), false),
             ],
         )],
+        vec![],
+    )
+}
+
+/// `xds.type.matcher.v3.IPMatcher` (cncf/xds `ip.proto` schema).
+fn ip_matcher_file() -> FileDescriptorProto {
+    use Type::*;
+    file(
+        "pingsail/xds_ip_matcher.proto",
+        "xds.type.matcher.v3",
+        &[
+            "xds/core/v3/cidr.proto",
+            "xds/type/matcher/v3/matcher.proto",
+        ],
+        vec![DescriptorProto {
+            nested_type: vec![message(
+                "IPRangeMatcher",
+                vec![
+                    field("ranges", 1, Message, Some(".xds.core.v3.CidrRange"), true),
+                    field(
+                        "on_match",
+                        2,
+                        Message,
+                        Some(".xds.type.matcher.v3.Matcher.OnMatch"),
+                        false,
+                    ),
+                    field("exclusive", 3, Bool, None, false),
+                ],
+            )],
+            ..message(
+                "IPMatcher",
+                vec![field(
+                    "range_matchers",
+                    1,
+                    Message,
+                    Some(".xds.type.matcher.v3.IPMatcher.IPRangeMatcher"),
+                    true,
+                )],
+            )
+        }],
         vec![],
     )
 }
@@ -298,6 +345,7 @@ mod tests {
             "xds.type.v3.TypedStruct",
             "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
             "envoy.tcp.metadataexchange.config.MetadataExchange",
+            "xds.type.matcher.v3.IPMatcher",
         ] {
             assert!(p.get_message_by_name(name).is_some(), "{name}");
         }

@@ -35,6 +35,7 @@ pub fn translate_cluster(cl: &c::Cluster, path: &Path) -> Result<config::Cluster
             "http2_protocol_options",
             "common_lb_config",
             "ignore_health_on_host_removal",
+            "filters",
             "ring_hash_lb_config",
             "maglev_lb_config",
         ],
@@ -49,8 +50,6 @@ pub fn translate_cluster(cl: &c::Cluster, path: &Path) -> Result<config::Cluster
             ("upstream_connection_options", RESILIENCE),
             ("per_connection_buffer_limit_bytes", RESILIENCE),
             ("cleanup_interval", RESILIENCE),
-            ("filters", "later issues"),
-            ("lb_subset_config", "subset load balancing"),
             ("least_request_lb_config", RESILIENCE),
             ("upstream_bind_config", "capture issue"),
         ],
@@ -98,17 +97,28 @@ pub fn translate_cluster(cl: &c::Cluster, path: &Path) -> Result<config::Cluster
             cfg,
             &p,
             &["consistent_hashing_lb_config"],
-            &[("healthy_panic_threshold", RESILIENCE), ("locality_weighted_lb_config", "locality load balancing")],
+            &[
+                ("healthy_panic_threshold", RESILIENCE),
+                ("locality_weighted_lb_config", RESILIENCE),
+            ],
         )?;
         if let Some(ch) = &cfg.consistent_hashing_lb_config {
-            only(ch, &p.field("consistent_hashing_lb_config"), &["use_hostname_for_hashing"], &[("hash_balance_factor", "bounded-load hashing")])?;
+            only(
+                ch,
+                &p.field("consistent_hashing_lb_config"),
+                &["use_hostname_for_hashing"],
+                &[("hash_balance_factor", "bounded-load hashing")],
+            )?;
             use_hostname_for_hashing = ch.use_hostname_for_hashing;
         }
     }
     let is_static_type = matches!(&cl.cluster_discovery_type, None | Some(T::Type(0)));
     if use_hostname_for_hashing && is_static_type {
         return invalid(
-            &path.field("common_lb_config").field("consistent_hashing_lb_config").field("use_hostname_for_hashing"),
+            &path
+                .field("common_lb_config")
+                .field("consistent_hashing_lb_config")
+                .field("use_hostname_for_hashing"),
             "Cannot use hostname for consistent hashing loadbalancing for cluster of type: 'envoy.cluster.static'",
         );
     }
@@ -117,7 +127,12 @@ pub fn translate_cluster(cl: &c::Cluster, path: &Path) -> Result<config::Cluster
             let (mut min, mut max) = (1024u64, 8 * 1024 * 1024u64);
             if let Some(c::cluster::LbConfig::RingHashLbConfig(r)) = &cl.lb_config {
                 let p = path.field("ring_hash_lb_config");
-                only(r, &p, &["minimum_ring_size", "maximum_ring_size", "hash_function"], &[])?;
+                only(
+                    r,
+                    &p,
+                    &["minimum_ring_size", "maximum_ring_size", "hash_function"],
+                    &[],
+                )?;
                 if r.hash_function != c::cluster::ring_hash_lb_config::HashFunction::XxHash as i32 {
                     return err(&p.field("hash_function"), ErrorKind::NotSupported);
                 }
@@ -128,7 +143,10 @@ pub fn translate_cluster(cl: &c::Cluster, path: &Path) -> Result<config::Cluster
                     max = v.value;
                 }
                 if min == 0 || min > max || max > 8 * 1024 * 1024 {
-                    return invalid(&p, format!("ring hash: minimum_ring_size ({min}) > maximum_ring_size ({max})"));
+                    return invalid(
+                        &p,
+                        format!("ring hash: minimum_ring_size ({min}) > maximum_ring_size ({max})"),
+                    );
                 }
             }
             Some(crate::cluster::lb::HashLb::Ring { min, max })
@@ -141,8 +159,15 @@ pub fn translate_cluster(cl: &c::Cluster, path: &Path) -> Result<config::Cluster
                 if let Some(v) = &m.table_size {
                     size = v.value;
                 }
-                if !(2..=5_000_011).contains(&size) || !(2..).take_while(|d| d * d <= size).all(|d| size % d != 0) {
-                    return invalid(&p.field("table_size"), "The table size of maglev must be prime number");
+                if !(2..=5_000_011).contains(&size)
+                    || !(2..)
+                        .take_while(|d| d * d <= size)
+                        .all(|d| !size.is_multiple_of(d))
+                {
+                    return invalid(
+                        &p.field("table_size"),
+                        "The table size of maglev must be prime number",
+                    );
                 }
             }
             Some(crate::cluster::lb::HashLb::Maglev { size })
@@ -181,6 +206,20 @@ pub fn translate_cluster(cl: &c::Cluster, path: &Path) -> Result<config::Cluster
             "LOGICAL_DNS clusters must have a single host",
         );
     }
+    for (i, f) in cl.filters.iter().enumerate() {
+        let p = path.at("filters", i);
+        only(f, &p, &["name", "typed_config"], &[])?;
+        let url = f
+            .typed_config
+            .as_ref()
+            .map(|a| type_name(&a.type_url).to_string())
+            .unwrap_or_default();
+        // istiod puts the TCP metadata exchange on outbound clusters: accepted, not yet enforced
+        // (telemetry issue), as docs/COMPATIBILITY.md lists.
+        if url != "envoy.tcp.metadataexchange.config.MetadataExchange" {
+            return err(&p.field("typed_config"), ErrorKind::UnknownType(url));
+        }
+    }
     let (http2, use_downstream_protocol) = protocol_options(cl, path)?;
     Ok(config::Cluster {
         name: cl.name.as_str().into(),
@@ -213,7 +252,7 @@ fn protocol_options(cl: &c::Cluster, path: &Path) -> Result<(bool, bool)> {
             ],
             &[
                 ("upstream_http_protocol_options", RESILIENCE),
-                ("auto_config", "ALPN auto config"),
+                ("auto_config", MTLS),
             ],
         )?;
         if let Some(common) = &o.common_http_protocol_options {
@@ -242,10 +281,7 @@ fn protocol_options(cl: &c::Cluster, path: &Path) -> Result<(bool, bool)> {
             }
             Some(U::UseDownstreamProtocolConfig(_)) => downstream = true,
             Some(U::AutoConfig(_)) => {
-                return err(
-                    &p.field("auto_config"),
-                    ErrorKind::NotYet("ALPN auto config"),
-                );
+                return err(&p.field("auto_config"), ErrorKind::NotYet(MTLS));
             }
             None => {}
         }
@@ -261,9 +297,34 @@ fn load_assignment(
     only(
         la,
         path,
-        &["cluster_name", "endpoints"],
-        &[("policy", RESILIENCE), ("named_endpoints", "xDS issue")],
+        &["cluster_name", "endpoints", "policy"],
+        &[("named_endpoints", "xDS issue")],
     )?;
+    if let Some(policy) = &la.policy {
+        let p = path.field("policy");
+        only(
+            policy,
+            &p,
+            &["overprovisioning_factor"],
+            &[
+                ("drop_overloads", RESILIENCE),
+                ("endpoint_stale_after", "xDS issue"),
+                ("weighted_priority_health", RESILIENCE),
+            ],
+        )?;
+        // 140 is Envoy's default and what istiod sends; with one priority and no localities it has no
+        // effect on selection among healthy hosts. Other values change failover: resilience work.
+        if policy
+            .overprovisioning_factor
+            .as_ref()
+            .is_some_and(|v| v.value != 140)
+        {
+            return err(
+                &p.field("overprovisioning_factor"),
+                ErrorKind::NotYet(RESILIENCE),
+            );
+        }
+    }
     let mut out = Vec::new();
     for (i, le) in la.endpoints.iter().enumerate() {
         let p = path.at("endpoints", i);
@@ -276,7 +337,7 @@ fn load_assignment(
                 "load_balancing_weight",
                 "priority",
             ],
-            &[("metadata", "locality load balancing")],
+            &[("metadata", RESILIENCE)],
         )?;
         if le.priority != 0 {
             return err(&p.field("priority"), ErrorKind::NotYet(RESILIENCE));
@@ -306,12 +367,23 @@ fn load_assignment(
             only(
                 ep,
                 &ep_path,
-                &["address", "hostname"],
-                &[
-                    ("health_check_config", RESILIENCE),
-                    ("additional_addresses", "dual stack"),
-                ],
+                &["address", "hostname", "health_check_config"],
+                &[],
             )?;
+            if let Some(hc) = &ep.health_check_config {
+                // istiod sends an empty message; any content configures active health checks.
+                only(
+                    hc,
+                    &ep_path.field("health_check_config"),
+                    &[],
+                    &[
+                        ("port_value", RESILIENCE),
+                        ("hostname", RESILIENCE),
+                        ("address", RESILIENCE),
+                        ("disable_active_health_check", RESILIENCE),
+                    ],
+                )?;
+            }
             let Some(addr) = &ep.address else {
                 return err(&ep_path.field("address"), ErrorKind::Required);
             };

@@ -38,6 +38,12 @@ const ACCEPTED_NOT_ENFORCED: &[&str] = &[
     "io.istio.http.peer_metadata.Config",
 ];
 
+/// Istio extensions without a schema here whose behaviour belongs to a later issue.
+const LATER_TYPES: &[(&str, &str)] = &[
+    ("io.istio.network.authn.Config", MTLS),
+    ("istio.set_internal_dst_address.v1.Config", CAPTURE),
+];
+
 /// Translates a listener.
 pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Listener> {
     only(
@@ -65,7 +71,6 @@ pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Liste
             ("connection_balance_config", "performance"),
             ("filter_chain_matcher", CAPTURE),
             ("socket_options", CAPTURE),
-            ("additional_addresses", "dual stack"),
             ("drain_type", "xDS issue"),
         ],
     )?;
@@ -372,10 +377,6 @@ fn http_connection_manager(
             ("max_connection_duration", RESILIENCE),
             ("local_reply_config", TELEMETRY),
             ("add_user_agent", TELEMETRY),
-            ("via", "later issues"),
-            ("skip_xff_append", "later issues"),
-            ("early_header_mutation_extensions", "later issues"),
-            ("original_ip_detection_extensions", "later issues"),
         ],
     )?;
     use hcm::http_connection_manager::CodecType as CT;
@@ -403,10 +404,7 @@ fn http_connection_manager(
             f,
             &p,
             &["name", "typed_config", "is_optional"],
-            &[
-                ("config_discovery", "xDS issue"),
-                ("disabled", "later issues"),
-            ],
+            &[("config_discovery", "xDS issue")],
         )?;
         use hcm::http_filter::ConfigType as C;
         let Some(C::TypedConfig(any)) = &f.config_type else {
@@ -421,7 +419,7 @@ fn http_connection_manager(
                     &r,
                     &tp,
                     &["suppress_envoy_headers", "start_child_span"],
-                    &[("upstream_http_filters", "later issues")],
+                    &[],
                 )?;
                 if r.suppress_envoy_headers {
                     return err(&tp.field("suppress_envoy_headers"), ErrorKind::NotSupported);
@@ -496,12 +494,7 @@ fn http_connection_manager(
     let mut websocket = false;
     for (i, u) in h.upgrade_configs.iter().enumerate() {
         let p = path.at("upgrade_configs", i);
-        only(
-            u,
-            &p,
-            &["upgrade_type", "enabled"],
-            &[("filters", "later issues")],
-        )?;
+        only(u, &p, &["upgrade_type", "enabled"], &[])?;
         if u.upgrade_type.eq_ignore_ascii_case("websocket") {
             websocket = u.enabled.as_ref().is_none_or(|b| b.value);
         } else {
@@ -572,17 +565,15 @@ fn http_connection_manager(
             ],
         )?;
     }
+    let mut accept_http_10 = false;
     if let Some(o) = &h.http_protocol_options {
         only(
             o,
             &path.field("http_protocol_options"),
+            &["accept_http_10"],
             &[],
-            &[
-                ("accept_http_10", "later issues"),
-                ("header_key_format", "later issues"),
-                ("allow_chunked_length", "later issues"),
-            ],
         )?;
+        accept_http_10 = o.accept_http_10;
     }
     if let Some(o) = &h.http2_protocol_options {
         only(
@@ -623,6 +614,7 @@ fn http_connection_manager(
         )?,
         request_timeout: opt_duration(&h.request_timeout, "request_timeout", None)?,
         max_request_headers_kb: max_kb,
+        accept_http_10,
         websocket,
         cors_filter,
         access_logs: translate_access_logs(&h.access_log, &path.field("access_log"))?,
@@ -641,12 +633,10 @@ fn tcp_proxy(t: &tcp::TcpProxy, path: &Path) -> Result<TcpProxy> {
             "access_log",
         ],
         &[
-            ("metadata_match", "subset load balancing"),
             ("downstream_idle_timeout", RESILIENCE),
             ("upstream_idle_timeout", RESILIENCE),
             ("max_connect_attempts", RESILIENCE),
             ("hash_policy", "consistent-hash load balancing"),
-            ("tunneling_config", "later issues"),
             ("max_downstream_connection_duration", RESILIENCE),
             ("access_log_options", TELEMETRY),
         ],

@@ -1,0 +1,289 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Protocol differentials that the HTTP/1.1 scenario client cannot drive: h2c with prior knowledge
+//! downstream (curl), HTTP/2 upstreams (explicit `http2_protocol_options`), codec HTTP1-only listeners
+//! refusing h2. Same bootstrap to Envoy and pingsail, same requests, same observations.
+
+use pingsail_tests::echo::EchoServer;
+use pingsail_tests::net::random_loopback_ip;
+use pingsail_tests::proxy::ProxyUnderTest;
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+fn bootstrap(ip: Ipv4Addr, echo_port: u16) -> String {
+    format!(
+        r#"
+admin: {{address: {{socket_address: {{address: "{ip}", port_value: 15000}}}}}}
+static_resources:
+  listeners:
+  - name: front
+    address: {{socket_address: {{address: "{ip}", port_value: 9080}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: front
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /h2up}}
+                route: {{cluster: h2up}}
+              - match: {{prefix: /}}
+                route: {{cluster: echo}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  - name: h2only
+    address: {{socket_address: {{address: "{ip}", port_value: 9081}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: h2only
+          codec_type: HTTP2
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /}}
+                direct_response: {{status: 200, body: {{inline_string: "spoke h2"}}}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: echo
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: echo
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {echo_port}}}}}}}}}]}}]
+  - name: h2up
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: h2up
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: "{ip}", port_value: 9081}}}}}}}}]}}]
+"#
+    )
+}
+
+#[derive(Debug, PartialEq)]
+struct Seen {
+    status: String,
+    http_version: String,
+    upstream: Option<String>,
+    upstream_path: Option<String>,
+    upstream_method: Option<String>,
+    body: Option<String>,
+}
+
+fn curl(args: &[&str], url: &str) -> Seen {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code} %{http_version}",
+            "--max-time",
+            "10",
+        ])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, tail) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+    let (status, http_version) = tail.split_once(' ').unwrap_or((tail, ""));
+    let json: Option<serde_json::Value> = serde_json::from_str(body).ok();
+    Seen {
+        status: status.to_string(),
+        http_version: http_version.to_string(),
+        upstream: json
+            .as_ref()
+            .and_then(|j| j["upstream"].as_str().map(str::to_string)),
+        upstream_path: json
+            .as_ref()
+            .and_then(|j| j["path"].as_str().map(str::to_string)),
+        upstream_method: json
+            .as_ref()
+            .and_then(|j| j["method"].as_str().map(str::to_string)),
+        body: json.is_none().then(|| body.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_downstream_and_h2_upstream_match_envoy() {
+    let mut seen = Vec::new();
+    for kind in [ProxyUnderTest::Envoy, ProxyUnderTest::Pingsail] {
+        let echo = EchoServer::start("echo").await.unwrap();
+        let ip = random_loopback_ip();
+        let proxy = kind.start(&bootstrap(ip, echo.port()), ip).await.unwrap();
+        let base = format!("http://{ip}:9080");
+        let h2only = format!("http://{ip}:9081/x");
+        let cases: Vec<(&str, Seen)> = vec![
+            ("h1 to echo", curl(&[], &format!("{base}/a?b=1"))),
+            (
+                "h2c prior knowledge to echo",
+                curl(&["--http2-prior-knowledge"], &format!("{base}/a?b=1")),
+            ),
+            (
+                "h2c POST to echo",
+                curl(
+                    &["--http2-prior-knowledge", "-d", "hello"],
+                    &format!("{base}/post"),
+                ),
+            ),
+            (
+                "h2c no route",
+                curl(
+                    &["--http2-prior-knowledge", "-H", "host: x"],
+                    &format!("{base}/a"),
+                ),
+            ),
+            ("h1 via h2 upstream", curl(&[], &format!("{base}/h2up"))),
+            (
+                "h2c via h2 upstream",
+                curl(&["--http2-prior-knowledge"], &format!("{base}/h2up")),
+            ),
+            (
+                "h2 to HTTP2-only listener",
+                curl(&["--http2-prior-knowledge"], &h2only),
+            ),
+        ];
+        drop(proxy);
+        seen.push((kind, cases));
+    }
+    let (envoy, pingsail) = (&seen[0].1, &seen[1].1);
+    assert_eq!(envoy[0].1.status, "200", "{envoy:?}");
+    assert_eq!(envoy[1].1.http_version, "2", "{envoy:?}");
+    assert_eq!(envoy[4].1.body.as_deref(), Some("spoke h2"), "{envoy:?}");
+    let mut diffs = Vec::new();
+    for ((name, a), (_, b)) in envoy.iter().zip(pingsail) {
+        if a != b {
+            diffs.push(format!("{name}:\n  envoy:    {a:?}\n  pingsail: {b:?}"));
+        }
+    }
+    assert!(diffs.is_empty(), "differences:\n{}", diffs.join("\n"));
+}
+
+fn tcp_bootstrap(ip: Ipv4Addr, a: u16, b: u16) -> String {
+    format!(
+        r#"
+admin: {{address: {{socket_address: {{address: "{ip}", port_value: 15000}}}}}}
+static_resources:
+  listeners:
+  - name: tcp
+    address: {{socket_address: {{address: "{ip}", port_value: 9090}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: tcp
+          cluster: a
+          idle_timeout: 0.3s
+  - name: tcp-weighted
+    address: {{socket_address: {{address: "{ip}", port_value: 9091}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: tcpw
+          weighted_clusters: {{clusters: [{{name: a, weight: 1}}, {{name: b, weight: 3}}]}}
+  clusters:
+  - name: a
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: a
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {a}}}}}}}}}]}}]
+  - name: b
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: b
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {b}}}}}}}}}]}}]
+"#
+    )
+}
+
+/// tcp_proxy: bytes reach the cluster untouched, weighted clusters split by weight, and an idle
+/// connection is closed after `idle_timeout` — on Envoy and on pingsail alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_matches_envoy() {
+    use pingsail_tests::client::{Connection, RawReply};
+    use tokio::io::AsyncReadExt;
+    let mut results = Vec::new();
+    for kind in [ProxyUnderTest::Envoy, ProxyUnderTest::Pingsail] {
+        let (a, b) = (
+            EchoServer::start("a").await.unwrap(),
+            EchoServer::start("b").await.unwrap(),
+        );
+        let ip = random_loopback_ip();
+        let proxy = kind
+            .start(&tcp_bootstrap(ip, a.port(), b.port()), ip)
+            .await
+            .unwrap();
+        let addr = std::net::SocketAddr::from((ip, 9090));
+        // The HTTP request goes through unmodified: no host rewriting, no added headers.
+        let mut c = Connection::connect(addr).await.unwrap();
+        let reply = c
+            .send_raw(b"GET /raw HTTP/1.1\r\nhost: tcp-test\r\n\r\n")
+            .await
+            .unwrap();
+        let RawReply::Response(resp) = reply else {
+            panic!("{kind}: no response: {reply:?}")
+        };
+        let echo: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+        let headers = echo["headers"].to_string();
+        // Idle timeout: the next read sees the proxy close the connection.
+        let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), raw.read(&mut buf)).await;
+        let closed_after_idle = matches!(n, Ok(Ok(0)) | Ok(Err(_)))
+            && started.elapsed() >= std::time::Duration::from_millis(250);
+        // Weighted: 200 connections, count which cluster answered.
+        let mut to_b = 0;
+        for _ in 0..200 {
+            let r = pingsail_tests::client::send_raw(
+                (ip, 9091).into(),
+                b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            if let RawReply::Response(r) = r {
+                if r.header("x-upstream") == Some("b") {
+                    to_b += 1;
+                }
+            }
+        }
+        drop(proxy);
+        results.push((
+            kind,
+            resp.status,
+            echo["path"].clone(),
+            headers,
+            closed_after_idle,
+            to_b,
+        ));
+    }
+    let (e, p) = (&results[0], &results[1]);
+    assert_eq!(e.1, 200);
+    assert!(e.4, "envoy closes idle tcp_proxy connections");
+    assert_eq!(
+        (e.1, &e.2, &e.3, e.4),
+        (p.1, &p.2, &p.3, p.4),
+        "envoy {e:?}\npingsail {p:?}"
+    );
+    // 75 % to b: both within a generous binomial band (sd ≈ 6).
+    for r in [e, p] {
+        assert!((120..=180).contains(&r.5), "{}: {} of 200 to b", r.0, r.5);
+    }
+}
