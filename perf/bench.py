@@ -179,15 +179,17 @@ def busy_cores(sample: float = 1.0) -> float:
 
 
 def wait_quiet(args) -> dict:
-    """Waits (bounded) until the machine is quiet. The 1-min load average includes our own previous
-    run (it decays with a 60 s time constant), so the gate is the load average OR, once that has had
-    a few seconds, the measured busy CPU of the whole machine while our processes are idle."""
+    """Waits (bounded) until the machine is quiet: the whole machine's busy CPU, sampled over 1 s
+    while our own processes are idle, is below --quiet-busy cores (this also sees work in other
+    containers on the VM), and the 1-min load average is below --quiet-load -- or, since that
+    average includes our own previous phase and decays with a 60 s time constant, at least
+    --min-pause seconds have passed."""
     t0 = time.monotonic()
     while True:
         la = loadavg()
         busy = busy_cores(1.0)
         waited = time.monotonic() - t0
-        if la < args.quiet_load or (busy < args.quiet_busy and waited >= args.min_pause):
+        if busy < args.quiet_busy and (la < args.quiet_load or waited >= args.min_pause):
             return {"load1": la, "busy_cores": round(busy, 2), "waited_s": round(waited, 1), "quiet": True}
         if waited >= args.quiet_wait:
             log(f"machine not quiet after {waited:.0f}s (load {la:.2f}, busy {busy:.2f} cores); running anyway")
@@ -440,10 +442,10 @@ def main() -> int:
     ap.add_argument("--body-size", type=int, default=1024)
     ap.add_argument("--quiet-load", type=float, default=0.7, help="1-min load below which we start at once")
     ap.add_argument("--quiet-busy", type=float, default=0.3, help="machine busy cores below which we start")
-    ap.add_argument("--min-pause", type=float, default=3.0, help="min pause before a phase if load is high")
+    ap.add_argument("--min-pause", type=float, default=5.0, help="min pause before a phase if load is high")
     ap.add_argument("--quiet-wait", type=float, default=60.0, help="max wait for a quiet machine, s")
-    ap.add_argument("--no-pin", action="store_true",
-                    help="do not pin (default: proxy on the last CPU, upstream and generators on the others)")
+    ap.add_argument("--pin", action="store_true",
+                    help="pin the proxy to the last CPU and upstream+generators to the others (default: no pinning)")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--out", type=Path, default=PERF / "out")
     ap.add_argument("--pingsail-bin", type=Path, default=ROOT / "target/release/pingsail-proxy")
@@ -471,7 +473,7 @@ def main() -> int:
                        cwd=PERF / "loadgen", check=True)
 
     ncpu = os.cpu_count() or 1
-    if args.no_pin or ncpu < 2:
+    if not args.pin or ncpu < 2:
         args.proxy_cpus = args.gen_cpus = None
         setup = "no CPU pinning"
     else:

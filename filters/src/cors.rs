@@ -63,6 +63,10 @@ impl CorsPolicy {
             if let Some(m) = &self.max_age {
                 h.push(("access-control-max-age", m.clone()));
             }
+            // Envoy 1.40 also sends expose-headers on the preflight answer.
+            if let Some(e) = &self.expose_headers {
+                h.push(("access-control-expose-headers", e.clone()));
+            }
             return Decision::Preflight(h);
         }
         let mut h = vec![("access-control-allow-origin", origin.to_string())];
@@ -73,5 +77,47 @@ impl CorsPolicy {
             h.push(("access-control-expose-headers", e.clone()));
         }
         Decision::Decorate(h)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::matcher::{StringMatch, StringMatcher};
+
+    fn policy() -> CorsPolicy {
+        CorsPolicy {
+            allow_origins: vec![StringMatcher::new(
+                StringMatch::Exact("https://a".into()),
+                false,
+            )],
+            allow_methods: Some("GET,POST".into()),
+            allow_headers: None,
+            expose_headers: Some("x-exposed".into()),
+            max_age: Some("60".into()),
+            allow_credentials: true,
+            enabled: true,
+            allow_private_network_access: false,
+        }
+    }
+
+    #[test]
+    fn preflight_and_actual_requests() {
+        let p = policy();
+        let Decision::Preflight(h) = p.decide("OPTIONS", Some("https://a"), Some("POST")) else {
+            panic!("expected a preflight answer");
+        };
+        assert!(h.contains(&("access-control-expose-headers", "x-exposed".into())));
+        assert!(h.contains(&("access-control-max-age", "60".into())));
+        assert_eq!(
+            p.decide("OPTIONS", Some("https://b"), Some("POST")),
+            Decision::PassThrough
+        );
+        assert!(matches!(
+            p.decide("OPTIONS", Some("https://a"), None),
+            Decision::Decorate(_)
+        ));
+        assert_eq!(p.decide("GET", None, None), Decision::PassThrough);
     }
 }

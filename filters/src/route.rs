@@ -27,6 +27,8 @@ pub struct RouteTable {
     pub response_headers: HeaderOps,
     /// `most_specific_header_mutations_wins`.
     pub most_specific_wins: bool,
+    /// `ignore_port_in_host_matching`: the `:port` of the authority is dropped before matching.
+    pub ignore_port_in_host_matching: bool,
 }
 
 #[derive(Debug, Default)]
@@ -117,12 +119,18 @@ impl RouteTable {
             request_headers,
             response_headers,
             most_specific_wins,
+            ignore_port_in_host_matching: false,
         })
     }
 
     /// Selects the virtual host for a `:authority` value: exact, then longest suffix wildcard, then longest
     /// prefix wildcard, then `*` (Envoy's order). The host is compared as sent, port included.
     pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
+        let host = if self.ignore_port_in_host_matching {
+            split_host_port(host).0
+        } else {
+            host
+        };
         let lower;
         let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
             lower = host.to_ascii_lowercase();
@@ -170,6 +178,10 @@ pub struct VirtualHost {
     pub retry_policy: Option<Arc<RetryPolicy>>,
     /// CORS policy (`typed_per_filter_config` for `envoy.filters.http.cors`, or the legacy field).
     pub cors: Option<Arc<CorsPolicy>>,
+    /// `include_request_attempt_count`: `x-envoy-attempt-count` on upstream requests.
+    pub attempt_count_in_request: bool,
+    /// `include_attempt_count_in_response`: `x-envoy-attempt-count` on responses.
+    pub attempt_count_in_response: bool,
 }
 
 impl VirtualHost {
@@ -450,8 +462,11 @@ pub struct RouteAction {
     pub hash_policy: Vec<HashPolicy>,
     /// `request_mirror_policies`: (cluster, fraction in ppm)
     pub mirrors: Vec<(ArcStr, u64)>,
-    /// `max_stream_duration.grpc_timeout_header_max` present: honour the client's `grpc-timeout`.
+    /// `max_stream_duration.grpc_timeout_header_max` (or the older `max_grpc_timeout`) present:
+    /// honour the client's `grpc-timeout`.
     pub grpc_timeout: Option<GrpcTimeout>,
+    /// `cluster_not_found_response_code`: 503 (default), 404 or 500.
+    pub cluster_not_found_status: u16,
 }
 
 /// How a `grpc-timeout` request header bounds the stream.

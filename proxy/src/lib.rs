@@ -27,7 +27,6 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 /// State shared by every listener and request of one proxy instance.
-#[derive(Debug)]
 pub struct Shared {
     /// the configuration
     pub snapshot: snapshot::SnapshotHandle,
@@ -35,6 +34,8 @@ pub struct Shared {
     pub clusters: cluster::ClusterManager,
     /// counters
     pub stats: stats::Stats,
+    /// Upstream connections for shadow (mirrored) requests, pooled apart from the primary traffic.
+    pub mirror_connector: Arc<pingora_core::connectors::http::Connector>,
 }
 
 /// The HTTP proxies the listeners hand connections to (one per downstream codec).
@@ -122,6 +123,7 @@ pub fn start(
         snapshot: snapshot::SnapshotHandle::new(snapshot::ConfigSnapshot::default()),
         clusters: cluster::ClusterManager::default(),
         stats: stats::Stats::default(),
+        mirror_connector: Arc::new(pingora_core::connectors::http::Connector::new(None)),
     });
     let data_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(opts.concurrency.max(1))

@@ -2,6 +2,9 @@
 //! The `pingsail-proxy` binary as Envoy's command line: a malformed bootstrap exits non-zero with one
 //! line naming the field path; a good one serves; `/quitquitquit` ends the process.
 
+// Test code: panicking on a failed setup step is the point; timeouts here bound a test, not the data path.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 

@@ -50,6 +50,8 @@ impl EchoRecord {
 struct Stats {
     connections: AtomicU64,
     requests: AtomicU64,
+    /// Every request received (for checks on traffic nobody answers to, e.g. mirrors).
+    log: tokio::sync::Mutex<Vec<EchoRecord>>,
 }
 
 /// A running echo upstream; stops (with all its connections) on drop.
@@ -95,6 +97,11 @@ impl EchoServer {
     }
 
     /// Requests whose head and body were fully read so far (including `x-echo-close` ones).
+    /// Every request received so far, in arrival order.
+    pub async fn received(&self) -> Vec<EchoRecord> {
+        self.stats.log.lock().await.clone()
+    }
+
     pub fn requests(&self) -> u64 {
         self.stats.requests.load(Ordering::SeqCst)
     }
@@ -154,6 +161,13 @@ async fn serve_inner(stream: TcpStream, name: &str, stats: &Stats) -> Result<()>
                 None => Vec::new(),
             }
         };
+        stats.log.lock().await.push(EchoRecord {
+            upstream: name.to_owned(),
+            method: head.method.clone(),
+            path: head.target.clone(),
+            headers: head.headers.clone(),
+            body: String::from_utf8_lossy(&body).into_owned(),
+        });
         stats.requests.fetch_add(1, Ordering::SeqCst);
 
         if first(&head, "x-echo-close") == Some("1") {

@@ -22,6 +22,10 @@ scenario!(http_connection_manager);
 scenario!(route_matching);
 scenario!(route_actions);
 scenario!(redirects_and_direct_responses);
+scenario!(header_mutations);
+scenario!(cors);
+scenario!(clusters);
+scenario!(tcp_proxy);
 
 /// The harness must not pass vacuously: on real Envoy vs Envoy, comparing a random header by
 /// value and asserting a wrong upstream must both be reported.

@@ -3,6 +3,9 @@
 //! downstream (curl), HTTP/2 upstreams (explicit `http2_protocol_options`), codec HTTP1-only listeners
 //! refusing h2. Same bootstrap to Envoy and pingsail, same requests, same observations.
 
+// Test code: panicking on a failed setup step is the point; timeouts here bound a test, not the data path.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
 use pingsail_tests::echo::EchoServer;
 use pingsail_tests::net::random_loopback_ip;
 use pingsail_tests::proxy::ProxyUnderTest;
@@ -286,4 +289,127 @@ async fn tcp_proxy_matches_envoy() {
     for r in [e, p] {
         assert!((120..=180).contains(&r.5), "{}: {} of 200 to b", r.0, r.5);
     }
+}
+
+fn mirror_bootstrap(ip: Ipv4Addr, main: u16, shadow: u16) -> String {
+    format!(
+        r#"
+admin: {{address: {{socket_address: {{address: "{ip}", port_value: 15000}}}}}}
+static_resources:
+  listeners:
+  - name: front
+    address: {{socket_address: {{address: "{ip}", port_value: 9080}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: front
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              include_request_attempt_count: true
+              include_attempt_count_in_response: true
+              routes:
+              - match: {{prefix: /mirrored}}
+                route:
+                  cluster: main
+                  request_mirror_policies: [{{cluster: shadow}}]
+              - match: {{prefix: /never}}
+                route:
+                  cluster: main
+                  request_mirror_policies: [{{cluster: shadow, runtime_fraction: {{default_value: {{numerator: 0}}}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: main
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: main
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {main}}}}}}}}}]}}]
+  - name: shadow
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: shadow
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {shadow}}}}}}}}}]}}]
+"#
+    )
+}
+
+/// request_mirror_policies: every mirrored request reaches the shadow cluster with the authority
+/// suffixed `-shadow` and the same method, path and body; the client only sees the primary answer;
+/// a 0 % mirror sends nothing. Also `x-envoy-attempt-count` on the request and the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_mirroring_matches_envoy() {
+    use pingsail_tests::client::{Connection, Request};
+    let mut results = Vec::new();
+    for kind in [ProxyUnderTest::Envoy, ProxyUnderTest::Pingsail] {
+        let (main, shadow) = (
+            EchoServer::start("main").await.unwrap(),
+            EchoServer::start("shadow").await.unwrap(),
+        );
+        let ip = random_loopback_ip();
+        let proxy = kind
+            .start(&mirror_bootstrap(ip, main.port(), shadow.port()), ip)
+            .await
+            .unwrap();
+        let mut c = Connection::connect((ip, 9080).into()).await.unwrap();
+        let mut upstreams = Vec::new();
+        for i in 0..5 {
+            let req = Request::new("POST", &format!("/mirrored/{i}"))
+                .header("host", "reviews.default:9080")
+                .body(format!("body-{i}"));
+            let resp = c.send(&req).await.unwrap();
+            upstreams.push((
+                resp.status,
+                resp.header("x-upstream").map(str::to_string),
+                resp.header("x-envoy-attempt-count").map(str::to_string),
+            ));
+        }
+        let never = c
+            .send(&Request::new("GET", "/never").header("host", "reviews"))
+            .await
+            .unwrap();
+        assert_eq!(never.status, 200);
+        // Mirrors are fire-and-forget: wait (bounded) until all five have arrived.
+        let mut seen = Vec::new();
+        for _ in 0..200 {
+            seen = shadow.received().await;
+            if seen.len() >= 5 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let mut shadow_view: Vec<(String, String, Option<String>, String, Option<String>)> = seen
+            .iter()
+            .map(|r| {
+                (
+                    r.method.clone(),
+                    r.path.clone(),
+                    r.header("host"),
+                    r.body.clone(),
+                    r.header("x-envoy-attempt-count"),
+                )
+            })
+            .collect();
+        shadow_view.sort();
+        let primary: Vec<Option<String>> = main
+            .received()
+            .await
+            .iter()
+            .map(|r| r.header("x-envoy-attempt-count"))
+            .collect();
+        drop(proxy);
+        results.push((kind, upstreams, shadow_view, primary));
+    }
+    let (e, p) = (&results[0], &results[1]);
+    assert_eq!(e.2.len(), 5, "envoy mirrored 5 requests: {:?}", e.2);
+    assert_eq!(e.2[0].2.as_deref(), Some("reviews.default-shadow:9080"));
+    assert_eq!(
+        (&e.1, &e.2, &e.3),
+        (&p.1, &p.2, &p.3),
+        "\nenvoy    {e:?}\npingsail {p:?}"
+    );
 }

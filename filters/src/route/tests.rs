@@ -11,6 +11,8 @@ fn vh(name: &str, domains: &[&str]) -> VirtualHost {
         response_headers: HeaderOps::default(),
         retry_policy: None,
         cors: None,
+        attempt_count_in_request: false,
+        attempt_count_in_response: false,
     }
 }
 
@@ -68,6 +70,7 @@ fn prefix_rewrite_slash() {
         hash_policy: vec![],
         mirrors: vec![],
         grpc_timeout: None,
+        cluster_not_found_status: 503,
     };
     let m = PathMatch::Prefix("/api".into());
     // Envoy 1.40 substitutes the prefix literally: "/" + "/x".

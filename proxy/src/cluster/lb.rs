@@ -243,7 +243,7 @@ pub fn random(endpoints: &[Endpoint], rng: &mut impl Rng) -> Option<usize> {
     if total == 0 {
         return None;
     }
-    let mut v = rng.random_range(0..total);
+    let mut v = rng.gen_range(0..total);
     for (i, e) in endpoints.iter().enumerate() {
         if v < u64::from(e.weight) {
             return Some(i);
@@ -265,8 +265,8 @@ pub fn least_request(
         0 => None,
         1 => Some(0),
         n => {
-            let a = rng.random_range(0..n);
-            let mut b = rng.random_range(0..n - 1);
+            let a = rng.gen_range(0..n);
+            let mut b = rng.gen_range(0..n - 1);
             if b >= a {
                 b += 1;
             }

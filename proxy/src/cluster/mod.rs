@@ -103,7 +103,7 @@ impl ClusterState {
         if n == 0 {
             return None;
         }
-        let mut rng = rand::rng();
+        let mut rng = rand::thread_rng();
         let mut choice = None;
         // Without a request hash Envoy's hashing balancers use a random one.
         let hash = hash.unwrap_or_else(rand::random);

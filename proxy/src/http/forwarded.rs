@@ -116,7 +116,9 @@ pub fn local_address() -> IpAddr {
     *ADDR.get_or_init(|| {
         std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
             .and_then(|s| {
-                s.connect((Ipv4Addr::new(8, 8, 8, 8), 53))?;
+                // connect() on UDP only asks the kernel for a route; no packet is sent. The target is
+                // TEST-NET-1 (RFC 5737), so the default route's source address is what we learn.
+                s.connect((Ipv4Addr::new(192, 0, 2, 1), 9))?;
                 s.local_addr()
             })
             .map(|a| a.ip())

@@ -4,6 +4,7 @@
 
 pub mod error;
 mod forwarded;
+pub mod mirror;
 mod path;
 
 use crate::Shared;
@@ -86,6 +87,10 @@ pub struct RequestCtx {
     /// The authority before `auto_host_rewrite`, for `x-envoy-original-host`.
     original_host: Option<String>,
     retry_status: bool,
+    /// Body feeds of running request mirrors.
+    mirrors: Vec<mirror::MirrorBody>,
+    /// Which failure an upstream read timeout stands for (route deadline or stream idle).
+    read_timeout_kind: Option<Failure>,
 }
 
 fn new_ctx() -> RequestCtx {
@@ -115,6 +120,8 @@ fn new_ctx() -> RequestCtx {
         auto_host: false,
         original_host: None,
         retry_status: false,
+        mirrors: Vec::new(),
+        read_timeout_kind: None,
     }
 }
 
@@ -270,8 +277,11 @@ impl Router {
             return Ok(());
         }
         let mut resp = ResponseHeader::build(status, Some(4))?;
+        // 204 and 304 carry no body and no content-length.
+        let bodyless = status == 204 || status == 304;
+        let body = if bodyless { &[][..] } else { body };
         // Envoy answers a HEAD with an empty local body without content-length.
-        if !(head_only && body.is_empty()) {
+        if !(bodyless || head_only && body.is_empty()) {
             resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         }
         if !body.is_empty() {
@@ -318,7 +328,14 @@ impl Router {
                 _ => {}
             }
         }
-        self.local_reply(session, ctx, f.status(), f.body().as_bytes(), &[])
+        let mut status = f.status();
+        if f == Failure::ClusterNotFound
+            && let Some((_, _, r)) = ctx.route()
+            && let Action::Forward(a) = &r.action
+        {
+            status = a.cluster_not_found_status;
+        }
+        self.local_reply(session, ctx, status, f.body().as_bytes(), &[])
             .await?;
         Ok(true)
     }
@@ -342,6 +359,10 @@ impl ProxyHttp for Router {
         facts.stats.rq_total.inc();
         let hcm = facts.hcm.clone();
         ctx.facts = Some(facts.clone());
+        // stream_idle_timeout also bounds silence on the downstream side (request body reads).
+        session
+            .as_downstream_mut()
+            .set_read_timeout(hcm.stream_idle_timeout);
 
         // Codec-level checks, in Envoy's order: HTTP/1.0 (no `accept_http_10`), header limits,
         // a fragment in the request target.
@@ -499,7 +520,25 @@ impl ProxyHttp for Router {
         match &route.action {
             Action::Direct(d) => {
                 let body = d.body.as_deref().unwrap_or(b"");
-                self.local_reply(session, ctx, d.status, body, &[]).await?;
+                if (300..400).contains(&d.status) {
+                    // Envoy points a 3xx direct response at the request's own URL.
+                    let req = session.req_header();
+                    let mut url = String::from("http://");
+                    url.push_str(authority(req));
+                    url.push_str(&String::from_utf8_lossy(req.raw_path()));
+                    let loc = HeaderValue::from_str(&url)
+                        .map_err(|_| Error::new(ErrorType::InvalidHTTPHeader))?;
+                    self.local_reply(
+                        session,
+                        ctx,
+                        d.status,
+                        body,
+                        &[(http::header::LOCATION, loc)],
+                    )
+                    .await?;
+                } else {
+                    self.local_reply(session, ctx, d.status, body, &[]).await?;
+                }
                 Ok(true)
             }
             Action::Redirect(r) => {
@@ -619,9 +658,88 @@ impl ProxyHttp for Router {
                 } else {
                     req.remove_header("x-envoy-expected-rq-timeout-ms");
                 }
+                // Shadow traffic: a copy of the request as it goes upstream, fire-and-forget.
+                for (name, ppm) in &a.mirrors {
+                    if rand::random::<u64>() % 1_000_000 >= *ppm {
+                        continue;
+                    }
+                    let Some(target) = self.shared.clusters.get(name) else {
+                        continue;
+                    };
+                    let has_body = !session.as_downstream_mut().is_body_empty();
+                    let mut copy = session.req_header().clone();
+                    if vh.attempt_count_in_request {
+                        copy.insert_header("x-envoy-attempt-count", "1")?;
+                    }
+                    if let Some(feed) =
+                        mirror::spawn(self.shared.mirror_connector.clone(), target, copy, has_body)
+                    {
+                        ctx.mirrors.push(feed);
+                    }
+                }
                 Ok(false)
             }
         }
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(chunk) = body.as_ref() {
+            for m in &ctx.mirrors {
+                m.send(chunk);
+            }
+        }
+        if end_of_stream {
+            // Dropping the feeds ends the mirrored bodies.
+            ctx.mirrors.clear();
+        }
+        Ok(())
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if ctx
+            .route()
+            .is_some_and(|(_, vh, _)| vh.attempt_count_in_request)
+        {
+            upstream_request
+                .insert_header("x-envoy-attempt-count", (ctx.retries + 1).to_string())?;
+        }
+        // Envoy's HTTP/1 encoder announces an empty body (`content-length: 0`) on a headers-only
+        // request unless the method never carries one. An HTTP/1 request without framing
+        // headers has no body.
+        let h1_upstream = ctx
+            .cluster
+            .as_ref()
+            .is_some_and(|c| !c.config.http2 && !c.config.use_downstream_protocol);
+        // Pingora has already dropped hop-by-hop framing from the upstream copy: look at the
+        // request as received.
+        let h = &session.req_header().headers;
+        if h1_upstream
+            && !session.as_downstream().is_http2()
+            && !h.contains_key(http::header::CONTENT_LENGTH)
+            && !h.contains_key(http::header::TRANSFER_ENCODING)
+            && !matches!(
+                upstream_request.method,
+                http::Method::GET
+                    | http::Method::HEAD
+                    | http::Method::DELETE
+                    | http::Method::TRACE
+                    | http::Method::CONNECT
+            )
+        {
+            upstream_request.insert_header(http::header::CONTENT_LENGTH, "0")?;
+        }
+        Ok(())
     }
 
     async fn upstream_peer(
@@ -665,17 +783,36 @@ impl ProxyHttp for Router {
         ctx.tried.push(addr);
         let mut peer = HttpPeer::new(addr, false, String::new());
         let cfg = &cluster.config;
+        // Envoy keeps one connection pool per cluster: two clusters on the same endpoint do not
+        // share upstream connections.
+        peer.group_key = xxhash_rust::xxh64::xxh64(cfg.name.as_bytes(), 0);
         peer.options.connection_timeout = Some(cfg.connect_timeout);
         let h2 = cfg.http2 || (cfg.use_downstream_protocol && session.as_downstream().is_http2());
         if h2 {
             peer.options.set_http_version(2, 2);
         }
-        if let Some((deadline, _)) = ctx.deadline {
-            // Route timeouts bound the wait for upstream bytes (see docs/COMPATIBILITY.md).
-            let left = deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1));
-            peer.options.read_timeout = Some(left);
+        // Route timeouts bound the wait for upstream bytes (see docs/COMPATIBILITY.md); the HCM's
+        // stream_idle_timeout bounds silence when it is shorter (or when there is no route deadline).
+        let route_left = ctx.deadline.map(|(deadline, kind)| {
+            (
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+                kind,
+            )
+        });
+        let idle = ctx
+            .facts
+            .as_ref()
+            .and_then(|f| f.hcm.stream_idle_timeout)
+            .map(|d| (d, Failure::StreamIdleTimeout));
+        let bound = match (route_left, idle) {
+            (Some(r), Some(i)) => Some(if i.0 < r.0 { i } else { r }),
+            (r, i) => r.or(i),
+        };
+        if let Some((d, kind)) = bound {
+            peer.options.read_timeout = Some(d);
+            ctx.read_timeout_kind = Some(kind);
         }
         if let Some(s) = &ctx.cluster_stats {
             s.rq_total.inc();
@@ -751,6 +888,17 @@ impl ProxyHttp for Router {
             return Ok(());
         }
         let status = resp.status.as_u16();
+        // Envoy's HTTP/1 codec refuses a 204 that announces a body.
+        if status == 204
+            && (resp.headers.contains_key(http::header::TRANSFER_ENCODING)
+                || resp
+                    .headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .is_some_and(|v| v.as_bytes() != b"0"))
+        {
+            ctx.failure = Some(Failure::UpstreamProtocolError);
+            return Error::e_explain(ErrorType::InvalidHTTPHeader, "204 response with a body");
+        }
         if let Some(p) = &ctx.retry {
             let grpc_status = resp
                 .headers
@@ -803,6 +951,13 @@ impl ProxyHttp for Router {
         }
         finalize_response(ctx, resp);
         self.decorate_response(ctx, resp);
+        if ctx.upstream_start.is_some()
+            && ctx
+                .route()
+                .is_some_and(|(_, vh, _)| vh.attempt_count_in_response)
+        {
+            resp.insert_header("x-envoy-attempt-count", (ctx.retries + 1).to_string())?;
+        }
         ctx.status = resp.status.as_u16();
         Ok(())
     }
@@ -819,6 +974,7 @@ impl ProxyHttp for Router {
             (None, pingora_error::ErrorSource::Upstream) => Some(Failure::from_pingora(e)),
             (None, pingora_error::ErrorSource::Downstream) => match e.etype() {
                 ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => None,
+                ErrorType::ReadTimedout => Some(Failure::StreamIdleTimeout),
                 _ => Some(Failure::BadRequest),
             },
             (None, _) => match e.etype() {
@@ -830,8 +986,9 @@ impl ProxyHttp for Router {
                 _ => Some(Failure::ConnectionTermination),
             },
         };
-        let failure = match (failure, ctx.deadline) {
-            (Some(Failure::UpstreamTimeout), Some((_, kind))) => Some(kind),
+        // A read timeout means whichever bound upstream_peer armed: route deadline or stream idle.
+        let failure = match (failure, ctx.read_timeout_kind) {
+            (Some(Failure::UpstreamTimeout), Some(kind)) => Some(kind),
             (f, _) => f,
         };
         let Some(f) = failure else {

@@ -414,12 +414,20 @@ fn load_assignment(
             if weight == 0 {
                 return invalid(&q.field("load_balancing_weight"), "must be at least 1");
             }
+            // Envoy's DNS hosts carry their DNS name as hostname (used by auto_host_rewrite).
+            let hostname: Option<arcstr::ArcStr> = if !ep.hostname.is_empty() {
+                Some(ep.hostname.as_str().into())
+            } else if matches!(discovery, Discovery::StrictDns | Discovery::LogicalDns) {
+                Some(host.as_str().into())
+            } else {
+                None
+            };
             out.push(Endpoint {
                 host: host.into(),
                 port,
                 addr: sock,
                 weight,
-                hostname: (!ep.hostname.is_empty()).then(|| ep.hostname.as_str().into()),
+                hostname,
             });
         }
     }

@@ -302,7 +302,10 @@ fn unwrap_typed_struct(any: &Any, path: &Path) -> Result<(String, Any)> {
             ))
         }
         Err(crate::xds::json::DecodeError::UnknownType(_)) => {
-            err(&path.field("type_url"), ErrorKind::UnknownType(inner))
+            match LATER_TYPES.iter().find(|(t, _)| *t == inner) {
+                Some((_, issue)) => err(path, ErrorKind::NotYet(issue)),
+                None => err(&path.field("type_url"), ErrorKind::UnknownType(inner)),
+            }
         }
         Err(e) => invalid(&path.field("value"), e.to_string()),
     }
@@ -612,7 +615,16 @@ fn http_connection_manager(
             "stream_idle_timeout",
             Some(Duration::from_secs(300)),
         )?,
-        request_timeout: opt_duration(&h.request_timeout, "request_timeout", None)?,
+        request_timeout: match opt_duration(&h.request_timeout, "request_timeout", None)? {
+            // A whole-request deadline needs a timer Pingora does not offer on the downstream side.
+            Some(_) => {
+                return err(
+                    &path.field("request_timeout"),
+                    ErrorKind::NotYet(RESILIENCE),
+                );
+            }
+            None => None,
+        },
         max_request_headers_kb: max_kb,
         accept_http_10,
         websocket,

@@ -38,12 +38,6 @@ pub fn translate_route_config(rc: &r::RouteConfiguration, path: &Path) -> Result
         ],
         &[("vhds", "xDS issue"), ("typed_per_filter_config", AUTHZ)],
     )?;
-    if rc.ignore_port_in_host_matching {
-        return err(
-            &path.field("ignore_port_in_host_matching"),
-            ErrorKind::NotSupported,
-        );
-    }
     let mut vhosts = Vec::with_capacity(rc.virtual_hosts.len());
     for (i, vh) in rc.virtual_hosts.iter().enumerate() {
         vhosts.push(virtual_host(vh, &path.at("virtual_hosts", i))?);
@@ -62,14 +56,16 @@ pub fn translate_route_config(rc: &r::RouteConfiguration, path: &Path) -> Result
         "response_headers_to_add",
         "response_headers_to_remove",
     )?;
-    RouteTable::new(
+    let mut table = RouteTable::new(
         rc.name.as_str().into(),
         vhosts,
         req,
         resp,
         rc.most_specific_header_mutations_wins,
     )
-    .or_else(|e| invalid(path, e.to_string()))
+    .or_else(|e| invalid(path, e.to_string()))?;
+    table.ignore_port_in_host_matching = rc.ignore_port_in_host_matching;
+    Ok(table)
 }
 
 fn virtual_host(vh: &r::VirtualHost, path: &Path) -> Result<VirtualHost> {
@@ -97,12 +93,6 @@ fn virtual_host(vh: &r::VirtualHost, path: &Path) -> Result<VirtualHost> {
     )?;
     if vh.domains.is_empty() {
         return err(&path.field("domains"), ErrorKind::Required);
-    }
-    if vh.include_request_attempt_count || vh.include_attempt_count_in_response {
-        return err(
-            &path.field("include_request_attempt_count"),
-            ErrorKind::NotYet(RESILIENCE),
-        );
     }
     let retry_policy = match &vh.retry_policy {
         Some(p) => Some(Arc::new(retry_policy(p, &path.field("retry_policy"))?)),
@@ -136,6 +126,8 @@ fn virtual_host(vh: &r::VirtualHost, path: &Path) -> Result<VirtualHost> {
         )?,
         retry_policy,
         cors,
+        attempt_count_in_request: vh.include_request_attempt_count,
+        attempt_count_in_response: vh.include_attempt_count_in_response,
     })
 }
 
@@ -476,6 +468,7 @@ fn route_action(
             "cluster_not_found_response_code",
             "upgrade_configs",
             "max_grpc_timeout",
+            "grpc_timeout_offset",
         ],
         &[
             ("idle_timeout", RESILIENCE),
@@ -500,12 +493,18 @@ fn route_action(
         Some(_) => return err(path, ErrorKind::NotSupported),
         None => return err(&path.field("cluster"), ErrorKind::Required),
     };
-    if ra.cluster_not_found_response_code != 0 {
-        return err(
-            &path.field("cluster_not_found_response_code"),
-            ErrorKind::NotSupported,
-        );
-    }
+    use r::route_action::ClusterNotFoundResponseCode as CNF;
+    let cluster_not_found_status = match CNF::try_from(ra.cluster_not_found_response_code) {
+        Ok(CNF::ServiceUnavailable) => 503,
+        Ok(CNF::NotFound) => 404,
+        Ok(CNF::InternalServerError) => 500,
+        Err(_) => {
+            return invalid(
+                &path.field("cluster_not_found_response_code"),
+                "unknown code",
+            );
+        }
+    };
     if !ra.upgrade_configs.is_empty() {
         for (i, u) in ra.upgrade_configs.iter().enumerate() {
             let p = path.at("upgrade_configs", i);
@@ -517,12 +516,6 @@ fn route_action(
                 );
             }
         }
-    }
-    if ra.max_grpc_timeout.is_some() {
-        return err(
-            &path.field("max_grpc_timeout"),
-            ErrorKind::NotYet(RESILIENCE),
-        );
     }
     use r::route_action::HostRewriteSpecifier as HR;
     let (host_rewrite, auto_host_rewrite) = match &ra.host_rewrite_specifier {
@@ -602,6 +595,21 @@ fn route_action(
             ((!t.is_zero()).then_some(t), None)
         }
     };
+    // The older `max_grpc_timeout` / `grpc_timeout_offset` (istiod still sets `max_grpc_timeout: 0s`)
+    // apply when max_stream_duration does not configure the grpc-timeout header itself.
+    if grpc_timeout.is_none()
+        && let Some(m) = &ra.max_grpc_timeout
+    {
+        let max = duration(m, &path.field("max_grpc_timeout"))?;
+        let offset = match &ra.grpc_timeout_offset {
+            Some(o) => duration(o, &path.field("grpc_timeout_offset"))?,
+            None => Duration::ZERO,
+        };
+        grpc_timeout = Some(GrpcTimeout {
+            max: (!max.is_zero()).then_some(max),
+            offset,
+        });
+    }
     let retry = match &ra.retry_policy {
         Some(p) => Some(Arc::new(retry_policy(p, &path.field("retry_policy"))?)),
         None => vh_retry.cloned(),
@@ -700,6 +708,7 @@ fn route_action(
         hash_policy,
         mirrors,
         grpc_timeout,
+        cluster_not_found_status,
     })
 }
 
