@@ -467,6 +467,8 @@ pub struct RouteAction {
     pub grpc_timeout: Option<GrpcTimeout>,
     /// `cluster_not_found_response_code`: 503 (default), 404 or 500.
     pub cluster_not_found_status: u16,
+    /// Route-level websocket `upgrade_configs.enabled`, overriding the connection manager's.
+    pub websocket: Option<bool>,
 }
 
 /// How a `grpc-timeout` request header bounds the stream.

@@ -120,8 +120,9 @@ pub struct HttpConnectionManager {
     pub max_request_headers_kb: u32,
     /// `http_protocol_options.accept_http_10` (otherwise HTTP/1.0 gets 426)
     pub accept_http_10: bool,
-    /// `upgrade_configs` contains websocket
-    pub websocket: bool,
+    /// `upgrade_configs` websocket entry: `None` = not configured (upgrades refused with 403),
+    /// `Some(enabled)`; a route's own `upgrade_configs` may override `enabled`.
+    pub websocket: Option<bool>,
     /// The CORS filter is in the chain.
     pub cors_filter: bool,
     /// `access_log`

@@ -173,6 +173,14 @@ async fn serve_inner(stream: TcpStream, name: &str, stats: &Stats) -> Result<()>
         if first(&head, "x-echo-close") == Some("1") {
             return Ok(());
         }
+        if first(&head, "upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket")) {
+            // Accept the upgrade, then echo raw bytes until the peer closes.
+            let reply = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nx-upstream: {name}\r\n\r\n"
+            );
+            wire.write_all(reply.as_bytes()).await?;
+            return wire.echo_raw().await;
+        }
         if let Some(ms) = first(&head, "x-echo-delay-ms").and_then(|v| v.parse().ok()) {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }

@@ -86,6 +86,9 @@ impl Envoy {
                 "--use-dynamic-base-id",
                 "-l",
                 "warning",
+                // File access logs are flushed every 10 s by default; tests read them sooner.
+                "--file-flush-interval-msec",
+                "20",
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -115,6 +115,23 @@ impl Wire {
         self.transcript.take().unwrap_or_default()
     }
 
+    /// Echoes raw bytes (after an upgrade) until the peer closes; buffered bytes go first.
+    pub(crate) async fn echo_raw(&mut self) -> Result<()> {
+        use tokio::io::AsyncReadExt;
+        if !self.buf.is_empty() {
+            let pending = std::mem::take(&mut self.buf);
+            self.write_all(&pending).await?;
+        }
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = self.stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            self.write_all(&chunk[..n]).await?;
+        }
+    }
+
     pub(crate) async fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
         let fut = async {
             self.stream.write_all(bytes).await?;

@@ -413,3 +413,217 @@ async fn request_mirroring_matches_envoy() {
         "\nenvoy    {e:?}\npingsail {p:?}"
     );
 }
+
+fn websocket_bootstrap(ip: Ipv4Addr, echo: u16) -> String {
+    let hcm = |name: &str, port: u16, upgrades: &str| {
+        format!(
+            r#"
+  - name: {name}
+    address: {{socket_address: {{address: "{ip}", port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          {upgrades}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /}}
+                route: {{cluster: echo}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}"#
+        )
+    };
+    format!(
+        r#"
+admin: {{address: {{socket_address: {{address: "{ip}", port_value: 15000}}}}}}
+static_resources:
+  listeners:{}{}
+  clusters:
+  - name: echo
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: echo
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {echo}}}}}}}}}]}}]
+"#,
+        hcm("ws", 9080, "upgrade_configs: [{upgrade_type: websocket}]"),
+        hcm("nows", 9081, "")
+    )
+}
+
+/// WebSocket upgrades (Istio enables `upgrade_configs: websocket` on every HCM): 101 and raw bytes
+/// both ways when enabled; without it Envoy refuses the upgrade — pingsail must do the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_matches_envoy() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut results = Vec::new();
+    for kind in [ProxyUnderTest::Envoy, ProxyUnderTest::Pingsail] {
+        let echo = EchoServer::start("echo").await.unwrap();
+        let ip = random_loopback_ip();
+        let proxy = kind
+            .start(&websocket_bootstrap(ip, echo.port()), ip)
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for port in [9080u16, 9081] {
+            let mut s = tokio::net::TcpStream::connect((ip, port)).await.unwrap();
+            s.write_all(b"GET /chat HTTP/1.1\r\nhost: ws\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n").await.unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut b)).await
+                {
+                    Ok(Ok(1)) => head.push(b[0]),
+                    _ => break,
+                }
+            }
+            let head = String::from_utf8_lossy(&head).to_lowercase();
+            let status = head.split_whitespace().nth(1).unwrap_or("").to_string();
+            let mut echoed = String::new();
+            if status == "101" {
+                s.write_all(b"ping-frame").await.unwrap();
+                let mut buf = [0u8; 10];
+                tokio::time::timeout(std::time::Duration::from_secs(5), s.read_exact(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                echoed = String::from_utf8_lossy(&buf).into_owned();
+            }
+            out.push((
+                port,
+                status,
+                head.contains("upgrade: websocket"),
+                head.contains("content-length: 0"),
+                echoed,
+            ));
+        }
+        drop(proxy);
+        results.push((kind, out));
+    }
+    assert_eq!(results[0].1[0].1, "101", "{results:?}");
+    assert_eq!(results[0].1[0].4, "ping-frame");
+    assert_eq!(results[0].1, results[1].1, "{results:?}");
+}
+
+/// ORIGINAL_DST with `use_http_header`: `x-envoy-original-dst-host` picks the upstream; without it
+/// (and without capture) there is no upstream. Plus the access log: the same request logs the same
+/// line in Envoy's default format (after masking times, ids and addresses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn original_dst_header_and_access_log_match_envoy() {
+    use pingsail_tests::client::{Connection, Request};
+    let mut results = Vec::new();
+    for kind in [ProxyUnderTest::Envoy, ProxyUnderTest::Pingsail] {
+        let echo = EchoServer::start("echo").await.unwrap();
+        let ip = random_loopback_ip();
+        let dir = pingsail_tests::net::TempDir::new("accesslog").unwrap();
+        let log = dir.path().join("access.log");
+        let boot = format!(
+            r#"
+admin: {{address: {{socket_address: {{address: "{ip}", port_value: 15000}}}}}}
+static_resources:
+  listeners:
+  - name: front
+    address: {{socket_address: {{address: "{ip}", port_value: 9080}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: front
+          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: "{log}"
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /}}
+                route: {{cluster: PassthroughCluster}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: PassthroughCluster
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 1s
+    original_dst_lb_config: {{use_http_header: true}}
+"#,
+            log = log.display()
+        );
+        let proxy = kind.start(&boot, ip).await.unwrap();
+        let mut c = Connection::connect((ip, 9080).into()).await.unwrap();
+        let dst = format!("127.0.0.1:{}", echo.port());
+        let ok = c
+            .send(
+                &Request::new("GET", "/via-header?x=1")
+                    .header("host", "anything")
+                    .header("x-envoy-original-dst-host", &dst)
+                    .header("user-agent", "pingsail-test")
+                    .header("x-request-id", "rid-1"),
+            )
+            .await
+            .unwrap();
+        let mut c2 = Connection::connect((ip, 9080).into()).await.unwrap();
+        let none = c2
+            .send(
+                &Request::new("GET", "/no-header")
+                    .header("host", "anything")
+                    .header("x-request-id", "rid-2"),
+            )
+            .await
+            .unwrap();
+        drop((c, c2));
+        // Envoy flushes file logs about once a second: wait (bounded) for both lines.
+        let mut text = String::new();
+        for _ in 0..100 {
+            text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.lines().count() >= 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        drop(proxy);
+        let masked: Vec<String> = text
+            .lines()
+            .map(|l| {
+                // [time] "..." status flags rx tx duration upstream-time "xff" "ua" "id" "authority" "upstream"
+                let l = l.split_once("] ").map_or(l, |x| x.1);
+                let fields: Vec<&str> = l.split(' ').collect();
+                let mut f: Vec<String> = fields.iter().map(|s| s.to_string()).collect();
+                // mask duration and upstream service time (positions after status flags rx tx)
+                for i in [7usize, 8] {
+                    if let Some(x) = f.get_mut(i) {
+                        *x = "<ms>".into();
+                    }
+                }
+                f.join(" ").replace(&echo.port().to_string(), "<port>")
+            })
+            .collect();
+        results.push((
+            kind,
+            ok.status,
+            ok.header("x-upstream").map(str::to_string),
+            none.status,
+            none.body_text(),
+            masked,
+        ));
+    }
+    let (e, p) = (&results[0], &results[1]);
+    assert_eq!(e.1, 200, "{e:?}");
+    assert_eq!(e.5.len(), 2, "envoy logged two lines: {e:?}");
+    assert_eq!(
+        (e.1, &e.2, e.3, &e.4),
+        (p.1, &p.2, p.3, &p.4),
+        "\nenvoy    {e:?}\npingsail {p:?}"
+    );
+    assert_eq!(e.5, p.5, "access log lines differ");
+}

@@ -71,6 +71,7 @@ fn prefix_rewrite_slash() {
         mirrors: vec![],
         grpc_timeout: None,
         cluster_not_found_status: 503,
+        websocket: None,
     };
     let m = PathMatch::Prefix("/api".into());
     // Envoy 1.40 substitutes the prefix literally: "/" + "/x".

@@ -34,6 +34,8 @@ pub enum Failure {
     MissingHost,
     /// HTTP/1.0 without `accept_http_10`.
     UpgradeRequired,
+    /// An `upgrade` request (websocket) the connection manager or route does not allow.
+    UpgradeFailed,
     /// The stream idle timeout expired.
     StreamIdleTimeout,
 }
@@ -56,6 +58,7 @@ impl Failure {
             | Failure::InvalidUrl
             | Failure::MissingHost => 400,
             Failure::UpgradeRequired => 426,
+            Failure::UpgradeFailed => 403,
             Failure::StreamIdleTimeout => 408,
         }
     }
@@ -86,6 +89,7 @@ impl Failure {
             Failure::HeadersTooLarge => "Request Header Fields Too Large",
             Failure::BadRequest => "Bad Request",
             Failure::UpgradeRequired => "Upgrade Required",
+            Failure::UpgradeFailed => "",
             Failure::StreamIdleTimeout => "stream timeout",
         }
     }
@@ -106,6 +110,7 @@ impl Failure {
             | Failure::InvalidUrl
             | Failure::MissingHost
             | Failure::UpgradeRequired => "DPE",
+            Failure::UpgradeFailed => "-",
             Failure::InvalidPath => "-",
             Failure::StreamIdleTimeout => "SI",
         }
@@ -134,6 +139,7 @@ impl Failure {
             Failure::InvalidUrl => "http1.invalid_url",
             Failure::MissingHost => "missing_host_header",
             Failure::UpgradeRequired => "low_version",
+            Failure::UpgradeFailed => "upgrade_failed",
             Failure::StreamIdleTimeout => "stream_idle_timeout",
         }
     }

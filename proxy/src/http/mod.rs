@@ -558,6 +558,30 @@ impl ProxyHttp for Router {
                 Ok(true)
             }
             Action::Forward(a) => {
+                // HTTP/1 upgrades (websocket) need an HCM upgrade config; a route may override it.
+                let req = session.req_header();
+                let upgrade = req
+                    .headers
+                    .get(http::header::UPGRADE)
+                    .and_then(|v| v.to_str().ok());
+                let conn_upgrade = req
+                    .headers
+                    .get_all(http::header::CONNECTION)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .any(|v| {
+                        v.split(',')
+                            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+                    });
+                if let (Some(kind), true) = (upgrade, conn_upgrade) {
+                    let allowed = kind.eq_ignore_ascii_case("websocket")
+                        && hcm
+                            .websocket
+                            .is_some_and(|enabled| a.websocket.unwrap_or(enabled));
+                    if !allowed {
+                        return self.fail(session, ctx, Failure::UpgradeFailed).await;
+                    }
+                }
                 let cluster_name: ArcStr = match &a.cluster {
                     ClusterSpecifier::Cluster(c) => c.clone(),
                     ClusterSpecifier::Header(h) => {
@@ -760,7 +784,21 @@ impl ProxyHttp for Router {
             .as_ref()
             .filter(|p| p.previous_hosts)
             .map_or(1, |p| p.host_selection_max_attempts);
-        let orig = ctx.facts.as_ref().and_then(|f| f.original_dst);
+        // ORIGINAL_DST: `x-envoy-original-dst-host` (with use_http_header) wins over the connection's
+        // original destination.
+        let from_header = cluster
+            .config
+            .original_dst_use_header
+            .then(|| {
+                session
+                    .req_header()
+                    .headers
+                    .get("x-envoy-original-dst-host")
+            })
+            .flatten()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<SocketAddr>().ok());
+        let orig = from_header.or_else(|| ctx.facts.as_ref().and_then(|f| f.original_dst));
         let Some(picked) = cluster.pick(ctx.hash, &ctx.tried, attempts, orig) else {
             ctx.failure = Some(Failure::NoHealthyUpstream);
             if let Some(s) = &ctx.cluster_stats {

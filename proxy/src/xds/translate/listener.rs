@@ -494,12 +494,12 @@ fn http_connection_manager(
             );
         }
     }
-    let mut websocket = false;
+    let mut websocket = None;
     for (i, u) in h.upgrade_configs.iter().enumerate() {
         let p = path.at("upgrade_configs", i);
         only(u, &p, &["upgrade_type", "enabled"], &[])?;
         if u.upgrade_type.eq_ignore_ascii_case("websocket") {
-            websocket = u.enabled.as_ref().is_none_or(|b| b.value);
+            websocket = Some(u.enabled.as_ref().is_none_or(|b| b.value));
         } else {
             return invalid(
                 &p.field("upgrade_type"),

@@ -505,11 +505,14 @@ fn route_action(
             );
         }
     };
+    let mut websocket = None;
     if !ra.upgrade_configs.is_empty() {
         for (i, u) in ra.upgrade_configs.iter().enumerate() {
             let p = path.at("upgrade_configs", i);
             only(u, &p, &["upgrade_type", "enabled"], &[])?;
-            if !u.upgrade_type.eq_ignore_ascii_case("websocket") {
+            if u.upgrade_type.eq_ignore_ascii_case("websocket") {
+                websocket = Some(u.enabled.as_ref().is_none_or(|b| b.value));
+            } else {
                 return invalid(
                     &p.field("upgrade_type"),
                     format!("unsupported upgrade '{}'", u.upgrade_type),
@@ -709,6 +712,7 @@ fn route_action(
         mirrors,
         grpc_timeout,
         cluster_not_found_status,
+        websocket,
     })
 }
 
