@@ -627,3 +627,94 @@ static_resources:
     );
     assert_eq!(e.5, p.5, "access log lines differ");
 }
+
+/// HCM timers: `request_timeout` (the whole request must arrive in time) and `stream_idle_timeout`
+/// (no bytes in either direction), each against a route without its own timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hcm_timeouts_match_envoy() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut results = Vec::new();
+    for kind in [ProxyUnderTest::Envoy, ProxyUnderTest::Pingsail] {
+        let echo = EchoServer::start("echo").await.unwrap();
+        let ip = random_loopback_ip();
+        let hcm = |name: &str, port: u16, timers: &str| {
+            format!(
+                r#"
+  - name: {name}
+    address: {{socket_address: {{address: "{ip}", port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          {timers}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /}}
+                route: {{cluster: echo, timeout: 0s}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}"#
+            )
+        };
+        let boot = format!(
+            r#"
+admin: {{address: {{socket_address: {{address: "{ip}", port_value: 15000}}}}}}
+static_resources:
+  listeners:{}{}
+  clusters:
+  - name: echo
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: echo
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}}}]}}]
+"#,
+            hcm("reqtimeout", 9080, "request_timeout: 0.3s"),
+            hcm("idle", 9081, "stream_idle_timeout: 0.3s"),
+            echo.port()
+        );
+        let proxy = kind.start(&boot, ip).await.unwrap();
+        let mut out = Vec::new();
+        // A body that never completes.
+        let mut s = tokio::net::TcpStream::connect((ip, 9080)).await.unwrap();
+        s.write_all(b"POST /slow HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        out.push(
+            String::from_utf8_lossy(&buf)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string(),
+        );
+        out.push(
+            String::from_utf8_lossy(&buf)
+                .rsplit("\r\n\r\n")
+                .next()
+                .unwrap_or("")
+                .to_string(),
+        );
+        // An upstream that is silent for longer than the idle timeout.
+        let r = pingsail_tests::client::send(
+            (ip, 9081).into(),
+            &pingsail_tests::client::Request::new("GET", "/")
+                .header("host", "x")
+                .header("x-echo-delay-ms", "1500"),
+        )
+        .await
+        .unwrap();
+        out.push(r.status.to_string());
+        out.push(r.body_text());
+        drop(proxy);
+        results.push((kind, out));
+    }
+    assert!(results[0].1[0].contains("408"), "{results:?}");
+    assert_eq!(results[0].1, results[1].1, "{results:?}");
+}

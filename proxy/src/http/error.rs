@@ -38,6 +38,10 @@ pub enum Failure {
     UpgradeFailed,
     /// The stream idle timeout expired.
     StreamIdleTimeout,
+    /// The HCM `request_timeout` expired before the whole request arrived.
+    RequestTimeout,
+    /// The stream idle timeout expired while waiting for the upstream (request complete): 504.
+    StreamIdleTimeoutUpstream,
 }
 
 impl Failure {
@@ -59,7 +63,8 @@ impl Failure {
             | Failure::MissingHost => 400,
             Failure::UpgradeRequired => 426,
             Failure::UpgradeFailed => 403,
-            Failure::StreamIdleTimeout => 408,
+            Failure::StreamIdleTimeout | Failure::RequestTimeout => 408,
+            Failure::StreamIdleTimeoutUpstream => 504,
         }
     }
 
@@ -90,7 +95,8 @@ impl Failure {
             Failure::BadRequest => "Bad Request",
             Failure::UpgradeRequired => "Upgrade Required",
             Failure::UpgradeFailed => "",
-            Failure::StreamIdleTimeout => "stream timeout",
+            Failure::StreamIdleTimeout | Failure::StreamIdleTimeoutUpstream => "stream timeout",
+            Failure::RequestTimeout => "request timeout",
         }
     }
 
@@ -112,7 +118,8 @@ impl Failure {
             | Failure::UpgradeRequired => "DPE",
             Failure::UpgradeFailed => "-",
             Failure::InvalidPath => "-",
-            Failure::StreamIdleTimeout => "SI",
+            Failure::StreamIdleTimeout | Failure::StreamIdleTimeoutUpstream => "SI",
+            Failure::RequestTimeout => "DT",
         }
     }
 
@@ -140,7 +147,10 @@ impl Failure {
             Failure::MissingHost => "missing_host_header",
             Failure::UpgradeRequired => "low_version",
             Failure::UpgradeFailed => "upgrade_failed",
-            Failure::StreamIdleTimeout => "stream_idle_timeout",
+            Failure::StreamIdleTimeout | Failure::StreamIdleTimeoutUpstream => {
+                "stream_idle_timeout"
+            }
+            Failure::RequestTimeout => "request_overall_timeout",
         }
     }
 

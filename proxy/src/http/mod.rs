@@ -91,6 +91,8 @@ pub struct RequestCtx {
     mirrors: Vec<mirror::MirrorBody>,
     /// Which failure an upstream read timeout stands for (route deadline or stream idle).
     read_timeout_kind: Option<Failure>,
+    /// HCM `request_timeout` deadline for receiving the whole request.
+    request_deadline: Option<Instant>,
 }
 
 fn new_ctx() -> RequestCtx {
@@ -122,6 +124,7 @@ fn new_ctx() -> RequestCtx {
         retry_status: false,
         mirrors: Vec::new(),
         read_timeout_kind: None,
+        request_deadline: None,
     }
 }
 
@@ -359,10 +362,15 @@ impl ProxyHttp for Router {
         facts.stats.rq_total.inc();
         let hcm = facts.hcm.clone();
         ctx.facts = Some(facts.clone());
-        // stream_idle_timeout also bounds silence on the downstream side (request body reads).
+        // stream_idle_timeout bounds silence on the downstream side (request body reads), and
+        // request_timeout the whole request: each read waits at most until the request deadline.
+        ctx.request_deadline = hcm.request_timeout.map(|t| ctx.start + t);
         session
             .as_downstream_mut()
-            .set_read_timeout(hcm.stream_idle_timeout);
+            .set_read_timeout(downstream_read_bound(
+                hcm.stream_idle_timeout,
+                ctx.request_deadline,
+            ));
 
         // Codec-level checks, in Envoy's order: HTTP/1.0 (no `accept_http_10`), header limits,
         // a fragment in the request target.
@@ -708,11 +716,23 @@ impl ProxyHttp for Router {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if ctx.request_deadline.is_some() {
+            let idle = ctx.facts.as_ref().and_then(|f| f.hcm.stream_idle_timeout);
+            // The request is complete: only the idle bound remains.
+            let deadline = if end_of_stream {
+                None
+            } else {
+                ctx.request_deadline
+            };
+            session
+                .as_downstream_mut()
+                .set_read_timeout(downstream_read_bound(idle, deadline));
+        }
         if let Some(chunk) = body.as_ref() {
             for m in &ctx.mirrors {
                 m.send(chunk);
@@ -843,7 +863,7 @@ impl ProxyHttp for Router {
             .facts
             .as_ref()
             .and_then(|f| f.hcm.stream_idle_timeout)
-            .map(|d| (d, Failure::StreamIdleTimeout));
+            .map(|d| (d, Failure::StreamIdleTimeoutUpstream));
         let bound = match (route_left, idle) {
             (Some(r), Some(i)) => Some(if i.0 < r.0 { i } else { r }),
             (r, i) => r.or(i),
@@ -1012,7 +1032,10 @@ impl ProxyHttp for Router {
             (None, pingora_error::ErrorSource::Upstream) => Some(Failure::from_pingora(e)),
             (None, pingora_error::ErrorSource::Downstream) => match e.etype() {
                 ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => None,
-                ErrorType::ReadTimedout => Some(Failure::StreamIdleTimeout),
+                ErrorType::ReadTimedout => Some(match ctx.request_deadline {
+                    Some(d) if Instant::now() >= d => Failure::RequestTimeout,
+                    _ => Failure::StreamIdleTimeout,
+                }),
                 _ => Some(Failure::BadRequest),
             },
             (None, _) => match e.etype() {
@@ -1111,6 +1134,19 @@ impl ProxyHttp for Router {
             log.write(&entry);
         }
         let _ = ctx.request_bytes;
+    }
+}
+
+/// The downstream read timeout: the stream idle bound, shortened to what is left until the request
+/// deadline.
+fn downstream_read_bound(idle: Option<Duration>, deadline: Option<Instant>) -> Option<Duration> {
+    let left = deadline.map(|d| {
+        d.saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    });
+    match (idle, left) {
+        (Some(i), Some(l)) => Some(i.min(l)),
+        (i, l) => i.or(l),
     }
 }
 

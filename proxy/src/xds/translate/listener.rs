@@ -615,16 +615,7 @@ fn http_connection_manager(
             "stream_idle_timeout",
             Some(Duration::from_secs(300)),
         )?,
-        request_timeout: match opt_duration(&h.request_timeout, "request_timeout", None)? {
-            // A whole-request deadline needs a timer Pingora does not offer on the downstream side.
-            Some(_) => {
-                return err(
-                    &path.field("request_timeout"),
-                    ErrorKind::NotYet(RESILIENCE),
-                );
-            }
-            None => None,
-        },
+        request_timeout: opt_duration(&h.request_timeout, "request_timeout", None)?,
         max_request_headers_kb: max_kb,
         accept_http_10,
         websocket,
