@@ -373,6 +373,8 @@ fn typed_value(op: &Op, e: &Entry<'_>) -> serde_json::Value {
         Op::BytesReceived => num(e.bytes_received),
         Op::BytesSent => num(e.bytes_sent),
         Op::Duration => num(e.duration_ms),
+        // Envoy keeps "-" for empty flags in JSON (other empty values become null).
+        Op::ResponseFlags => serde_json::Value::String(e.flags.to_string()),
         _ => {
             let s = render(&[Token::Op(op.clone())], e);
             if s == "-" {

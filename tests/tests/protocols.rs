@@ -522,6 +522,7 @@ async fn original_dst_header_and_access_log_match_envoy() {
         let ip = random_loopback_ip();
         let dir = pingsail_tests::net::TempDir::new("accesslog").unwrap();
         let log = dir.path().join("access.log");
+        let json_log = dir.path().join("access.json");
         let boot = format!(
             r#"
 admin: {{address: {{socket_address: {{address: "{ip}", port_value: 15000}}}}}}
@@ -540,6 +541,23 @@ static_resources:
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
               path: "{log}"
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: "{json_log}"
+              log_format:
+                json_format:
+                  method: "%REQ(:METHOD)%"
+                  path: "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"
+                  status: "%RESPONSE_CODE%"
+                  flags: "%RESPONSE_FLAGS%"
+                  bytes_sent: "%BYTES_SENT%"
+                  upstream_cluster: "%UPSTREAM_CLUSTER%"
+                  request_id: "%REQ(X-REQUEST-ID)%"
+                  ua: "%REQ(USER-AGENT)%"
+                  proto: "%PROTOCOL%"
+                  route: "%ROUTE_NAME%"
+                  details: "%RESPONSE_CODE_DETAILS%"
           route_config:
             virtual_hosts:
             - name: all
@@ -557,7 +575,8 @@ static_resources:
     connect_timeout: 1s
     original_dst_lb_config: {{use_http_header: true}}
 "#,
-            log = log.display()
+            log = log.display(),
+            json_log = json_log.display()
         );
         let proxy = kind.start(&boot, ip).await.unwrap();
         let mut c = Connection::connect((ip, 9080).into()).await.unwrap();
@@ -591,6 +610,18 @@ static_resources:
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+        let mut json_text = String::new();
+        for _ in 0..100 {
+            json_text = std::fs::read_to_string(&json_log).unwrap_or_default();
+            if json_text.lines().count() >= 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let json_lines: Vec<serde_json::Value> = json_text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         drop(proxy);
         let masked: Vec<String> = text
             .lines()
@@ -615,6 +646,7 @@ static_resources:
             none.status,
             none.body_text(),
             masked,
+            json_lines,
         ));
     }
     let (e, p) = (&results[0], &results[1]);
@@ -626,6 +658,8 @@ static_resources:
         "\nenvoy    {e:?}\npingsail {p:?}"
     );
     assert_eq!(e.5, p.5, "access log lines differ");
+    assert_eq!(e.6.len(), 2, "envoy json lines: {:?}", e.6);
+    assert_eq!(e.6, p.6, "json access log lines differ");
 }
 
 /// HCM timers: `request_timeout` (the whole request must arrive in time) and `stream_idle_timeout`
