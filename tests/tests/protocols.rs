@@ -752,3 +752,63 @@ static_resources:
     assert!(results[0].1[0].contains("408"), "{results:?}");
     assert_eq!(results[0].1, results[1].1, "{results:?}");
 }
+
+/// Bad input never takes the proxy down: malformed request lines, headers, chunked bodies, h2
+/// garbage and random bytes each get an error or a closed connection, and a normal request still
+/// succeeds afterwards. (pingsail only: this is about robustness, not parity.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_never_break_the_proxy() {
+    use pingsail_tests::client::{Request, send, send_raw};
+    let echo = EchoServer::start("echo").await.unwrap();
+    let ip = random_loopback_ip();
+    let proxy = ProxyUnderTest::Pingsail
+        .start(&bootstrap(ip, echo.port()), ip)
+        .await
+        .unwrap();
+    let addr: std::net::SocketAddr = (ip, 9080).into();
+    let mut inputs: Vec<Vec<u8>> = vec![
+        b"GARBAGE\r\n\r\n".to_vec(),
+        b"GET\r\n\r\n".to_vec(),
+        b"GET / HTTP/9.9\r\nhost: x\r\n\r\n".to_vec(),
+        b"GET / HTTP/1.1\r\nhost: x\r\nbad header line\r\n\r\n".to_vec(),
+        b"GET / HTTP/1.1\r\nhost: x\r\ncontent-length: -5\r\n\r\n".to_vec(),
+        b"GET / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello".to_vec(),
+        b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n".to_vec(),
+        b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n3\r\nabc\r\n0\r\n\r\n".to_vec(),
+        b"GET /%zz%00 HTTP/1.1\r\nhost: x\r\n\r\n".to_vec(),
+        b"GET /\x01\x02 HTTP/1.1\r\nhost: x\r\n\r\n".to_vec(),
+        b"GET / HTTP/1.1\r\nhost: \xff\xfe\r\n\r\n".to_vec(),
+        b"GET http://[::1 HTTP/1.1\r\nhost: x\r\n\r\n".to_vec(),
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x04\x09\x00\x00\x00\x00\x00garbage".to_vec(),
+        b"\x16\x03\x01\x00\x05hello".to_vec(),
+    ];
+    // Oversized head and many headers.
+    let mut big = b"GET / HTTP/1.1\r\nhost: x\r\n".to_vec();
+    for i in 0..200 {
+        big.extend_from_slice(format!("x-h{i}: {}\r\n", "v".repeat(500)).as_bytes());
+    }
+    big.extend_from_slice(b"\r\n");
+    inputs.push(big);
+    // Deterministic pseudo-random bytes.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..20 {
+        let mut v = Vec::new();
+        for _ in 0..200 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            v.push((seed & 0xff) as u8);
+        }
+        inputs.push(v);
+    }
+    for input in &inputs {
+        // Any outcome is fine except a hang (the client's reads are bounded) …
+        let _ = send_raw(addr, input).await;
+        // … as long as the proxy keeps serving.
+        let ok = send(addr, &Request::new("GET", "/after").header("host", "x"))
+            .await
+            .unwrap();
+        assert_eq!(ok.status, 200, "after {:?}", String::from_utf8_lossy(input));
+    }
+    drop(proxy);
+}
