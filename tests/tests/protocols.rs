@@ -12,6 +12,45 @@ use pingsail_tests::proxy::ProxyUnderTest;
 use std::net::Ipv4Addr;
 use std::process::Command;
 
+/// A STATIC cluster with one endpoint on 127.0.0.1, as bootstrap YAML (list item).
+fn cluster(name: &str, port: u16) -> String {
+    format!(
+        r#"
+  - name: {name}
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: {name}
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]"#
+    )
+}
+
+/// A listener with an HTTP connection manager routing everything to `cluster`; `hcm_extra` is
+/// extra HCM fields (indented for the HCM body).
+fn http_listener(ip: Ipv4Addr, name: &str, port: u16, hcm_extra: &str, route: &str) -> String {
+    format!(
+        r#"
+  - name: {name}
+    address: {{socket_address: {{address: "{ip}", port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          {hcm_extra}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /}}
+                route: {route}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}"#
+    )
+}
+
 fn bootstrap(ip: Ipv4Addr, echo_port: u16) -> String {
     format!(
         r#"
@@ -57,12 +96,7 @@ static_resources:
           http_filters:
           - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: echo
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: echo
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {echo_port}}}}}}}}}]}}]
+  clusters:{}
   - name: h2up
     connect_timeout: 1s
     typed_extension_protocol_options:
@@ -72,7 +106,8 @@ static_resources:
     load_assignment:
       cluster_name: h2up
       endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: "{ip}", port_value: 9081}}}}}}}}]}}]
-"#
+"#,
+        cluster("echo", echo_port)
     )
 }
 
@@ -201,18 +236,10 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
           stat_prefix: tcpw
           weighted_clusters: {{clusters: [{{name: a, weight: 1}}, {{name: b, weight: 3}}]}}
-  clusters:
-  - name: a
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: a
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {a}}}}}}}}}]}}]
-  - name: b
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: b
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {b}}}}}}}}}]}}]
-"#
+  clusters:{}{}
+"#,
+        cluster("a", a),
+        cluster("b", b)
     )
 }
 
@@ -323,18 +350,10 @@ static_resources:
           http_filters:
           - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: main
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: main
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {main}}}}}}}}}]}}]
-  - name: shadow
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: shadow
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {shadow}}}}}}}}}]}}]
-"#
+  clusters:{}{}
+"#,
+        cluster("main", main),
+        cluster("shadow", shadow)
     )
 }
 
@@ -415,44 +434,22 @@ async fn request_mirroring_matches_envoy() {
 }
 
 fn websocket_bootstrap(ip: Ipv4Addr, echo: u16) -> String {
-    let hcm = |name: &str, port: u16, upgrades: &str| {
-        format!(
-            r#"
-  - name: {name}
-    address: {{socket_address: {{address: "{ip}", port_value: {port}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: {name}
-          {upgrades}
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{prefix: /}}
-                route: {{cluster: echo}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}"#
-        )
-    };
     format!(
         r#"
 admin: {{address: {{socket_address: {{address: "{ip}", port_value: 15000}}}}}}
 static_resources:
   listeners:{}{}
-  clusters:
-  - name: echo
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: echo
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {echo}}}}}}}}}]}}]
+  clusters:{}
 "#,
-        hcm("ws", 9080, "upgrade_configs: [{upgrade_type: websocket}]"),
-        hcm("nows", 9081, "")
+        http_listener(
+            ip,
+            "ws",
+            9080,
+            "upgrade_configs: [{upgrade_type: websocket}]",
+            "{cluster: echo}"
+        ),
+        http_listener(ip, "nows", 9081, "", "{cluster: echo}"),
+        cluster("echo", echo)
     )
 }
 
@@ -671,45 +668,28 @@ async fn hcm_timeouts_match_envoy() {
     for kind in [ProxyUnderTest::Envoy, ProxyUnderTest::Pingsail] {
         let echo = EchoServer::start("echo").await.unwrap();
         let ip = random_loopback_ip();
-        let hcm = |name: &str, port: u16, timers: &str| {
-            format!(
-                r#"
-  - name: {name}
-    address: {{socket_address: {{address: "{ip}", port_value: {port}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: {name}
-          {timers}
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{prefix: /}}
-                route: {{cluster: echo, timeout: 0s}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}"#
-            )
-        };
         let boot = format!(
             r#"
 admin: {{address: {{socket_address: {{address: "{ip}", port_value: 15000}}}}}}
 static_resources:
   listeners:{}{}
-  clusters:
-  - name: echo
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: echo
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}}}]}}]
+  clusters:{}
 "#,
-            hcm("reqtimeout", 9080, "request_timeout: 0.3s"),
-            hcm("idle", 9081, "stream_idle_timeout: 0.3s"),
-            echo.port()
+            http_listener(
+                ip,
+                "reqtimeout",
+                9080,
+                "request_timeout: 0.3s",
+                "{cluster: echo, timeout: 0s}"
+            ),
+            http_listener(
+                ip,
+                "idle",
+                9081,
+                "stream_idle_timeout: 0.3s",
+                "{cluster: echo, timeout: 0s}"
+            ),
+            cluster("echo", echo.port())
         );
         let proxy = kind.start(&boot, ip).await.unwrap();
         let mut out = Vec::new();
