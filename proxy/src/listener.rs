@@ -232,6 +232,64 @@ async fn handle(
 mod tests {
     use super::*;
 
+    fn chain(
+        name: &str,
+        port: Option<u16>,
+        transport: Option<&str>,
+        alpn: &[&str],
+    ) -> Arc<FilterChain> {
+        use crate::config::{ChainMatch, TcpProxy};
+        Arc::new(FilterChain {
+            name: name.into(),
+            matcher: ChainMatch {
+                destination_port: port,
+                transport_protocol: transport.map(Into::into),
+                application_protocols: alpn.iter().map(|a| (*a).into()).collect(),
+            },
+            kind: ChainKind::Tcp(Arc::new(TcpProxy {
+                stat_prefix: "x".into(),
+                clusters: vec![],
+                total_weight: 0,
+                idle_timeout: None,
+                access_logs: vec![],
+            })),
+        })
+    }
+
+    /// Envoy narrows by destination port first, then transport protocol, then application protocol:
+    /// a port-specific chain beats an application-protocol match on a port-less chain (seen with
+    /// Envoy 1.40 in the differential suite).
+    #[test]
+    fn chain_match_precedence() {
+        let l = Listener {
+            name: "l".into(),
+            address: "127.0.0.1:1".parse().unwrap(),
+            bind_to_port: true,
+            use_original_dst: false,
+            chains: vec![
+                chain("http1", None, None, &["http/1.1"]),
+                chain("port", Some(9080), Some("raw_buffer"), &[]),
+                chain("tls", None, Some("tls"), &[]),
+            ],
+            default_chain: Some(chain("default", None, None, &[])),
+            sniff_http: true,
+            sniff_timeout: None,
+        };
+        let pick = |port, transport, alpn| {
+            select_chain(&l, port, transport, alpn).map(|c| c.name.to_string())
+        };
+        assert_eq!(
+            pick(9080, "raw_buffer", Some("http/1.1")).as_deref(),
+            Some("port")
+        );
+        assert_eq!(
+            pick(9081, "raw_buffer", Some("http/1.1")).as_deref(),
+            Some("http1")
+        );
+        assert_eq!(pick(9081, "tls", None).as_deref(), Some("tls"));
+        assert_eq!(pick(9081, "raw_buffer", None).as_deref(), Some("default"));
+    }
+
     #[test]
     fn classification() {
         assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Sniffed::Http1));

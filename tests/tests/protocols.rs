@@ -792,3 +792,114 @@ async fn malformed_requests_never_break_the_proxy() {
     }
     drop(proxy);
 }
+
+/// Filter-chain selection with `http_inspector`: among chains that all match `raw_buffer`, HTTP/1.1
+/// and h2c (prior knowledge) pick the chains whose `application_protocols` match, anything else (and
+/// a silent, server-first client after the inspector's timeout) the chain without one — as Envoy does.
+/// (Envoy narrows by destination port, then transport, then application protocol; a unit test in
+/// `proxy/src/listener.rs` covers the port level.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_chain_match_matches_envoy() {
+    let mut results = Vec::new();
+    for kind in [ProxyUnderTest::Envoy, ProxyUnderTest::Pingsail] {
+        let (a, b) = (
+            EchoServer::start("a").await.unwrap(),
+            EchoServer::start("b").await.unwrap(),
+        );
+        let ip = random_loopback_ip();
+        let hcm = |prefix: &str, route: &str| {
+            format!(
+                r#"
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {prefix}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /}}
+                {route}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}"#
+            )
+        };
+        let boot = format!(
+            r#"
+admin: {{address: {{socket_address: {{address: "{ip}", port_value: 15000}}}}}}
+static_resources:
+  listeners:
+  - name: sniffing
+    address: {{socket_address: {{address: "{ip}", port_value: 9080}}}}
+    listener_filters:
+    - name: envoy.filters.listener.http_inspector
+      typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector}}
+    listener_filters_timeout: 0.2s
+    continue_on_listener_filters_timeout: true
+    filter_chains:
+    - name: http1
+      filter_chain_match: {{transport_protocol: raw_buffer, application_protocols: [http/1.1, http/1.0]}}
+      filters:{}
+    - name: h2c
+      filter_chain_match: {{transport_protocol: raw_buffer, application_protocols: [h2c]}}
+      filters:{}
+    - name: raw
+      filter_chain_match: {{transport_protocol: raw_buffer}}
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: raw
+          cluster: b
+    default_filter_chain:
+      filters:{}
+  clusters:{}{}
+"#,
+            hcm("http1", "route: {cluster: a}"),
+            hcm(
+                "h2c",
+                r#"direct_response: {status: 200, body: {inline_string: "h2c chain"}}"#
+            ),
+            hcm(
+                "default",
+                r#"direct_response: {status: 200, body: {inline_string: "default chain"}}"#
+            ),
+            cluster("a", a.port()),
+            cluster("b", b.port()),
+        );
+        let proxy = kind.start(&boot, ip).await.unwrap();
+        let url = format!("http://{ip}:9080/x");
+        let h1 = curl(&[], &url);
+        let h2 = curl(&["--http2-prior-knowledge"], &url);
+        // Not HTTP: no application protocol, so the raw chain (tcp_proxy to b).
+        let _ = pingsail_tests::client::send_raw(
+            (ip, 9080).into(),
+            b"\x00\x01\x02 binary protocol\r\n\r\n",
+        )
+        .await;
+        // A server-first protocol sends nothing: the inspector times out and the raw chain is used.
+        let silent = tokio::net::TcpStream::connect((ip, 9080)).await.unwrap();
+        let mut b_conns = 0;
+        for _ in 0..100 {
+            b_conns = b.connections();
+            if b_conns >= 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        drop(silent);
+        drop(proxy);
+        results.push((kind, h1, h2, b_conns, a.connections()));
+    }
+    let (e, p) = (&results[0], &results[1]);
+    assert_eq!(e.1.upstream.as_deref(), Some("a"), "{e:?}");
+    assert_eq!(e.2.body.as_deref(), Some("h2c chain"), "{e:?}");
+    assert_eq!((e.3, e.4), (2, 1), "{e:?}");
+    assert_eq!(
+        (&e.1, &e.2, e.3, e.4),
+        (&p.1, &p.2, p.3, p.4),
+        "\nenvoy    {e:?}\npingsail {p:?}"
+    );
+}
