@@ -374,7 +374,8 @@ def report(runs: list[dict], meta: dict, variants: list[str]) -> str:
     out = []
     out.append(f"Generated {meta['date']} by `{meta['command']}`\n")
     out.append(f"Machine: {meta['nproc']} vCPU, {meta['cpu']}, kernel {meta['kernel']}; "
-               f"Envoy `{meta['envoy_version']}`; pingsail at `{meta['git']}`.\n")
+               f"Envoy `{meta['envoy_version']}`; pingsail tree at `{meta['git']}` (binary built "
+               f"{meta['pingsail_built']}).\n")
     out.append(f"Setup: {meta['setup']}\n")
     for v in variants:
         vr = [r for r in runs if r["variant"] == v and "error" not in r]
@@ -494,12 +495,14 @@ def main() -> int:
                            cwd=ROOT, capture_output=True, text=True).stdout.strip()
     meta = {**machine(), "date": dt.datetime.now().isoformat(timespec="seconds"),
             "command": "python3 perf/bench.py " + " ".join(sys.argv[1:]), "envoy_version": envoy_version,
-            "git": git + ("+dirty" if dirty else ""), "setup": setup}
+            "git": git + ("+dirty" if dirty else ""), "setup": setup,
+            "pingsail_built": dt.datetime.fromtimestamp(args.pingsail_bin.stat().st_mtime).isoformat(timespec="seconds")}
 
     def on_signal(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)  # also when started with SIGINT ignored (background job)
     runs: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

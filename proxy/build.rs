@@ -47,8 +47,75 @@ fn main() {
         .map(|d| d.join(DESCRIPTOR))
         .unwrap_or_else(|| fail("bad manifest path"));
     println!("cargo:rerun-if-changed={}", src.display());
-    std::fs::copy(&src, out.join("envoy_types.bin"))
-        .unwrap_or_else(|e| fail(&format!("copying {}: {e}", src.display())));
+    println!("cargo:rerun-if-changed=src/xds/pool_roots.rs");
+    let full =
+        std::fs::read(&src).unwrap_or_else(|e| fail(&format!("reading {}: {e}", src.display())));
+    let subset = prune(&full);
+    std::fs::write(out.join("envoy_types.bin"), subset)
+        .unwrap_or_else(|e| fail(&format!("writing descriptors: {e}")));
+}
+
+mod roots {
+    include!("src/xds/pool_roots.rs");
+}
+
+/// Keeps the files that define [`roots::ROOTS`] and everything they import, without comments: the
+/// full set costs ~50 MiB of heap as a descriptor pool, the closure under 1 MiB.
+fn prune(full: &[u8]) -> Vec<u8> {
+    use prost::Message;
+    use prost_types::{DescriptorProto, FileDescriptorSet};
+    let set = FileDescriptorSet::decode(full)
+        .unwrap_or_else(|e| fail(&format!("decoding descriptors: {e}")));
+    fn names(prefix: &str, msgs: &[DescriptorProto], out: &mut Vec<String>) {
+        for m in msgs {
+            let full = format!("{prefix}.{}", m.name());
+            names(&full, &m.nested_type, out);
+            out.push(full);
+        }
+    }
+    let mut defining = std::collections::HashMap::new();
+    for (i, f) in set.file.iter().enumerate() {
+        let mut n = Vec::new();
+        names(f.package(), &f.message_type, &mut n);
+        for name in n {
+            defining.insert(name, i);
+        }
+    }
+    let by_file: std::collections::HashMap<&str, usize> = set
+        .file
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.name(), i))
+        .collect();
+    let mut keep = vec![false; set.file.len()];
+    let mut stack = Vec::new();
+    for r in roots::ROOTS {
+        match defining.get(*r) {
+            Some(&i) => stack.push(i),
+            None => fail(&format!("descriptor root {r} not found in envoy-types")),
+        }
+    }
+    while let Some(i) = stack.pop() {
+        if std::mem::replace(&mut keep[i], true) {
+            continue;
+        }
+        for dep in &set.file[i].dependency {
+            if let Some(&j) = by_file.get(dep.as_str()) {
+                stack.push(j);
+            }
+        }
+    }
+    let file = set
+        .file
+        .into_iter()
+        .zip(keep)
+        .filter(|(_, k)| *k)
+        .map(|(mut f, _)| {
+            f.source_code_info = None;
+            f
+        })
+        .collect();
+    FileDescriptorSet { file }.encode_to_vec()
 }
 
 fn fail(msg: &str) -> ! {

@@ -5,4 +5,5 @@
 pub mod bootstrap;
 pub mod json;
 pub mod pool;
+pub mod pool_roots;
 pub mod translate;

@@ -12,6 +12,7 @@ use prost_types::{
 };
 use std::sync::LazyLock;
 
+/// Envoy's schemas, pruned at build time to the closure of [`pool_roots::ROOTS`] (see build.rs).
 static ENVOY_DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envoy_types.bin"));
 
 /// The process-wide immutable pool (built once, read-only afterwards).
