@@ -59,63 +59,134 @@ mod roots {
     include!("src/xds/pool_roots.rs");
 }
 
-/// Keeps the files that define [`roots::ROOTS`] and everything they import, without comments: the
-/// full set costs ~50 MiB of heap as a descriptor pool, the closure under 1 MiB.
+/// Keeps only the message and enum types reachable from [`roots::ROOTS`] through field types (whole
+/// top-level messages, with their nested types), drops comments, services and option extensions, and
+/// keeps the files that still hold something. All of Envoy's schemas cost ~50 MiB of heap as a
+/// descriptor pool; this closure a small fraction of that.
 fn prune(full: &[u8]) -> Vec<u8> {
     use prost::Message;
     use prost_types::{DescriptorProto, FileDescriptorSet};
-    let set = FileDescriptorSet::decode(full)
+    use std::collections::{HashMap, HashSet};
+    let mut set = FileDescriptorSet::decode(full)
         .unwrap_or_else(|e| fail(&format!("decoding descriptors: {e}")));
-    fn names(prefix: &str, msgs: &[DescriptorProto], out: &mut Vec<String>) {
-        for m in msgs {
-            let full = format!("{prefix}.{}", m.name());
-            names(&full, &m.nested_type, out);
-            out.push(full);
+    // full name (".pkg.Msg.Nested") → (file, top-level kind/index)
+    #[derive(Clone, Copy, PartialEq, Eq, Hash)]
+    enum Top {
+        Msg(usize, usize),
+        Enum(usize, usize),
+    }
+    fn index_msg(prefix: &str, m: &DescriptorProto, top: Top, out: &mut HashMap<String, Top>) {
+        let full = format!("{prefix}.{}", m.name());
+        for n in &m.nested_type {
+            index_msg(&full, n, top, out);
+        }
+        for e in &m.enum_type {
+            out.insert(format!("{full}.{}", e.name()), top);
+        }
+        out.insert(full, top);
+    }
+    let mut names: HashMap<String, Top> = HashMap::new();
+    for (fi, f) in set.file.iter().enumerate() {
+        let pkg = if f.package().is_empty() {
+            String::new()
+        } else {
+            format!(".{}", f.package())
+        };
+        for (mi, m) in f.message_type.iter().enumerate() {
+            index_msg(&pkg, m, Top::Msg(fi, mi), &mut names);
+        }
+        for (ei, e) in f.enum_type.iter().enumerate() {
+            names.insert(format!("{pkg}.{}", e.name()), Top::Enum(fi, ei));
         }
     }
-    let mut defining = std::collections::HashMap::new();
-    for (i, f) in set.file.iter().enumerate() {
-        let mut n = Vec::new();
-        names(f.package(), &f.message_type, &mut n);
-        for name in n {
-            defining.insert(name, i);
+    fn field_types(m: &DescriptorProto, out: &mut Vec<String>) {
+        for f in &m.field {
+            if !f.type_name().is_empty() {
+                out.push(f.type_name().to_string());
+            }
+        }
+        for n in &m.nested_type {
+            field_types(n, out);
         }
     }
-    let by_file: std::collections::HashMap<&str, usize> = set
-        .file
-        .iter()
-        .enumerate()
-        .map(|(i, f)| (f.name(), i))
-        .collect();
-    let mut keep = vec![false; set.file.len()];
-    let mut stack = Vec::new();
+    let mut keep: HashSet<Top> = HashSet::new();
+    let mut work: Vec<Top> = Vec::new();
     for r in roots::ROOTS {
-        match defining.get(*r) {
-            Some(&i) => stack.push(i),
+        match names.get(&format!(".{r}")) {
+            Some(t) => work.push(*t),
             None => fail(&format!("descriptor root {r} not found in envoy-types")),
         }
     }
-    while let Some(i) = stack.pop() {
-        if std::mem::replace(&mut keep[i], true) {
+    while let Some(t) = work.pop() {
+        if !keep.insert(t) {
             continue;
         }
-        for dep in &set.file[i].dependency {
-            if let Some(&j) = by_file.get(dep.as_str()) {
-                stack.push(j);
+        if let Top::Msg(fi, mi) = t {
+            let mut refs = Vec::new();
+            field_types(&set.file[fi].message_type[mi], &mut refs);
+            for r in refs {
+                match names.get(&r) {
+                    Some(t) => work.push(*t),
+                    None => fail(&format!("type {r} referenced but not defined")),
+                }
             }
         }
     }
-    let file = set
-        .file
-        .into_iter()
-        .zip(keep)
-        .filter(|(_, k)| *k)
-        .map(|(mut f, _)| {
-            f.source_code_info = None;
-            f
-        })
-        .collect();
-    FileDescriptorSet { file }.encode_to_vec()
+    let mut kept_files: HashSet<String> = HashSet::new();
+    for (fi, f) in set.file.iter_mut().enumerate() {
+        let msgs = std::mem::take(&mut f.message_type);
+        f.message_type = msgs
+            .into_iter()
+            .enumerate()
+            .filter(|(mi, _)| keep.contains(&Top::Msg(fi, *mi)))
+            .map(|(_, m)| m)
+            .collect();
+        let enums = std::mem::take(&mut f.enum_type);
+        f.enum_type = enums
+            .into_iter()
+            .enumerate()
+            .filter(|(ei, _)| keep.contains(&Top::Enum(fi, *ei)))
+            .map(|(_, e)| e)
+            .collect();
+        f.service.clear();
+        f.extension.clear();
+        f.source_code_info = None;
+        f.options = None;
+        if !f.message_type.is_empty() || !f.enum_type.is_empty() {
+            kept_files.insert(f.name().to_string());
+        }
+    }
+    set.file.retain(|f| kept_files.contains(f.name()));
+    for f in &mut set.file {
+        f.dependency.retain(|d| kept_files.contains(d));
+        f.public_dependency.clear();
+        f.weak_dependency.clear();
+        // Options (validation rules, annotations) are not needed for JSON or reflection; map_entry is.
+        fn strip(m: &mut DescriptorProto) {
+            let map_entry = m.options.as_ref().and_then(|o| o.map_entry);
+            m.options = map_entry.map(|v| prost_types::MessageOptions {
+                map_entry: Some(v),
+                ..Default::default()
+            });
+            for f in &mut m.field {
+                let deprecated = f.options.as_ref().and_then(|o| o.deprecated);
+                let packed = f.options.as_ref().and_then(|o| o.packed);
+                f.options =
+                    (deprecated.is_some() || packed.is_some()).then(|| prost_types::FieldOptions {
+                        deprecated,
+                        packed,
+                        ..Default::default()
+                    });
+            }
+            for n in &mut m.nested_type {
+                strip(n);
+            }
+        }
+        for m in &mut f.message_type {
+            strip(m);
+        }
+    }
+    set.encode_to_vec()
 }
 
 fn fail(msg: &str) -> ! {

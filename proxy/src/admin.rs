@@ -188,6 +188,7 @@ fn any<M: Message + Name>(m: &M) -> Any {
 
 /// `/config_dump` in Envoy's shape (what `istioctl proxy-config` parses).
 pub fn config_dump(shared: &Shared) -> String {
+    let schemas = crate::xds::pool::pool();
     let snap = shared.snapshot.load();
     let now = ts(SystemTime::now());
     let bootstrap = admin::BootstrapConfigDump {
@@ -252,8 +253,7 @@ pub fn config_dump(shared: &Shared) -> String {
             any(&admin::SecretsConfigDump::default()),
         ],
     };
-    let Some(desc) = crate::xds::pool::pool().get_message_by_name(&admin::ConfigDump::full_name())
-    else {
+    let Some(desc) = schemas.get_message_by_name(&admin::ConfigDump::full_name()) else {
         return "{}".into();
     };
     match prost_reflect::DynamicMessage::decode(desc, dump.encode_to_vec().as_slice()) {

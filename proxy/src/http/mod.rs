@@ -415,13 +415,23 @@ impl ProxyHttp for Router {
         }
 
         // Path normalisation (normalize_path, merge_slashes, escaped slashes).
-        let raw_path = String::from_utf8_lossy(session.req_header().raw_path()).into_owned();
-        match path::normalize(
-            &raw_path,
-            hcm.normalize_path,
-            hcm.merge_slashes,
-            hcm.escaped_slashes,
-        ) {
+        // Borrow the path; allocate only when normalisation changes it.
+        let raw = session.req_header().raw_path();
+        let normalized = match std::str::from_utf8(raw) {
+            Ok(p) => path::normalize(
+                p,
+                hcm.normalize_path,
+                hcm.merge_slashes,
+                hcm.escaped_slashes,
+            ),
+            Err(_) => path::normalize(
+                &String::from_utf8_lossy(raw),
+                hcm.normalize_path,
+                hcm.merge_slashes,
+                hcm.escaped_slashes,
+            ),
+        };
+        match normalized {
             Ok(path::Normalized::Same) => {}
             Ok(path::Normalized::Changed(p)) => {
                 session.req_header_mut().set_raw_path(p.as_bytes())?

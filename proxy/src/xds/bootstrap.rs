@@ -55,6 +55,8 @@ pub fn load_file(path: &str) -> Result<Loaded, BootstrapError> {
 
 /// Validates bootstrap text (YAML or JSON).
 pub fn load_text(text: &str) -> Result<Loaded, BootstrapError> {
+    // Keep the schemas alive for the whole load (translation consults them for every message).
+    let _schemas = crate::xds::pool::pool();
     let value = parse_text(text)?;
     let bootstrap: Bootstrap = from_json(&value)?;
     load(bootstrap)

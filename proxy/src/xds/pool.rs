@@ -4,21 +4,32 @@
 //! own descriptor set (so JSON and the prost types agree field for field); the few Istio messages that
 //! istiod puts in `typed_config` are described here.
 
+use parking_lot::Mutex;
 use prost_reflect::DescriptorPool;
 use prost_types::field_descriptor_proto::{Label, Type};
 use prost_types::{
     DescriptorProto, EnumDescriptorProto, EnumValueDescriptorProto, FieldDescriptorProto,
     FileDescriptorProto,
 };
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock, Weak};
 
 /// Envoy's schemas, pruned at build time to the closure of [`pool_roots::ROOTS`] (see build.rs).
 static ENVOY_DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envoy_types.bin"));
 
-/// The process-wide immutable pool (built once, read-only afterwards).
-pub fn pool() -> &'static DescriptorPool {
-    static POOL: LazyLock<DescriptorPool> = LazyLock::new(build);
-    &POOL
+/// The descriptor pool, built on demand and shared while anyone holds it. Schemas are only needed
+/// while configuration is parsed or translated and for `/config_dump`; between those the pool is
+/// dropped, which keeps a few MiB out of the proxy's resident memory.
+pub fn pool() -> Arc<DescriptorPool> {
+    // An immutable schema cache, not configuration: a weak handle, so the pool lives exactly as long
+    // as its users.
+    static CACHE: LazyLock<Mutex<Weak<DescriptorPool>>> = LazyLock::new(|| Mutex::new(Weak::new()));
+    let mut cached = CACHE.lock();
+    if let Some(p) = cached.upgrade() {
+        return p;
+    }
+    let p = Arc::new(build());
+    *cached = Arc::downgrade(&p);
+    p
 }
 
 fn build() -> DescriptorPool {
