@@ -81,7 +81,6 @@ pub struct RequestCtx {
     deadline: Option<(Instant, Failure)>,
     hash: Option<u64>,
     status: u16,
-    request_bytes: u64,
     host_rewrite: Option<String>,
     auto_host: bool,
     /// The authority before `auto_host_rewrite`, for `x-envoy-original-host`.
@@ -117,7 +116,6 @@ fn new_ctx() -> RequestCtx {
         deadline: None,
         hash: None,
         status: 0,
-        request_bytes: 0,
         host_rewrite: None,
         auto_host: false,
         original_host: None,
@@ -1143,7 +1141,6 @@ impl ProxyHttp for Router {
         for log in &facts.hcm.access_logs {
             log.write(&entry);
         }
-        let _ = ctx.request_bytes;
     }
 }
 

@@ -131,14 +131,8 @@ pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Liste
         )?)),
         None => None,
     };
-    if chains
-        .iter()
-        .any(|c| !c.matcher.application_protocols.is_empty())
-        && !sniff_http
-    {
-        // Envoy only knows application protocols from a listener filter; without one no chain
-        // with application_protocols can match. Keep that behaviour: never sniff.
-    }
+    // Envoy only learns application protocols from a listener filter: without http_inspector no
+    // chain with application_protocols can match, and we do not sniff (see listener::handle).
     Ok(config::Listener {
         name: li.name.as_str().into(),
         address,
