@@ -32,8 +32,14 @@ pub struct Admin {
 /// Serves admin requests until the process ends.
 pub async fn serve(admin: Arc<Admin>, socket: TcpListener) {
     loop {
-        let Ok((stream, _)) = socket.accept().await else {
-            continue;
+        let stream = match socket.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!("admin accept failed: {e}");
+                pingora_timeout::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
         };
         let admin = admin.clone();
         tokio::spawn(async move {
