@@ -1,0 +1,579 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Dynamic configuration over ADS, against the fake istiod. Every protocol behaviour is checked on the
+//! real Envoy first (so the fake server is known to speak real xDS) and then on pingsail, with the same
+//! resources and the same assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
+use anyhow::{Context as _, Result, bail};
+use pingsail_tests::client::{self, Request};
+use pingsail_tests::echo::EchoServer as Echo;
+use pingsail_tests::envoy::Envoy;
+use pingsail_tests::istiod::{self, CLUSTER, ENDPOINT, FakeIstiod, LISTENER, ROUTE};
+use pingsail_tests::net::random_loopback_ip;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Envoy,
+    Pingsail,
+}
+
+enum Proxy {
+    Envoy(Envoy),
+    Pingsail(pingsail_proxy::testing::Running),
+}
+
+impl Proxy {
+    async fn start(side: Side, bootstrap: &str) -> Result<Self> {
+        Ok(match side {
+            Side::Envoy => Proxy::Envoy(Envoy::start(bootstrap).await?),
+            Side::Pingsail => {
+                let p = pingsail_proxy::testing::start(bootstrap).await?;
+                p.wait_initialized(T).await?;
+                Proxy::Pingsail(p)
+            }
+        })
+    }
+
+    fn diagnostics(&self) -> String {
+        match self {
+            Proxy::Envoy(e) => e.stderr(),
+            Proxy::Pingsail(_) => String::new(),
+        }
+    }
+
+    async fn config_dump(&self) -> Result<serde_json::Value> {
+        let text = match self {
+            Proxy::Envoy(e) => {
+                client::send(e.admin(), &Request::get("/config_dump").header("host", "admin"))
+                    .await?
+                    .body_text()
+            }
+            Proxy::Pingsail(p) => p.config_dump(false),
+        };
+        Ok(serde_json::from_str(&text)?)
+    }
+}
+
+struct Mesh {
+    ip: Ipv4Addr,
+    istiod: FakeIstiod,
+    echoes: Vec<Echo>,
+}
+
+fn cluster_yaml(names: &[&str]) -> String {
+    let mut s = String::new();
+    for n in names {
+        s.push_str(&format!(
+            r#"
+- name: {n}
+  type: EDS
+  connect_timeout: 1s
+  eds_cluster_config:
+    service_name: {n}
+    eds_config: {{ ads: {{}}, initial_fetch_timeout: 0s, resource_api_version: V3 }}
+"#
+        ));
+    }
+    s
+}
+
+fn cla_yaml(name: &str, eps: &[(SocketAddr, u32)]) -> String {
+    let mut s = format!("- cluster_name: {name}\n  endpoints:\n  - lb_endpoints:\n");
+    for (a, w) in eps {
+        s.push_str(&format!(
+            "    - endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}\n      load_balancing_weight: {w}\n",
+            a.ip(),
+            a.port()
+        ));
+    }
+    s
+}
+
+fn listener_yaml(name: &str, ip: Ipv4Addr, port: u16, route: &str, stat_prefix: &str) -> String {
+    format!(
+        r#"
+- name: {name}
+  address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }}
+  filter_chains:
+  - filters:
+    - name: envoy.filters.network.http_connection_manager
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+        stat_prefix: {stat_prefix}
+        rds:
+          route_config_name: {route}
+          config_source: {{ ads: {{}}, initial_fetch_timeout: 0s, resource_api_version: V3 }}
+        http_filters:
+        - name: envoy.filters.http.router
+          typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+"#
+    )
+}
+
+/// A route table: `/` to weighted clusters, plus a `x-tag` response header so a test can tell
+/// versions apart.
+fn route_yaml(name: &str, clusters: &[(&str, u32)], tag: &str) -> String {
+    let mut wc = String::new();
+    for (c, w) in clusters {
+        wc.push_str(&format!("              - {{ name: {c}, weight: {w} }}\n"));
+    }
+    format!(
+        r#"
+- name: {name}
+  virtual_hosts:
+  - name: all
+    domains: ["*"]
+    response_headers_to_add: [ {{ header: {{ key: x-tag, value: "{tag}" }} }} ]
+    routes:
+    - match: {{ prefix: / }}
+      route:
+        weighted_clusters:
+          clusters:
+{wc}"#
+    )
+}
+
+impl Mesh {
+    async fn new(delta: bool) -> Result<Self> {
+        let _ = delta;
+        let istiod = FakeIstiod::start_tcp().await?;
+        let echoes = vec![
+            Echo::start("a1").await?,
+            Echo::start("a2").await?,
+            Echo::start("b1").await?,
+        ];
+        let ip = random_loopback_ip();
+        let m = Mesh { ip, istiod, echoes };
+        m.istiod.set_yaml(CLUSTER, &cluster_yaml(&["a"]))?;
+        m.istiod
+            .set_yaml(ENDPOINT, &cla_yaml("a", &[(m.echoes[0].addr(), 1)]))?;
+        m.istiod
+            .set_yaml(LISTENER, &listener_yaml("http", ip, 18080, "r1", "http"))?;
+        m.istiod
+            .set_yaml(ROUTE, &route_yaml("r1", &[("a", 1)], "v1"))?;
+        Ok(m)
+    }
+
+    fn listener(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, 18080))
+    }
+
+    fn bootstrap(&self, delta: bool) -> String {
+        let admin = SocketAddr::from((self.ip, 15000));
+        istiod::bootstrap(&self.istiod, admin, delta, "sidecar~10.0.0.1~pod.ns~ns.svc.cluster.local")
+    }
+
+    async fn get(&self) -> Result<client::Response> {
+        client::send(self.listener(), &Request::get("/").header("host", "svc")).await
+    }
+
+    /// Sends until `pred` holds for a response (config propagation is asynchronous; the ACK is the
+    /// readiness signal, but Envoy applies some updates just after ACKing).
+    async fn until(&self, what: &str, pred: impl Fn(&client::Response) -> bool) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + T;
+        let mut last = String::new();
+        while tokio::time::Instant::now() < deadline {
+            match self.get().await {
+                Ok(r) if pred(&r) => return Ok(()),
+                Ok(r) => last = format!("{} {:?}", r.status, r.header("x-upstream")),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!("{what}: never happened (last: {last})")
+    }
+}
+
+async fn ack_all(m: &Mesh) -> Result<()> {
+    for t in [CLUSTER, ENDPOINT, LISTENER, ROUTE] {
+        m.istiod.wait_acked(t, T).await?;
+    }
+    Ok(())
+}
+
+/// Both proxies: subscribe, ACK every type, and serve through the dynamic listener.
+async fn basic(side: Side, delta: bool) -> Result<()> {
+    let m = Mesh::new(delta).await?;
+    let p = Proxy::start(side, &m.bootstrap(delta)).await?;
+    ack_all(&m).await.with_context(|| p.diagnostics())?;
+    let r = m.get().await?;
+    assert_eq!(r.status, 200, "{side:?}: {}", r.body_text());
+    assert_eq!(r.header("x-upstream"), Some("a1"));
+    assert_eq!(r.header("x-tag"), Some("v1"));
+    let seen = m.istiod.seen();
+    assert!(seen.iter().all(|s| s.error.is_none()), "{side:?} NACKed: {seen:#?}");
+    assert!(seen.iter().all(|s| s.delta == delta));
+    // set_node_on_first_message_only: the node rides on the first request of the stream only.
+    assert!(seen[0].has_node, "{side:?}: first request without node");
+    assert_eq!(seen[0].node_id, "sidecar~10.0.0.1~pod.ns~ns.svc.cluster.local");
+    assert!(seen[1..].iter().all(|s| !s.has_node), "{side:?}: node repeated");
+    // Envoy's order: clusters first; endpoints requested before the clusters are ACKed; listeners
+    // once clusters are warm; routes requested before the listeners are ACKed.
+    let pos = |pred: &dyn Fn(&istiod::Seen) -> bool| seen.iter().position(pred).unwrap();
+    assert_eq!(seen[0].type_url, CLUSTER, "{side:?}: {seen:#?}");
+    let eds_req = pos(&|s| s.type_url == ENDPOINT && !s.is_reply());
+    let cds_ack = pos(&|s| s.type_url == CLUSTER && s.is_reply());
+    let lds_req = pos(&|s| s.type_url == LISTENER && !s.is_reply());
+    let eds_ack = pos(&|s| s.type_url == ENDPOINT && s.is_reply());
+    let rds_req = pos(&|s| s.type_url == ROUTE && !s.is_reply());
+    let lds_ack = pos(&|s| s.type_url == LISTENER && s.is_reply());
+    assert!(eds_req < cds_ack, "{side:?}: EDS after CDS ACK: {seen:#?}");
+    assert!(eds_req < lds_req, "{side:?}: LDS before EDS: {seen:#?}");
+    let _ = eds_ack;
+    assert!(rds_req < lds_ack, "{side:?}: RDS after LDS ACK: {seen:#?}");
+    let eds = &seen[eds_req];
+    assert_eq!(eds.names, vec!["a".to_string()]);
+    assert_eq!(seen[rds_req].names, vec!["r1".to_string()]);
+    if !delta {
+        // SotW ACKs carry the accepted version.
+        let ack = &seen[cds_ack];
+        assert!(ack.version_info.starts_with('v'), "{ack:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn delta_envoy_acks_fake_istiod() -> Result<()> {
+    basic(Side::Envoy, true).await
+}
+
+#[tokio::test]
+async fn delta_pingsail() -> Result<()> {
+    basic(Side::Pingsail, true).await
+}
+
+#[tokio::test]
+async fn sotw_envoy_acks_fake_istiod() -> Result<()> {
+    basic(Side::Envoy, false).await
+}
+
+#[tokio::test]
+async fn sotw_pingsail() -> Result<()> {
+    basic(Side::Pingsail, false).await
+}
+
+/// Updates apply to the next request: routes, endpoints, new clusters; removals are honoured.
+async fn updates(side: Side, delta: bool) -> Result<()> {
+    let m = Mesh::new(delta).await?;
+    let p = Proxy::start(side, &m.bootstrap(delta)).await?;
+    ack_all(&m).await.with_context(|| p.diagnostics())?;
+    // A new route version.
+    m.istiod.set_yaml(ROUTE, &route_yaml("r1", &[("a", 1)], "v2"))?;
+    m.until("route v2", |r| r.header("x-tag") == Some("v2")).await?;
+    // Endpoints replaced.
+    m.istiod
+        .set_yaml(ENDPOINT, &cla_yaml("a", &[(m.echoes[1].addr(), 1)]))?;
+    m.until("endpoint a2", |r| r.header("x-upstream") == Some("a2"))
+        .await?;
+    // A new cluster with its endpoints, then a route to it.
+    m.istiod.set_yaml(CLUSTER, &cluster_yaml(&["a", "b"]))?;
+    m.istiod.set_yaml(
+        ENDPOINT,
+        &format!(
+            "{}{}",
+            cla_yaml("a", &[(m.echoes[1].addr(), 1)]),
+            cla_yaml("b", &[(m.echoes[2].addr(), 1)])
+        ),
+    )?;
+    m.istiod.set_yaml(ROUTE, &route_yaml("r1", &[("b", 1)], "v3"))?;
+    m.until("cluster b", |r| r.header("x-upstream") == Some("b1"))
+        .await?;
+    // Cluster a removed (omitted in SotW, removed_resources in delta): b still serves.
+    m.istiod.set_yaml(CLUSTER, &cluster_yaml(&["b"]))?;
+    m.istiod.wait_acked(CLUSTER, T).await?;
+    m.until("still b", |r| r.header("x-upstream") == Some("b1"))
+        .await?;
+    let dump = p.config_dump().await?;
+    let clusters = dump["configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["@type"].as_str().unwrap().ends_with("ClustersConfigDump"))
+        .unwrap()
+        .clone();
+    let active: Vec<&str> = clusters["dynamic_active_clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["cluster"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(active, vec!["b"], "{side:?}");
+    // The listener removed: connections are refused.
+    m.istiod.set(LISTENER, vec![])?;
+    m.istiod.wait_acked(LISTENER, T).await?;
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        if tokio::net::TcpStream::connect(m.listener()).await.is_err() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{side:?}: listener still open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn delta_updates_envoy() -> Result<()> {
+    updates(Side::Envoy, true).await
+}
+
+#[tokio::test]
+async fn delta_updates_pingsail() -> Result<()> {
+    updates(Side::Pingsail, true).await
+}
+
+#[tokio::test]
+async fn sotw_updates_envoy() -> Result<()> {
+    updates(Side::Envoy, false).await
+}
+
+#[tokio::test]
+async fn sotw_updates_pingsail() -> Result<()> {
+    updates(Side::Pingsail, false).await
+}
+
+/// A bad update is NACKed with the nonce of the rejected response and a message naming the resource;
+/// the last good configuration keeps serving.
+async fn nack(side: Side, delta: bool) -> Result<()> {
+    let m = Mesh::new(delta).await?;
+    let p = Proxy::start(side, &m.bootstrap(delta)).await?;
+    ack_all(&m).await.with_context(|| p.diagnostics())?;
+    let bad_route = r#"
+- name: r1
+  virtual_hosts:
+  - name: all
+    domains: ["*"]
+    routes:
+    - match: { safe_regex: { regex: "([a-z" } }
+      route: { cluster: a }
+"#;
+    m.istiod.set_yaml(ROUTE, bad_route)?;
+    m.istiod
+        .wait_for("NACK of routes", T, |seen, sent| {
+            let Some(last) = sent.iter().rev().find(|s| s.type_url == ROUTE) else {
+                return false;
+            };
+            seen.iter()
+                .any(|s| s.type_url == ROUTE && s.nonce == last.nonce && s.error.is_some())
+        })
+        .await?;
+    let seen = m.istiod.seen();
+    let nack = seen.iter().rev().find(|s| s.error.is_some()).unwrap();
+    let msg = nack.error.clone().unwrap();
+    assert!(msg.contains("regex") || msg.contains("missing ]"), "{side:?}: {msg}");
+    if !delta {
+        // SotW NACK: version_info is the last accepted version.
+        let accepted = seen
+            .iter()
+            .filter(|s| s.type_url == ROUTE && s.is_reply() && s.error.is_none())
+            .next_back()
+            .unwrap();
+        assert_eq!(nack.version_info, accepted.version_info, "{side:?}");
+    }
+    let r = m.get().await?;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-tag"), Some("v1"), "{side:?}: old config must serve");
+    // A bad listener: same.
+    let bad_listener = listener_yaml("http", m.ip, 18080, "r1", "http").replace(
+        &format!("address: {}", m.ip),
+        "address: not-an-ip",
+    );
+    m.istiod.set_yaml(LISTENER, &bad_listener)?;
+    m.istiod
+        .wait_for("NACK of listeners", T, |seen, sent| {
+            let Some(last) = sent.iter().rev().find(|s| s.type_url == LISTENER) else {
+                return false;
+            };
+            seen.iter()
+                .any(|s| s.type_url == LISTENER && s.nonce == last.nonce && s.error.is_some())
+        })
+        .await?;
+    let seen = m.istiod.seen();
+    let msg = seen.iter().rev().find_map(|s| s.error.clone()).unwrap();
+    assert!(msg.contains("http"), "{side:?}: NACK must name the listener: {msg}");
+    let r = m.get().await?;
+    assert_eq!(r.status, 200);
+    if side == Side::Pingsail {
+        let dump = p.config_dump().await?;
+        let text = dump.to_string();
+        assert!(text.contains("error_state"), "config dump has no error_state");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn delta_nack_envoy() -> Result<()> {
+    nack(Side::Envoy, true).await
+}
+
+#[tokio::test]
+async fn delta_nack_pingsail() -> Result<()> {
+    nack(Side::Pingsail, true).await
+}
+
+#[tokio::test]
+async fn sotw_nack_envoy() -> Result<()> {
+    nack(Side::Envoy, false).await
+}
+
+#[tokio::test]
+async fn sotw_nack_pingsail() -> Result<()> {
+    nack(Side::Pingsail, false).await
+}
+
+/// The stream drops: the proxy reconnects and resubscribes with what it holds, and serves meanwhile.
+async fn reconnect(side: Side, delta: bool) -> Result<()> {
+    let m = Mesh::new(delta).await?;
+    let p = Proxy::start(side, &m.bootstrap(delta)).await?;
+    ack_all(&m).await.with_context(|| p.diagnostics())?;
+    m.istiod.drop_streams();
+    assert_eq!(m.get().await?.status, 200);
+    m.istiod
+        .wait_for("a second stream", T, |seen, _| seen.iter().any(|s| s.stream == 2))
+        .await?;
+    for t in [CLUSTER, LISTENER] {
+        m.istiod
+            .wait_for("resubscription", T, |seen, _| {
+                seen.iter().any(|s| s.stream == 2 && s.type_url == t)
+            })
+            .await?;
+    }
+    let seen = m.istiod.seen();
+    let first2 = seen.iter().find(|s| s.stream == 2).unwrap();
+    assert!(first2.has_node, "{side:?}: the new stream's first request carries the node");
+    let cds = seen
+        .iter()
+        .find(|s| s.stream == 2 && s.type_url == CLUSTER)
+        .unwrap();
+    if delta {
+        assert_eq!(
+            cds.initial_versions.keys().collect::<Vec<_>>(),
+            vec!["a"],
+            "{side:?}: {cds:?}"
+        );
+    } else {
+        assert!(!cds.version_info.is_empty(), "{side:?}: {cds:?}");
+    }
+    // Updates flow on the new stream.
+    m.istiod.set_yaml(ROUTE, &route_yaml("r1", &[("a", 1)], "v9"))?;
+    m.until("route v9", |r| r.header("x-tag") == Some("v9")).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn delta_reconnect_envoy() -> Result<()> {
+    reconnect(Side::Envoy, true).await
+}
+
+#[tokio::test]
+async fn delta_reconnect_pingsail() -> Result<()> {
+    reconnect(Side::Pingsail, true).await
+}
+
+#[tokio::test]
+async fn sotw_reconnect_envoy() -> Result<()> {
+    reconnect(Side::Envoy, false).await
+}
+
+#[tokio::test]
+async fn sotw_reconnect_pingsail() -> Result<()> {
+    reconnect(Side::Pingsail, false).await
+}
+
+/// Warming: a new listener does not accept until its routes arrive; a new cluster is not used until
+/// its endpoints arrive (requests meanwhile get 503 as for an unknown cluster).
+async fn warming(side: Side) -> Result<()> {
+    let m = Mesh::new(true).await?;
+    let p = Proxy::start(side, &m.bootstrap(true)).await?;
+    ack_all(&m).await.with_context(|| p.diagnostics())?;
+    let second = SocketAddr::from((m.ip, 18081));
+    m.istiod.set_yaml(
+        LISTENER,
+        &format!(
+            "{}{}",
+            listener_yaml("http", m.ip, 18080, "r1", "http"),
+            listener_yaml("http2", m.ip, 18081, "r2", "http2")
+        ),
+    )?;
+    m.istiod.wait_acked(LISTENER, T).await?;
+    m.istiod
+        .wait_for("RDS r2 requested", T, |seen, _| {
+            seen.iter().any(|s| s.type_url == ROUTE && s.names.contains(&"r2".to_string()))
+        })
+        .await?;
+    assert!(
+        tokio::net::TcpStream::connect(second).await.is_err(),
+        "{side:?}: a warming listener accepted a connection"
+    );
+    m.istiod.set_yaml(
+        ROUTE,
+        &format!(
+            "{}{}",
+            route_yaml("r1", &[("a", 1)], "v1"),
+            route_yaml("r2", &[("a", 1)], "r2")
+        ),
+    )?;
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        if let Ok(r) = client::send(second, &Request::get("/").header("host", "svc")).await {
+            assert_eq!(r.header("x-tag"), Some("r2"));
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{side:?}: listener never warmed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A cluster without endpoints yet.
+    m.istiod.set_yaml(CLUSTER, &cluster_yaml(&["a", "c"]))?;
+    m.istiod.set_yaml(ROUTE, &route_yaml("r1", &[("c", 1)], "c"))?;
+    m.istiod.wait_acked(ROUTE, T).await?;
+    m.until("route to warming cluster", |r| r.header("x-tag") == Some("c"))
+        .await?;
+    let r = m.get().await?;
+    assert_eq!(r.status, 503, "{side:?}: {}", r.body_text());
+    m.istiod.set_yaml(
+        ENDPOINT,
+        &format!(
+            "{}{}",
+            cla_yaml("a", &[(m.echoes[0].addr(), 1)]),
+            cla_yaml("c", &[(m.echoes[2].addr(), 1)])
+        ),
+    )?;
+    m.until("cluster c warm", |r| r.header("x-upstream") == Some("b1"))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn warming_envoy() -> Result<()> {
+    warming(Side::Envoy).await
+}
+
+#[tokio::test]
+async fn warming_pingsail() -> Result<()> {
+    warming(Side::Pingsail).await
+}
+
+/// Pilot-agent's shape: ADS over a Unix socket (`pipe`).
+#[tokio::test]
+async fn unix_socket_pingsail() -> Result<()> {
+    let dir = pingsail_tests::net::TempDir::new("pingsail-xds")?;
+    let sock = dir.path().join("XDS");
+    let istiod = FakeIstiod::start_uds(&sock).await?;
+    let echo = Echo::start("u").await?;
+    let ip = random_loopback_ip();
+    istiod.set_yaml(CLUSTER, &cluster_yaml(&["a"]))?;
+    istiod.set_yaml(ENDPOINT, &cla_yaml("a", &[(echo.addr(), 1)]))?;
+    istiod.set_yaml(LISTENER, &listener_yaml("http", ip, 18080, "r1", "http"))?;
+    istiod.set_yaml(ROUTE, &route_yaml("r1", &[("a", 1)], "u"))?;
+    let bootstrap = istiod::bootstrap(&istiod, SocketAddr::from((ip, 15000)), true, "n");
+    let p = pingsail_proxy::testing::start(&bootstrap).await?;
+    p.wait_initialized(T).await?;
+    let r = client::send(SocketAddr::from((ip, 18080)), &Request::get("/").header("host", "svc")).await?;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-upstream"), Some("u"));
+    Ok(())
+}
