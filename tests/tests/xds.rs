@@ -577,3 +577,162 @@ async fn unix_socket_pingsail() -> Result<()> {
     assert_eq!(r.header("x-upstream"), Some("u"));
     Ok(())
 }
+
+/// Under steady keep-alive load, a stream of updates (route weights, endpoints added and removed,
+/// clusters added and removed, the listener's filter chain replaced) fails no request.
+async fn churn(side: Side) -> Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let m = Mesh::new(true).await?;
+    m.istiod.set_yaml(CLUSTER, &cluster_yaml(&["a", "b"]))?;
+    m.istiod.set_yaml(
+        ENDPOINT,
+        &format!(
+            "{}{}",
+            cla_yaml("a", &[(m.echoes[0].addr(), 1)]),
+            cla_yaml("b", &[(m.echoes[2].addr(), 1)])
+        ),
+    )?;
+    let p = Proxy::start(side, &m.bootstrap(true)).await?;
+    ack_all(&m).await.with_context(|| p.diagnostics())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let tags = Arc::new(parking_lot::Mutex::new(std::collections::BTreeSet::<String>::new()));
+    let addr = m.listener();
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (stop, ok, failures, tags) = (stop.clone(), ok.clone(), failures.clone(), tags.clone());
+        workers.push(tokio::spawn(async move {
+            let mut conn: Option<client::Connection> = None;
+            while !stop.load(Ordering::Relaxed) {
+                let mut c = match conn.take() {
+                    Some(c) => c,
+                    None => match client::Connection::connect(addr).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            failures.lock().push(format!("connect: {e}"));
+                            continue;
+                        }
+                    },
+                };
+                match c.send(&Request::get("/").header("host", "svc")).await {
+                    Ok(r) if r.status == 200 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        if let (Some(t), Some(u)) = (r.header("x-tag"), r.header("x-upstream")) {
+                            tags.lock().insert(format!("{t}/{u}"));
+                        }
+                        if c.is_reusable() && r.header("connection") != Some("close") {
+                            conn = Some(c);
+                        }
+                    }
+                    Ok(r) => failures
+                        .lock()
+                        .push(format!("{} {}", r.status, r.body_text())),
+                    Err(e) => failures.lock().push(format!("request: {e}")),
+                }
+            }
+        }));
+    }
+    for i in 0..30u32 {
+        let (wa, wb) = (1 + i % 3, 1 + (i + 1) % 2);
+        m.istiod.set_yaml(
+            ROUTE,
+            &route_yaml("r1", &[("a", wa), ("b", wb)], &format!("t{}", i % 4)),
+        )?;
+        let a_eps: Vec<(SocketAddr, u32)> = if i % 2 == 0 {
+            vec![(m.echoes[0].addr(), 1), (m.echoes[1].addr(), 2)]
+        } else {
+            vec![(m.echoes[1].addr(), 1)]
+        };
+        let extra = if i % 3 == 0 { vec!["a", "b", "c"] } else { vec!["a", "b"] };
+        m.istiod.set_yaml(CLUSTER, &cluster_yaml(&extra))?;
+        m.istiod.set_yaml(
+            ENDPOINT,
+            &format!(
+                "{}{}{}",
+                cla_yaml("a", &a_eps),
+                cla_yaml("b", &[(m.echoes[2].addr(), 1)]),
+                cla_yaml("c", &[(m.echoes[2].addr(), 1)])
+            ),
+        )?;
+        let prefix = if i % 5 == 4 { "http_alt" } else { "http" };
+        m.istiod
+            .set_yaml(LISTENER, &listener_yaml("http", m.ip, 18080, "r1", prefix))?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await?;
+    }
+    let failures = failures.lock().clone();
+    let ok = ok.load(Ordering::Relaxed);
+    let tags = tags.lock().clone();
+    assert!(failures.is_empty(), "{side:?}: {} failed of {}: {:?}", failures.len(), ok + failures.len() as u64, &failures[..failures.len().min(10)]);
+    assert!(ok > 200, "{side:?}: only {ok} requests");
+    // The updates really applied while the load ran.
+    assert!(tags.len() >= 6, "{side:?}: saw only {tags:?}");
+    let seen = m.istiod.seen();
+    assert!(seen.iter().all(|s| s.error.is_none()), "{side:?}: NACKs during churn");
+    Ok(())
+}
+
+#[tokio::test]
+async fn churn_under_load_envoy() -> Result<()> {
+    churn(Side::Envoy).await
+}
+
+#[tokio::test]
+async fn churn_under_load_pingsail() -> Result<()> {
+    churn(Side::Pingsail).await
+}
+
+/// A changed filter chain applies in place: new connections use it, and an open HTTP/1.1 connection
+/// on the old chain is drained with `connection: close` on its next response.
+async fn chain_drain(side: Side) -> Result<()> {
+    let m = Mesh::new(true).await?;
+    let p = Proxy::start(side, &m.bootstrap(true)).await?;
+    ack_all(&m).await.with_context(|| p.diagnostics())?;
+    let mut old = client::Connection::connect(m.listener()).await?;
+    let req = Request::get("/").header("host", "svc");
+    let r = old.send(&req).await?;
+    assert_eq!(r.status, 200);
+    assert_ne!(r.header("connection"), Some("close"));
+    // Same routes, different chain (stat prefix): the chain is replaced.
+    m.istiod
+        .set_yaml(LISTENER, &listener_yaml("http", m.ip, 18080, "r1", "http_v2"))?;
+    m.istiod.wait_acked(LISTENER, T).await?;
+    // Envoy applies the listener just after ACKing it: wait for a new connection to see the drain
+    // on the old one.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let r = old.send(&req).await?;
+        assert_eq!(r.status, 200, "{side:?}");
+        if r.header("connection") == Some("close") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{side:?}: old chain never drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = m.get().await?;
+    assert_eq!(r.status, 200, "{side:?}: new connections use the new chain");
+    // An unchanged chain does not drain: push the same listener again with a new route version.
+    let mut kept = client::Connection::connect(m.listener()).await?;
+    assert_eq!(kept.send(&req).await?.status, 200);
+    m.istiod.set_yaml(ROUTE, &route_yaml("r1", &[("a", 1)], "v5"))?;
+    m.until("route v5", |r| r.header("x-tag") == Some("v5")).await?;
+    let r = kept.send(&req).await?;
+    assert_eq!(r.header("x-tag"), Some("v5"), "{side:?}: open connections see new routes");
+    assert_ne!(r.header("connection"), Some("close"), "{side:?}: route update drained");
+    Ok(())
+}
+
+#[tokio::test]
+async fn chain_drain_envoy() -> Result<()> {
+    chain_drain(Side::Envoy).await
+}
+
+#[tokio::test]
+async fn chain_drain_pingsail() -> Result<()> {
+    chain_drain(Side::Pingsail).await
+}
