@@ -322,15 +322,15 @@ pub fn config_dump(shared: &Shared, include_eds: bool) -> String {
         names.sort();
         for n in names {
             let e = &snap.endpoints[n];
-            endpoints
-                .dynamic_endpoint_configs
-                .push(admin::endpoints_config_dump::DynamicEndpointConfig {
+            endpoints.dynamic_endpoint_configs.push(
+                admin::endpoints_config_dump::DynamicEndpointConfig {
                     version_info: e.version.to_string(),
                     endpoint_config: Some(any(&*e.proto)),
                     last_updated: ts(e.updated),
                     error_state: error_state(ENDPOINT, n),
                     client_status: 0,
-                });
+                },
+            );
         }
     }
     let mut secrets = admin::SecretsConfigDump::default();

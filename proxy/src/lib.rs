@@ -200,7 +200,10 @@ pub fn start(
     });
 
     let (shutdown, _shutdown_rx) = watch::channel(false);
-    let manager = Arc::new(listener::Manager::new(apps.clone(), data_rt.handle().clone()));
+    let manager = Arc::new(listener::Manager::new(
+        apps.clone(),
+        data_rt.handle().clone(),
+    ));
     let failures = publish(&shared, &manager, data_rt.handle(), snap);
     if let Some((name, why)) = failures.into_iter().next() {
         anyhow::bail!("listener '{name}': {why}");

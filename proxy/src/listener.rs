@@ -4,16 +4,16 @@
 
 use crate::Apps;
 use crate::config::{ChainKind, Codec, FilterChain, Listener};
+use crate::http::ConnFacts;
 use crate::snapshot::ListenerEntry;
 use arc_swap::ArcSwap;
 use arcstr::ArcStr;
-use std::collections::HashMap;
-use crate::http::ConnFacts;
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::raw_connect::ProxyDigest;
 use pingora_core::protocols::{GetProxyDigest, Stream};
 use pingora_http::ResponseHeader;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

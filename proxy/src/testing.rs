@@ -32,7 +32,8 @@ impl Running {
     /// Waits until the initial xDS fetch is done (what `/ready` reports), or fails after `timeout`.
     pub async fn wait_initialized(&self, timeout: std::time::Duration) -> anyhow::Result<()> {
         let mut rx = self.inner.shared.snapshot.subscribe();
-        let check = |s: &crate::Shared| s.snapshot.load().xds.as_ref().is_none_or(|x| x.initialized);
+        let check =
+            |s: &crate::Shared| s.snapshot.load().xds.as_ref().is_none_or(|x| x.initialized);
         let wait = async {
             while !check(&self.inner.shared) {
                 if rx.changed().await.is_err() {

@@ -378,7 +378,11 @@ impl FakeIstiod {
     pub async fn wait_acked(&self, type_url: &str, timeout: Duration) -> Result<()> {
         let t = type_url.to_string();
         self.wait_for(&format!("ACK of {type_url}"), timeout, move |seen, sent| {
-            let Some(stream) = sent.iter().filter(|s| s.type_url == t).map(|s| s.stream).max()
+            let Some(stream) = sent
+                .iter()
+                .filter(|s| s.type_url == t)
+                .map(|s| s.stream)
+                .max()
             else {
                 return false;
             };
@@ -457,7 +461,11 @@ impl AggregatedDiscoveryService for Ads {
                     "{:?}",
                     chosen
                         .iter()
-                        .map(|(n, a)| (n.clone(), a.value.len(), a.value.iter().map(|b| *b as u64).sum::<u64>()))
+                        .map(|(n, a)| (
+                            n.clone(),
+                            a.value.len(),
+                            a.value.iter().map(|b| *b as u64).sum::<u64>()
+                        ))
                         .collect::<Vec<_>>()
                 );
                 if !force && last_sent.get(type_url) == Some(&fingerprint) {
@@ -543,7 +551,8 @@ impl AggregatedDiscoveryService for Ads {
             let mut held: HashMap<String, HashMap<String, String>> = HashMap::new();
             let diff = |type_url: &str,
                         subs: &HashMap<String, Option<BTreeSet<String>>>,
-                        held: &mut HashMap<String, HashMap<String, String>>|
+                        held: &mut HashMap<String, HashMap<String, String>>,
+                        force: bool|
              -> Option<DeltaDiscoveryResponse> {
                 let sub = subs.get(type_url)?;
                 let all = inner.of_type(type_url);
@@ -571,7 +580,7 @@ impl AggregatedDiscoveryService for Ads {
                 for n in &removed {
                     h.remove(n);
                 }
-                if resources.is_empty() && removed.is_empty() {
+                if resources.is_empty() && removed.is_empty() && !force {
                     return None;
                 }
                 let nonce = inner.next_nonce();
@@ -629,13 +638,14 @@ impl AggregatedDiscoveryService for Ads {
                                 s.remove(n);
                             }
                         }
-                        if let Some(resp) = diff(&r.type_url, &subs, &mut held)
+                        // Like istiod, a first subscription is always answered (maybe empty).
+                        if let Some(resp) = diff(&r.type_url, &subs, &mut held, first)
                             && tx.send(Ok(resp)).is_err() { return; }
                     }
                     p = pushed.recv() => {
                         if p.is_err() { continue; }
                         for t in [CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET] {
-                            if let Some(resp) = diff(t, &subs, &mut held)
+                            if let Some(resp) = diff(t, &subs, &mut held, false)
                                 && tx.send(Ok(resp)).is_err() { return; }
                         }
                     }

@@ -28,7 +28,10 @@ impl EndpointSet {
     fn carry(cfg: &Cluster, endpoints: Arc<[Endpoint]>, prev: &EndpointSet) -> Self {
         let mut set = EndpointSet::new(cfg, endpoints);
         for (i, e) in set.endpoints.iter().enumerate() {
-            if let Some(j) = prev.endpoints.iter().position(|p| p.addr == e.addr && p.addr.is_some())
+            if let Some(j) = prev
+                .endpoints
+                .iter()
+                .position(|p| p.addr == e.addr && p.addr.is_some())
                 && let (Some(slot), Some(old)) = (set.active.get_mut(i), prev.active.get(j))
             {
                 *slot = old.clone();

@@ -335,8 +335,8 @@ impl AdsClient {
         // Clusters first; without CDS, listeners at once.
         let initial = if cds { store::CLUSTER } else { store::LISTENER };
         self.delta_subscribe(&tx, &mut types, &mut first, initial);
-        let mut client = AggregatedDiscoveryServiceClient::new(ch)
-            .max_decoding_message_size(256 * 1024 * 1024);
+        let mut client =
+            AggregatedDiscoveryServiceClient::new(ch).max_decoding_message_size(256 * 1024 * 1024);
         let mut inbound = client
             .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
             .await?
@@ -469,7 +469,9 @@ impl AdsClient {
         }
         let cds_done = types.get(store::CLUSTER).is_some_and(|t| t.received)
             || self.initial_timeout_passed(started, self.settings.cds);
-        cds_done && (!self.store.clusters_warming() || self.initial_timeout_passed(started, self.settings.cds))
+        cds_done
+            && (!self.store.clusters_warming()
+                || self.initial_timeout_passed(started, self.settings.cds))
     }
 
     fn check_initialized(&mut self, types: &HashMap<&'static str, TypeState>, started: Instant) {
@@ -479,8 +481,7 @@ impl AdsClient {
         let cds_done = self.settings.cds.is_none()
             || types.get(store::CLUSTER).is_some_and(|t| t.received)
             || self.initial_timeout_passed(started, self.settings.cds);
-        if lds_done && cds_done && !self.store.listeners_warming() && !self.store.is_initialized()
-        {
+        if lds_done && cds_done && !self.store.listeners_warming() && !self.store.is_initialized() {
             self.store.set_initialized();
             self.publish_now();
         }
@@ -513,8 +514,8 @@ impl AdsClient {
             store::LISTENER
         };
         self.sotw_request(&tx, &mut types, &mut first, initial, None);
-        let mut client = AggregatedDiscoveryServiceClient::new(ch)
-            .max_decoding_message_size(256 * 1024 * 1024);
+        let mut client =
+            AggregatedDiscoveryServiceClient::new(ch).max_decoding_message_size(256 * 1024 * 1024);
         let mut inbound = client
             .stream_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
             .await?
@@ -563,8 +564,8 @@ impl AdsClient {
             st.nonce = resp.nonce.clone();
         }
         // For routes and endpoints only what we asked for counts.
-        let wanted = matches!(type_url, store::ROUTE | store::ENDPOINT)
-            .then(|| self.store.wanted(type_url));
+        let wanted =
+            matches!(type_url, store::ROUTE | store::ENDPOINT).then(|| self.store.wanted(type_url));
         let update = Update {
             type_url,
             version: resp.version_info,

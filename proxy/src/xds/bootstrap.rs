@@ -143,8 +143,8 @@ pub fn load(b: Bootstrap) -> Result<Loaded, BootstrapError> {
         }
         for (i, c) in sr.clusters.iter().enumerate() {
             let cp = p.at("clusters", i);
-            let control_plane = c.name == "sds-grpc"
-                || ads_cfg.as_ref().is_some_and(|a| a.cluster_name == c.name);
+            let control_plane =
+                c.name == "sds-grpc" || ads_cfg.as_ref().is_some_and(|a| a.cluster_name == c.name);
             let config = if control_plane {
                 translate::translate_control_plane_cluster(c, &cp)?
             } else {

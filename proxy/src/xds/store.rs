@@ -170,9 +170,11 @@ impl Store {
         let mut out = BTreeSet::new();
         match type_url {
             ROUTE => {
-                let all = self.static_listeners.iter().chain(self.listeners.values().flat_map(
-                    |s| s.active.iter().chain(s.warming.as_ref().map(|w| &w.entry)),
-                ));
+                let all = self.static_listeners.iter().chain(
+                    self.listeners
+                        .values()
+                        .flat_map(|s| s.active.iter().chain(s.warming.as_ref().map(|w| &w.entry))),
+                );
                 for l in all {
                     for name in rds_names(&l.config) {
                         out.insert(name);
@@ -180,9 +182,11 @@ impl Store {
                 }
             }
             ENDPOINT => {
-                let all = self.static_clusters.values().chain(self.clusters.values().flat_map(
-                    |s| s.active.iter().chain(s.warming.as_ref().map(|w| &w.entry)),
-                ));
+                let all = self.static_clusters.values().chain(
+                    self.clusters
+                        .values()
+                        .flat_map(|s| s.active.iter().chain(s.warming.as_ref().map(|w| &w.entry))),
+                );
                 for c in all {
                     if let Some(s) = &c.config.eds_service {
                         out.insert(s.clone());
@@ -348,15 +352,21 @@ impl Store {
         if newest.is_some_and(|e| *e.proto == proto) {
             return Ok(name);
         }
-        let path = Path::root("listener").field(&proto.name);
-        let mut config = translate::translate_listener(&proto, &path).map_err(|e| fail(e.to_string()))?;
+        let path = Path::default();
+        let mut config =
+            translate::translate_listener(&proto, &path).map_err(|e| fail(e.to_string()))?;
         if config.bind_to_port {
             let clash = self
                 .static_listeners
                 .iter()
-                .chain(self.listeners.iter().filter(|(n, _)| **n != name).flat_map(|(_, s)| {
-                    s.active.iter().chain(s.warming.as_ref().map(|w| &w.entry))
-                }))
+                .chain(
+                    self.listeners
+                        .iter()
+                        .filter(|(n, _)| **n != name)
+                        .flat_map(|(_, s)| {
+                            s.active.iter().chain(s.warming.as_ref().map(|w| &w.entry))
+                        }),
+                )
                 .find(|l| l.config.bind_to_port && l.config.address == config.address);
             if let Some(other) = clash {
                 return Err(fail(format!(
@@ -404,8 +414,9 @@ impl Store {
         if newest.is_some_and(|e| *e.proto == proto) {
             return Ok(name);
         }
-        let path = Path::root("cluster").field(&proto.name);
-        let config = translate::translate_cluster(&proto, &path).map_err(|e| fail(e.to_string()))?;
+        let path = Path::default();
+        let config =
+            translate::translate_cluster(&proto, &path).map_err(|e| fail(e.to_string()))?;
         let deadline = match &proto.eds_cluster_config {
             Some(e) => e
                 .eds_config
@@ -440,7 +451,7 @@ impl Store {
         if self.routes.get(&name).is_some_and(|e| *e.proto == proto) {
             return Ok(name);
         }
-        let path = Path::root("route_configuration").field(&proto.name);
+        let path = Path::default();
         let table = translate::translate_route_config(&proto, &path)
             .map_err(|e| (proto.name.clone(), e.to_string()))?;
         self.routes.insert(
@@ -470,7 +481,7 @@ impl Store {
         if self.endpoints.get(&name).is_some_and(|e| *e.proto == proto) {
             return Ok(name);
         }
-        let path = Path::root("cluster_load_assignment").field(&proto.cluster_name);
+        let path = Path::default();
         let endpoints = translate::translate_load_assignment(&proto, &path)
             .map_err(|e| (proto.cluster_name.clone(), e.to_string()))?;
         self.endpoints.insert(
@@ -539,11 +550,7 @@ impl Store {
             }
         }
         let xds = XdsState {
-            versions: self
-                .versions
-                .iter()
-                .map(|(k, v)| (*k, v.clone()))
-                .collect(),
+            versions: self.versions.iter().map(|(k, v)| (*k, v.clone())).collect(),
             warming_listeners: self
                 .listeners
                 .values()
@@ -625,7 +632,8 @@ fn reuse_chains(config: &mut Listener, proto: &ListenerProto, old: &ListenerEntr
             *slot = prev.clone();
         }
     }
-    if let (Some(new), Some(old_fc)) = (&proto.default_filter_chain, &old.proto.default_filter_chain)
+    if let (Some(new), Some(old_fc)) =
+        (&proto.default_filter_chain, &old.proto.default_filter_chain)
         && new == old_fc
         && let Some(prev) = &old.config.default_chain
     {

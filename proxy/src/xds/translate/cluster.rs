@@ -39,25 +39,25 @@ fn translate_cluster_with(
     control_plane: bool,
 ) -> Result<config::Cluster> {
     let mut allowed = vec![
-            "name",
-            "type",
-            "connect_timeout",
-            "lb_policy",
-            "load_assignment",
-            "typed_extension_protocol_options",
-            "dns_refresh_rate",
-            "dns_lookup_family",
-            "respect_dns_ttl",
-            "original_dst_lb_config",
-            "alt_stat_name",
-            "metadata",
-            "http2_protocol_options",
-            "common_lb_config",
-            "ignore_health_on_host_removal",
-            "filters",
-            "ring_hash_lb_config",
-            "maglev_lb_config",
-            "eds_cluster_config",
+        "name",
+        "type",
+        "connect_timeout",
+        "lb_policy",
+        "load_assignment",
+        "typed_extension_protocol_options",
+        "dns_refresh_rate",
+        "dns_lookup_family",
+        "respect_dns_ttl",
+        "original_dst_lb_config",
+        "alt_stat_name",
+        "metadata",
+        "http2_protocol_options",
+        "common_lb_config",
+        "ignore_health_on_host_removal",
+        "filters",
+        "ring_hash_lb_config",
+        "maglev_lb_config",
+        "eds_cluster_config",
     ];
     if control_plane {
         allowed.extend_from_slice(CONTROL_PLANE_ONLY);
@@ -226,7 +226,10 @@ fn translate_cluster_with(
     if let Some(eds) = &cl.eds_cluster_config {
         let p = path.field("eds_cluster_config");
         if !matches!(&cl.cluster_discovery_type, Some(T::Type(t)) if *t == D::Eds as i32) {
-            return invalid(&p, "eds_cluster_config is only valid for clusters of type EDS");
+            return invalid(
+                &p,
+                "eds_cluster_config is only valid for clusters of type EDS",
+            );
         }
         only(eds, &p, &["eds_config", "service_name"], &[])?;
         match &eds.eds_config {

@@ -368,10 +368,7 @@ pub fn config_source(
     match &cs.config_source_specifier {
         Some(S::Ads(_)) => {}
         Some(_) | None => {
-            return invalid(
-                path,
-                "only aggregated (ads) config sources are supported",
-            );
+            return invalid(path, "only aggregated (ads) config sources are supported");
         }
     }
     match &cs.initial_fetch_timeout {
