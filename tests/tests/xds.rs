@@ -393,8 +393,7 @@ async fn nack(side: Side, delta: bool) -> Result<()> {
         // SotW NACK: version_info is the last accepted version.
         let accepted = seen
             .iter()
-            .filter(|s| s.type_url == ROUTE && s.is_reply() && s.error.is_none())
-            .next_back()
+            .rfind(|s| s.type_url == ROUTE && s.is_reply() && s.error.is_none())
             .unwrap();
         assert_eq!(nack.version_info, accepted.version_info, "{side:?}");
     }
