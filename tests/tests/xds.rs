@@ -932,3 +932,85 @@ async fn istio_configdumps_over_ads() -> Result<()> {
     assert!(checked > 20, "only {checked} resources checked");
     Ok(())
 }
+
+/// Endpoints that stay across an EDS update keep their pooled upstream connections.
+async fn pooled_endpoints_survive(side: Side) -> Result<()> {
+    let m = Mesh::new(true).await?;
+    let p = Proxy::start(side, &m.bootstrap(true)).await?;
+    ack_all(&m).await.with_context(|| p.diagnostics())?;
+    let mut c = client::Connection::connect(m.listener()).await?;
+    let req = Request::get("/").header("host", "svc");
+    for _ in 0..3 {
+        assert_eq!(c.send(&req).await?.header("x-upstream"), Some("a1"));
+    }
+    let before = m.echoes[0].connections();
+    assert_eq!(before, 1, "{side:?}: keep-alive upstream");
+    // a2 joins with a tiny weight; a1 stays.
+    m.istiod.set_yaml(
+        ENDPOINT,
+        &cla_yaml("a", &[(m.echoes[0].addr(), 1000), (m.echoes[1].addr(), 1)]),
+    )?;
+    m.istiod.wait_acked(ENDPOINT, T).await?;
+    let mut to_a1 = 0;
+    for _ in 0..20 {
+        if c.send(&req).await?.header("x-upstream") == Some("a1") {
+            to_a1 += 1;
+        }
+    }
+    assert!(to_a1 > 0);
+    assert_eq!(
+        m.echoes[0].connections(),
+        before,
+        "{side:?}: an endpoint that stayed lost its pooled connection"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn pooled_endpoints_survive_envoy() -> Result<()> {
+    pooled_endpoints_survive(Side::Envoy).await
+}
+
+#[tokio::test]
+async fn pooled_endpoints_survive_pingsail() -> Result<()> {
+    pooled_endpoints_survive(Side::Pingsail).await
+}
+
+/// `initial_fetch_timeout` on the RDS config source ends warming: the listener starts and answers
+/// 404 (no route configuration) until the routes arrive.
+async fn initial_fetch_timeout(side: Side) -> Result<()> {
+    let m = Mesh::new(true).await?;
+    let p = Proxy::start(side, &m.bootstrap(true)).await?;
+    ack_all(&m).await.with_context(|| p.diagnostics())?;
+    let l = listener_yaml("late", m.ip, 18082, "never", "late")
+        .replace("initial_fetch_timeout: 0s", "initial_fetch_timeout: 0.5s");
+    m.istiod.set_yaml(
+        LISTENER,
+        &format!("{}{l}", listener_yaml("http", m.ip, 18080, "r1", "http")),
+    )?;
+    m.istiod.wait_acked(LISTENER, T).await?;
+    let addr = SocketAddr::from((m.ip, 18082));
+    let deadline = tokio::time::Instant::now() + T;
+    let r = loop {
+        if let Ok(r) = client::send(addr, &Request::get("/").header("host", "svc")).await {
+            break r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{side:?}: never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(r.status, 404, "{side:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn initial_fetch_timeout_envoy() -> Result<()> {
+    initial_fetch_timeout(Side::Envoy).await
+}
+
+#[tokio::test]
+async fn initial_fetch_timeout_pingsail() -> Result<()> {
+    initial_fetch_timeout(Side::Pingsail).await
+}
