@@ -11,6 +11,7 @@ pub mod configdump;
 pub mod echo;
 pub mod envoy;
 pub mod net;
+pub mod netns;
 pub mod proxy;
 pub mod scenario;
 mod wire;
