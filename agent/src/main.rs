@@ -1,8 +1,31 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Placeholder binary: this component is specified but not built yet. It refuses to run rather than
-//! pretend to work.
+//! pingsail-agent: the pilot-agent replacement. Each job is a subcommand.
 
-fn main() {
-    eprintln!("pingsail-agent: not implemented yet (see the open issue for the agent)");
-    std::process::exit(2);
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod iptables;
+
+#[derive(Parser)]
+#[command(
+    name = "pingsail-agent",
+    version,
+    about = "pingsail agent (pilot-agent replacement)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Set up the pod's traffic capture (istio-iptables / istio-init equivalent).
+    Iptables(Box<iptables::Args>),
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Iptables(args) => iptables::main(*args),
+    }
 }

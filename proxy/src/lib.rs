@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod listener;
+pub mod orig_dst;
 pub mod snapshot;
 pub mod stats;
 pub mod tcp;

@@ -12,6 +12,7 @@ pub mod echo;
 pub mod envoy;
 pub mod istiod;
 pub mod net;
+pub mod netns;
 pub mod proxy;
 pub mod scenario;
 mod wire;

@@ -1,0 +1,156 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `netns-probe`: the small programs the network-namespace tests run inside pods.
+//!
+//! * `server NAME ADDR...` — on each connection, writes one line
+//!   `NAME local=<local> peer=<peer>` and closes.
+//! * `sidecar NAME ADDR... [--forward]` — a stand-in for the sidecar's 15001/15006 listeners: reads
+//!   the connection's original destination with `pingsail_proxy::orig_dst::original_dst` and writes
+//!   `NAME orig=<addr|none> peer=<peer>`; with `--forward` it then connects to that original
+//!   destination itself (from 127.0.0.6 / ::6 when it is a local address, as Envoy's inbound
+//!   passthrough does) and appends ` -> <the upstream's line>`.
+//! * `client ADDR [--bind IP]` — connects, prints the line it receives, exits 0 (1 on failure).
+//!
+//! Listeners print `listening <addr>` once per address on stdout when bound (the readiness signal).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let r = match args.first().map(String::as_str) {
+        Some("server") => listen(&args[1], &args[2..], false, false),
+        Some("sidecar") => {
+            let forward = args.iter().any(|a| a == "--forward");
+            let addrs: Vec<String> = args[2..]
+                .iter()
+                .filter(|a| *a != "--forward")
+                .cloned()
+                .collect();
+            listen(&args[1], &addrs, true, forward)
+        }
+        Some("client") => client(&args[1..]),
+        _ => Err(
+            "usage: netns-probe server|sidecar NAME ADDR... [--forward] | client ADDR [--bind IP]"
+                .into(),
+        ),
+    };
+    if let Err(e) = r {
+        eprintln!("netns-probe: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn listen(name: &str, addrs: &[String], sidecar: bool, forward: bool) -> Result<(), String> {
+    let mut handles = Vec::new();
+    for a in addrs {
+        let addr: SocketAddr = a.parse().map_err(|e| format!("{a}: {e}"))?;
+        let l = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+        println!("listening {}", l.local_addr().map_err(|e| e.to_string())?);
+        let name = name.to_string();
+        handles.push(std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(&name, s, sidecar, forward);
+                });
+            }
+        }));
+    }
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+/// IPv4-mapped IPv6 addresses (a dual-stack listener's IPv4 peers) shown as IPv4.
+fn canon(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+fn serve(name: &str, mut s: TcpStream, sidecar: bool, forward: bool) -> std::io::Result<()> {
+    let peer = canon(s.peer_addr()?);
+    if !sidecar {
+        return writeln!(s, "{name} local={} peer={peer}", canon(s.local_addr()?));
+    }
+    let orig = pingsail_proxy::orig_dst::original_dst(&s)?;
+    let shown = orig.map_or_else(|| "none".to_string(), |o| o.to_string());
+    let mut line = format!("{name} orig={shown} peer={peer}");
+    if let (true, Some(dst)) = (forward, orig) {
+        line.push_str(" -> ");
+        line.push_str(&match fetch(dst, passthrough_source(&s, dst)) {
+            Ok(l) => l,
+            Err(e) => format!("error {e}"),
+        });
+    }
+    writeln!(s, "{line}")
+}
+
+/// Inbound passthrough: a destination on this host is reached from 127.0.0.6 (::6), which the
+/// capture rules leave alone.
+fn passthrough_source(s: &TcpStream, dst: SocketAddr) -> Option<IpAddr> {
+    let local = s.local_addr().ok()?;
+    let local_ip = match local.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    (local_ip == dst.ip()).then(|| match dst.ip() {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6)),
+    })
+}
+
+fn connect(dst: SocketAddr, bind: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let s = match bind {
+        None => TcpStream::connect_timeout(&dst, IO_TIMEOUT)?,
+        Some(ip) => {
+            // std cannot bind before connecting; tokio's TcpSocket can.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let sock = match dst {
+                    SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                    SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                };
+                sock.bind(SocketAddr::new(ip, 0))?;
+                let s = sock.connect(dst).await?;
+                s.into_std()
+            })?
+        }
+    };
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    Ok(s)
+}
+
+fn fetch(dst: SocketAddr, bind: Option<IpAddr>) -> std::io::Result<String> {
+    let s = connect(dst, bind)?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    Ok(line.trim_end().to_string())
+}
+
+fn client(args: &[String]) -> Result<(), String> {
+    let dst: SocketAddr = args
+        .first()
+        .ok_or("client: ADDR missing")?
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let bind = match args.iter().position(|a| a == "--bind") {
+        Some(i) => Some(
+            args.get(i + 1)
+                .ok_or("--bind: IP missing")?
+                .parse::<IpAddr>()
+                .map_err(|e| format!("--bind: {e}"))?,
+        ),
+        None => None,
+    };
+    let line = fetch(dst, bind).map_err(|e| format!("{dst}: {e}"))?;
+    println!("{line}");
+    Ok(())
+}

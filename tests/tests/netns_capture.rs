@@ -1,0 +1,306 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Traffic capture in network-namespace pods: `pingsail-agent iptables` rules steer real
+//! connections to a stand-in sidecar (`netns-probe sidecar`, UID 1337) that reads the original
+//! destination with `pingsail_proxy::orig_dst::original_dst`. Needs root (skips with a message
+//! otherwise).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+
+use pingsail_tests::netns::{Net, Pod, Proc};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_netns-probe");
+const SIDECAR_UID: u32 = 1337;
+
+/// What istio's injector passes (`-d` = the sidecar's own status/metrics ports).
+fn capture_args(ipv6: bool) -> Vec<&'static str> {
+    let mut a = vec![
+        "-p",
+        "15001",
+        "-z",
+        "15006",
+        "-u",
+        "1337",
+        "-g",
+        "1337",
+        "-m",
+        "REDIRECT",
+        "-i",
+        "*",
+        "-x",
+        "",
+        "-b",
+        "*",
+        "-d",
+        "15090,15021,15020",
+    ];
+    a.push(if ipv6 {
+        "--enable-ipv6=true"
+    } else {
+        "--enable-ipv6=false"
+    });
+    a
+}
+
+/// A listener started in `pod`; returns once every address is bound.
+fn listen(pod: &Pod, uid: Option<u32>, args: &[&str]) -> Proc {
+    let mut cmd = match uid {
+        Some(u) => pod.cmd_as(u, u, PROBE),
+        None => pod.cmd(PROBE),
+    };
+    cmd.args(args);
+    let mut p = pod.spawn(cmd).unwrap();
+    let addrs = args
+        .iter()
+        .filter(|a| a.parse::<SocketAddr>().is_ok())
+        .count();
+    for _ in 0..addrs {
+        p.wait_for("listening").unwrap();
+    }
+    p
+}
+
+fn app_server(pod: &Pod) -> Proc {
+    listen(
+        pod,
+        None,
+        &["server", "app", "[::]:8080", "[::]:9090", "[::]:15020"],
+    )
+}
+
+/// The stand-in sidecar: outbound on 15001, inbound on 15006, each forwarding to the original
+/// destination (inbound from 127.0.0.6 / ::6), as UID/GID 1337.
+fn sidecar(pod: &Pod, forward: bool) -> (Proc, Proc) {
+    let mut out = vec!["sidecar", "out", "[::]:15001"];
+    let mut inb = vec!["sidecar", "in", "[::]:15006"];
+    if forward {
+        out.push("--forward");
+        inb.push("--forward");
+    }
+    (
+        listen(pod, Some(SIDECAR_UID), &out),
+        listen(pod, Some(SIDECAR_UID), &inb),
+    )
+}
+
+/// `netns-probe client DST` in `pod` (as `uid`, from `bind`): the line it got.
+fn call(pod: &Pod, uid: Option<u32>, dst: SocketAddr, bind: Option<&str>) -> String {
+    let mut cmd = match uid {
+        Some(u) => pod.cmd_as(u, u, PROBE),
+        None => pod.cmd(PROBE),
+    };
+    cmd.arg("client").arg(dst.to_string());
+    if let Some(b) = bind {
+        cmd.args(["--bind", b]);
+    }
+    let out = pod.run(cmd).unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim_end()
+        .to_string()
+}
+
+/// "`field`=VALUE" from a probe line's first hop.
+fn field<'a>(line: &'a str, name: &str) -> &'a str {
+    let first = line.split(" -> ").next().unwrap();
+    first
+        .split(' ')
+        .find_map(|w| w.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+}
+
+fn v4(pod: &Pod, port: u16) -> SocketAddr {
+    SocketAddr::new(pod.ip4.into(), port)
+}
+
+fn v6(pod: &Pod, port: u16) -> SocketAddr {
+    SocketAddr::new(pod.ip6.into(), port)
+}
+
+/// The client pod's app reaches the stand-in sidecar on 15001, which sees the exact original
+/// destination; the sidecar's own connection (UID 1337) to it is not captured again and reaches
+/// the server.
+#[test]
+fn outbound_is_redirected_to_15001_with_the_original_destination() {
+    let Some(net) = Net::new("outbound_is_redirected_to_15001_with_the_original_destination")
+    else {
+        return;
+    };
+    let (client, server) = (net.pod("client").unwrap(), net.pod("server").unwrap());
+    let _app = app_server(&server);
+    client.apply_iptables(&capture_args(false)).unwrap();
+    let _sc = sidecar(&client, true);
+
+    let got = call(&client, None, v4(&server, 8080), None);
+    assert!(
+        got.starts_with("out "),
+        "not captured by the sidecar: {got}"
+    );
+    assert_eq!(field(&got, "orig"), v4(&server, 8080).to_string(), "{got}");
+    assert!(
+        field(&got, "peer").starts_with(&format!("{}:", client.ip4)),
+        "{got}"
+    );
+    // The sidecar's forward (UID 1337) reached the real server, not the sidecar again.
+    let upstream = got
+        .split(" -> ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no upstream hop: {got}"));
+    assert!(
+        upstream.starts_with(&format!(
+            "app local={}:8080 peer={}:",
+            server.ip4, client.ip4
+        )),
+        "{got}"
+    );
+}
+
+/// The sidecar's own egress (UID 1337) goes out uncaptured.
+#[test]
+fn sidecar_egress_is_not_captured() {
+    let Some(net) = Net::new("sidecar_egress_is_not_captured") else {
+        return;
+    };
+    let (client, server) = (net.pod("client").unwrap(), net.pod("server").unwrap());
+    let _app = app_server(&server);
+    client.apply_iptables(&capture_args(false)).unwrap();
+    let _sc = sidecar(&client, false);
+    let as_sidecar = call(&client, Some(SIDECAR_UID), v4(&server, 8080), None);
+    assert!(
+        as_sidecar.starts_with(&format!("app local={}:8080", server.ip4)),
+        "{as_sidecar}"
+    );
+    // Control: the same call from the app is captured.
+    assert!(call(&client, None, v4(&server, 8080), None).starts_with("out "));
+}
+
+/// `-o PORT`: outbound to that port is not captured; other ports still are.
+#[test]
+fn excluded_outbound_port_is_not_captured() {
+    let Some(net) = Net::new("excluded_outbound_port_is_not_captured") else {
+        return;
+    };
+    let (client, server) = (net.pod("client").unwrap(), net.pod("server").unwrap());
+    let _app = app_server(&server);
+    let mut args = capture_args(false);
+    args.extend(["-o", "9090"]);
+    client.apply_iptables(&args).unwrap();
+    let _sc = sidecar(&client, false);
+    let excluded = call(&client, None, v4(&server, 9090), None);
+    assert!(
+        excluded.starts_with(&format!("app local={}:9090", server.ip4)),
+        "{excluded}"
+    );
+    let captured = call(&client, None, v4(&server, 8080), None);
+    assert_eq!(
+        field(&captured, "orig"),
+        v4(&server, 8080).to_string(),
+        "{captured}"
+    );
+}
+
+/// Inbound to the server pod goes to 15006 with the original destination; the sidecar's
+/// passthrough from 127.0.0.6 reaches the app uncaptured; `-d` ports bypass the sidecar.
+#[test]
+fn inbound_is_redirected_to_15006_with_the_original_destination() {
+    let Some(net) = Net::new("inbound_is_redirected_to_15006_with_the_original_destination") else {
+        return;
+    };
+    let (client, server) = (net.pod("client").unwrap(), net.pod("server").unwrap());
+    let _app = app_server(&server);
+    server.apply_iptables(&capture_args(false)).unwrap();
+    let _sc = sidecar(&server, true);
+
+    let got = call(&client, None, v4(&server, 8080), None);
+    assert!(got.starts_with("in "), "not captured inbound: {got}");
+    assert_eq!(field(&got, "orig"), v4(&server, 8080).to_string(), "{got}");
+    assert!(
+        field(&got, "peer").starts_with(&format!("{}:", client.ip4)),
+        "{got}"
+    );
+    let upstream = got
+        .split(" -> ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no upstream hop: {got}"));
+    assert!(
+        upstream.starts_with(&format!("app local={}:8080 peer=127.0.0.6:", server.ip4)),
+        "{got}"
+    );
+
+    // -d 15020: excluded inbound port.
+    let excluded = call(&client, None, v4(&server, 15020), None);
+    assert!(
+        excluded.starts_with(&format!("app local={}:15020", server.ip4)),
+        "{excluded}"
+    );
+}
+
+/// In the pod, the sidecar's UID calling the pod's own address is sent back through inbound
+/// (15006) — except from 127.0.0.6, the inbound passthrough source.
+#[test]
+fn traffic_from_127_0_0_6_is_not_captured() {
+    let Some(net) = Net::new("traffic_from_127_0_0_6_is_not_captured") else {
+        return;
+    };
+    let server = net.pod("server").unwrap();
+    let _app = app_server(&server);
+    server.apply_iptables(&capture_args(false)).unwrap();
+    let _sc = sidecar(&server, false);
+    let captured = call(&server, Some(SIDECAR_UID), v4(&server, 8080), None);
+    assert!(captured.starts_with("in "), "{captured}");
+    assert_eq!(field(&captured, "orig"), v4(&server, 8080).to_string());
+    let passthrough = call(
+        &server,
+        Some(SIDECAR_UID),
+        v4(&server, 8080),
+        Some("127.0.0.6"),
+    );
+    assert!(
+        passthrough.starts_with(&format!("app local={}:8080 peer=127.0.0.6:", server.ip4)),
+        "{passthrough}"
+    );
+}
+
+/// Both pods captured, IPv4 and IPv6: app -> client sidecar (15001) -> server pod -> server
+/// sidecar (15006) -> app, the original destination exact at both hops.
+#[test]
+fn pod_to_pod_through_both_sidecars() {
+    let Some(net) = Net::new("pod_to_pod_through_both_sidecars") else {
+        return;
+    };
+    let (client, server) = (net.pod("client").unwrap(), net.pod("server").unwrap());
+    let _app = app_server(&server);
+    client.apply_iptables(&capture_args(true)).unwrap();
+    server.apply_iptables(&capture_args(true)).unwrap();
+    let _csc = sidecar(&client, true);
+    let _ssc = sidecar(&server, true);
+
+    for (dst, client_ip, passthrough_src) in [
+        (
+            v4(&server, 8080),
+            client.ip4.to_string(),
+            "127.0.0.6".to_string(),
+        ),
+        (
+            v6(&server, 8080),
+            format!("[{}]", client.ip6),
+            "[::6]".to_string(),
+        ),
+    ] {
+        let got = call(&client, None, dst, None);
+        let hops: Vec<&str> = got.split(" -> ").collect();
+        assert_eq!(hops.len(), 3, "{got}");
+        assert!(
+            hops[0].starts_with(&format!("out orig={dst} peer={client_ip}:")),
+            "{got}"
+        );
+        assert!(
+            hops[1].starts_with(&format!("in orig={dst} peer={client_ip}:")),
+            "{got}"
+        );
+        assert!(
+            hops[2].starts_with(&format!("app local={dst} peer={passthrough_src}:")),
+            "{got}"
+        );
+    }
+}
