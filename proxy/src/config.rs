@@ -16,27 +16,132 @@ pub struct Listener {
     pub address: SocketAddr,
     /// `bind_to_port` (default true). Listeners without it only receive hand-offs from 15001/15006.
     pub bind_to_port: bool,
-    /// `use_original_dst` (hand-off by original destination; the capture issue).
+    /// `use_original_dst`: a redirected connection is handed to the listener bound to its original
+    /// destination (`virtualOutbound`).
     pub use_original_dst: bool,
+    /// The `original_dst` listener filter: chain matching sees the original destination
+    /// (`virtualInbound`).
+    pub original_dst_filter: bool,
+    /// The `tls_inspector` listener filter, with its `filter_disabled` predicate.
+    pub tls_inspector: Option<Predicate>,
+    /// The `http_inspector` listener filter, with its `filter_disabled` predicate.
+    pub http_inspector: Option<Predicate>,
+    /// `continue_on_listener_filters_timeout`: on timeout use what was learned (else close).
+    pub continue_on_timeout: bool,
     /// `filter_chains`
     pub chains: Vec<Arc<FilterChain>>,
     /// `default_filter_chain`
     pub default_chain: Option<Arc<FilterChain>>,
-    /// Whether any chain matches on application protocol (then HTTP sniffing runs).
-    pub sniff_http: bool,
     /// `listener_filters_timeout` (default 15 s; 0 = wait forever).
     pub sniff_timeout: Option<Duration>,
 }
 
-/// `filter_chain_match` (the subset that applies before TLS: port, transport, ALPN from sniffing).
+/// A listener filter's `filter_disabled` (`ListenerFilterChainMatchPredicate`): when it holds for a
+/// connection the filter does not run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Predicate {
+    /// `any_match` (and the absence of `filter_disabled`, as `Not(Any)`)
+    Any,
+    /// `not_match`
+    Not(Box<Predicate>),
+    /// `and_match`
+    And(Vec<Predicate>),
+    /// `or_match`
+    Or(Vec<Predicate>),
+    /// `destination_port_range` [start, end)
+    PortRange(u16, u32),
+}
+
+impl Predicate {
+    /// Evaluates for a connection to `dst_port`.
+    pub fn holds(&self, dst_port: u16) -> bool {
+        match self {
+            Predicate::Any => true,
+            Predicate::Not(p) => !p.holds(dst_port),
+            Predicate::And(ps) => ps.iter().all(|p| p.holds(dst_port)),
+            Predicate::Or(ps) => ps.iter().any(|p| p.holds(dst_port)),
+            Predicate::PortRange(start, end) => dst_port >= *start && u32::from(dst_port) < *end,
+        }
+    }
+
+    /// The filter runs unless its `filter_disabled` holds.
+    pub fn enabled(disabled: Option<&Predicate>, dst_port: u16) -> bool {
+        disabled.is_none_or(|p| !p.holds(dst_port))
+    }
+}
+
+/// An address prefix (`CidrRange`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    /// the network address
+    pub addr: std::net::IpAddr,
+    /// prefix length
+    pub len: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is inside the range (v4-mapped v6 addresses count as v4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = if self.len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(self.len.min(32)))
+                };
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = if self.len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - u32::from(self.len.min(128)))
+                };
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `filter_chain_match.source_type`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SourceType {
+    /// `ANY`
+    #[default]
+    Any,
+    /// `SAME_IP_OR_LOOPBACK`
+    Local,
+    /// `EXTERNAL`
+    External,
+}
+
+/// `filter_chain_match`, every criterion Envoy evaluates before the transport socket.
 #[derive(Debug, Default)]
 pub struct ChainMatch {
     /// `destination_port`
     pub destination_port: Option<u16>,
+    /// `prefix_ranges` (destination IP)
+    pub prefix_ranges: Vec<Cidr>,
+    /// `server_names` (SNI; `*.suffix` wildcards), lower case
+    pub server_names: Vec<ArcStr>,
     /// `transport_protocol` (`raw_buffer` or `tls`)
     pub transport_protocol: Option<ArcStr>,
     /// `application_protocols`
     pub application_protocols: Vec<ArcStr>,
+    /// `direct_source_prefix_ranges`
+    pub direct_source_prefix_ranges: Vec<Cidr>,
+    /// `source_type`
+    pub source_type: SourceType,
+    /// `source_prefix_ranges`
+    pub source_prefix_ranges: Vec<Cidr>,
+    /// `source_ports`
+    pub source_ports: Vec<u16>,
 }
 
 /// One filter chain.
@@ -252,4 +357,7 @@ pub struct Cluster {
     pub eds_service: Option<ArcStr>,
     /// Unix socket endpoints (`pipe` addresses); only control-plane gRPC clusters may have them.
     pub pipes: Vec<ArcStr>,
+    /// `upstream_bind_config.source_address`: the local address upstream connections bind to
+    /// (127.0.0.6 for Istio's inbound passthrough).
+    pub bind_source: Option<std::net::IpAddr>,
 }

@@ -14,6 +14,7 @@ pub mod http;
 pub mod listener;
 pub mod orig_dst;
 pub mod snapshot;
+pub mod sniff;
 pub mod stats;
 pub mod tcp;
 pub mod testing;
@@ -145,6 +146,8 @@ fn publish(
         }
     }
     let listeners = snap.listeners.clone();
+    let mut snap = snap;
+    snap.index();
     shared.snapshot.publish(snap);
     manager.reconcile(&listeners)
 }

@@ -3,9 +3,10 @@
 //! chain, and hand the connection to the HTTP proxy or tcp_proxy.
 
 use crate::Apps;
-use crate::config::{ChainKind, Codec, FilterChain, Listener};
+use crate::config::{ChainKind, Codec, FilterChain, Listener, Predicate};
 use crate::http::ConnFacts;
 use crate::snapshot::ListenerEntry;
+use crate::sniff::{self, Inspected, Look};
 use arc_swap::ArcSwap;
 use arcstr::ArcStr;
 use pingora_core::apps::ServerApp;
@@ -23,7 +24,7 @@ use tokio::sync::watch;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// What sniffing found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Sniffed {
     /// HTTP/1.x request line
     Http1,
@@ -32,6 +33,7 @@ pub enum Sniffed {
     /// TLS ClientHello
     Tls,
     /// anything else, or nothing before the timeout
+    #[default]
     Opaque,
 }
 
@@ -62,65 +64,245 @@ pub fn classify(buf: &[u8]) -> Option<Sniffed> {
     Some(Sniffed::Opaque)
 }
 
-async fn sniff(tcp: &TcpStream, timeout: Option<Duration>) -> Sniffed {
-    let mut buf = [0u8; 32];
-    let fut = async {
-        loop {
-            match tcp.peek(&mut buf).await {
-                Ok(0) | Err(_) => return Sniffed::Opaque,
-                Ok(n) => {
-                    if let Some(s) = classify(&buf[..n]) {
-                        return s;
-                    }
-                    if n == buf.len() {
-                        return Sniffed::Opaque;
-                    }
-                    // More bytes are needed; wait for readability without busy-looping.
-                    if tcp.readable().await.is_err() {
-                        return Sniffed::Opaque;
-                    }
-                    tokio::task::yield_now().await;
-                }
-            }
+/// Peeks until `decide` has an answer, EOF, the buffer limit, or the caller's timeout. Bytes are never
+/// consumed. Waiting for more bytes backs off (1 → 16 ms) while the peer sends nothing new, since a
+/// socket with unread data stays readable.
+async fn peek_until<T: Default>(
+    tcp: &TcpStream,
+    limit: usize,
+    mut decide: impl FnMut(&[u8], bool) -> Option<T>,
+) -> T {
+    let mut buf = vec![0u8; 1024.min(limit)];
+    let mut seen = 0;
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        let n = tcp.peek(&mut buf).await.unwrap_or(0);
+        let eof = n == 0 || (n == buf.len() && buf.len() >= limit);
+        if let Some(t) = decide(&buf[..n], eof) {
+            return t;
         }
-    };
-    match timeout {
-        Some(t) => pingora_timeout::timeout(t, fut)
-            .await
-            .unwrap_or(Sniffed::Opaque),
-        None => fut.await,
+        if eof {
+            return T::default();
+        }
+        if n == buf.len() {
+            buf.resize((buf.len() * 4).min(limit), 0);
+            continue;
+        }
+        if n > seen {
+            seen = n;
+            backoff = Duration::from_millis(1);
+        } else {
+            backoff = (backoff * 2).min(Duration::from_millis(16));
+        }
+        if tcp.readable().await.is_err() {
+            return T::default();
+        }
+        pingora_timeout::sleep(backoff).await;
     }
 }
 
-/// Envoy's filter chain match for the criteria we support: most specific destination port first, then
-/// transport protocol, then application protocol.
-pub fn select_chain<'a>(
-    l: &'a Listener,
-    dst_port: u16,
-    transport: &str,
-    alpn: Option<&str>,
-) -> Option<&'a Arc<FilterChain>> {
-    let port_ok = |c: &FilterChain| c.matcher.destination_port.is_none_or(|p| p == dst_port);
-    let transport_ok = |c: &FilterChain| {
-        c.matcher
-            .transport_protocol
-            .as_deref()
-            .is_none_or(|t| t == transport)
-    };
-    let alpn_ok = |c: &FilterChain| {
-        c.matcher.application_protocols.is_empty()
-            || alpn.is_some_and(|a| c.matcher.application_protocols.iter().any(|x| x == a))
-    };
-    let score = |c: &FilterChain| {
-        (c.matcher.destination_port.is_some() as u8) * 4
-            + (c.matcher.transport_protocol.is_some() as u8) * 2
-            + (!c.matcher.application_protocols.is_empty() as u8)
-    };
-    l.chains
+/// Runs the listener's `tls_inspector` and `http_inspector` (those not disabled for `dst_port`).
+/// `None`: the listener filters timed out and the listener does not continue on timeout.
+async fn inspect(tcp: &TcpStream, l: &Listener, dst_port: u16) -> Option<Inspected> {
+    let tls_on = l
+        .tls_inspector
+        .as_ref()
+        .is_some_and(|d| Predicate::enabled(Some(d), dst_port));
+    let http_on = l
+        .http_inspector
+        .as_ref()
+        .is_some_and(|d| Predicate::enabled(Some(d), dst_port));
+    if !tls_on && !http_on {
+        return Some(Inspected::default());
+    }
+    let partial = parking_lot::Mutex::new(Inspected::default());
+    let work = peek_until(tcp, sniff::MAX_CLIENT_HELLO, |b, eof| {
+        let mut out = partial.lock();
+        if tls_on {
+            match sniff::client_hello(b) {
+                Look::More if !eof => return None,
+                Look::Done(Some(ch)) => {
+                    out.tls = true;
+                    out.server_name = ch.server_name;
+                    out.alpn = ch.alpn;
+                    return Some(Some(out.clone()));
+                }
+                _ => {}
+            }
+        }
+        if http_on {
+            match sniff::http_protocol(b) {
+                Look::More if !eof => return None,
+                Look::Done(Some(p)) => out.alpn = vec![p.to_string()],
+                _ => {}
+            }
+        }
+        Some(Some(out.clone()))
+    });
+    match l.sniff_timeout {
+        None => work.await,
+        Some(t) => match pingora_timeout::timeout(t, work).await {
+            Ok(r) => r,
+            Err(_) if l.continue_on_timeout => Some(partial.lock().clone()),
+            Err(_) => None,
+        },
+    }
+}
+
+/// The HTTP connection manager's own codec detection (AUTO): the h2 preface means h2c.
+async fn sniff_codec(tcp: &TcpStream, timeout: Option<Duration>) -> Sniffed {
+    let work = peek_until(tcp, H2_PREFACE.len(), |b, eof| match classify(b) {
+        Some(s) => Some(s),
+        None if eof => Some(Sniffed::Opaque),
+        None => None,
+    });
+    match timeout {
+        Some(t) => pingora_timeout::timeout(t, work)
+            .await
+            .unwrap_or(Sniffed::Opaque),
+        None => work.await,
+    }
+}
+
+/// What filter-chain matching looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo<'a> {
+    /// destination (the original destination when restored by `original_dst`)
+    pub dst: SocketAddr,
+    /// source
+    pub src: SocketAddr,
+    /// the directly connected peer (same as `src` without PROXY protocol)
+    pub direct_src: SocketAddr,
+    /// SNI from the ClientHello
+    pub server_name: Option<&'a str>,
+    /// `tls` or `raw_buffer`
+    pub transport: &'a str,
+    /// ALPN from the ClientHello, or what http_inspector detected
+    pub alpn: &'a [String],
+}
+
+type Chains<'a> = Vec<&'a Arc<FilterChain>>;
+
+/// Keeps the candidates whose prefix list holds the longest prefix containing `ip`; without any,
+/// those with an empty list (Envoy's longest-prefix trie, no backtracking).
+fn by_prefix<'a>(
+    cands: Chains<'a>,
+    ip: std::net::IpAddr,
+    ranges: impl Fn(&FilterChain) -> &[crate::config::Cidr],
+) -> Chains<'a> {
+    let best = cands
         .iter()
-        .filter(|c| port_ok(c) && transport_ok(c) && alpn_ok(c))
-        .max_by_key(|c| score(c))
-        .or(l.default_chain.as_ref())
+        .filter_map(|c| {
+            ranges(c)
+                .iter()
+                .filter(|r| r.contains(ip))
+                .map(|r| r.len)
+                .max()
+        })
+        .max();
+    match best {
+        Some(len) => cands
+            .into_iter()
+            .filter(|c| ranges(c).iter().any(|r| r.len == len && r.contains(ip)))
+            .collect(),
+        None => cands.into_iter().filter(|c| ranges(c).is_empty()).collect(),
+    }
+}
+
+/// The candidates `specific` selects, or if none, those `generic` selects.
+fn narrow<'a>(
+    cands: Chains<'a>,
+    specific: impl Fn(&FilterChain) -> bool,
+    generic: impl Fn(&FilterChain) -> bool,
+) -> Chains<'a> {
+    let exact: Chains<'a> = cands.iter().copied().filter(|f| specific(f)).collect();
+    if exact.is_empty() {
+        cands.into_iter().filter(|f| generic(f)).collect()
+    } else {
+        exact
+    }
+}
+
+/// Envoy's filter chain match: destination port, destination IP, server name, transport protocol,
+/// application protocols, direct source IP, source type, source IP, source port — at each level the
+/// most specific entry that matches, else the entry without that criterion, never backtracking;
+/// nothing left → the default chain.
+pub fn select_chain<'a>(l: &'a Listener, c: &ConnInfo<'_>) -> Option<&'a Arc<FilterChain>> {
+    use crate::config::SourceType;
+    let mut cands: Chains<'a> = l.chains.iter().collect();
+    let port = c.dst.port();
+    cands = narrow(
+        cands,
+        |f| f.matcher.destination_port == Some(port),
+        |f| f.matcher.destination_port.is_none(),
+    );
+    cands = by_prefix(cands, c.dst.ip(), |f| &f.matcher.prefix_ranges);
+    let no_names = |f: &FilterChain| f.matcher.server_names.is_empty();
+    cands = match c.server_name {
+        Some(sni) => {
+            // exact, then *.b.c for a.b.c, then *.c
+            let mut chosen = None;
+            let mut wanted = sni.to_string();
+            let mut rest = sni;
+            loop {
+                let hit: Chains<'a> = cands
+                    .iter()
+                    .copied()
+                    .filter(|f| f.matcher.server_names.iter().any(|n| *n == wanted))
+                    .collect();
+                if !hit.is_empty() {
+                    chosen = Some(hit);
+                    break;
+                }
+                let Some((_, tail)) = rest.split_once('.') else {
+                    break;
+                };
+                wanted = format!("*.{tail}");
+                rest = tail;
+            }
+            chosen.unwrap_or_else(|| cands.into_iter().filter(|f| no_names(f)).collect())
+        }
+        None => cands.into_iter().filter(|f| no_names(f)).collect(),
+    };
+    cands = narrow(
+        cands,
+        |f| f.matcher.transport_protocol.as_deref() == Some(c.transport),
+        |f| f.matcher.transport_protocol.is_none(),
+    );
+    let by_alpn = c.alpn.iter().find_map(|a| {
+        let hit: Chains<'a> = cands
+            .iter()
+            .copied()
+            .filter(|f| f.matcher.application_protocols.iter().any(|x| x == a))
+            .collect();
+        (!hit.is_empty()).then_some(hit)
+    });
+    cands = by_alpn.unwrap_or_else(|| {
+        cands
+            .into_iter()
+            .filter(|f| f.matcher.application_protocols.is_empty())
+            .collect()
+    });
+    cands = by_prefix(cands, c.direct_src.ip(), |f| {
+        &f.matcher.direct_source_prefix_ranges
+    });
+    let kind = if c.src.ip().is_loopback() || c.src.ip() == c.dst.ip() {
+        SourceType::Local
+    } else {
+        SourceType::External
+    };
+    cands = narrow(
+        cands,
+        |f| f.matcher.source_type == kind,
+        |f| f.matcher.source_type == SourceType::Any,
+    );
+    cands = by_prefix(cands, c.src.ip(), |f| &f.matcher.source_prefix_ranges);
+    cands = narrow(
+        cands,
+        |f| f.matcher.source_ports.contains(&c.src.port()),
+        |f| f.matcher.source_ports.is_empty(),
+    );
+    cands.first().copied().or(l.default_chain.as_ref())
 }
 
 /// Binds a listener socket (SO_REUSEADDR, as Envoy does).
@@ -305,41 +487,50 @@ async fn drained(mut drain: watch::Receiver<bool>, drain_time: Duration) {
 
 async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote: SocketAddr) {
     let local = tcp.local_addr().unwrap_or(listener.address);
-    let needs_sniff = listener.sniff_http
-        || listener
-            .chains
-            .iter()
-            .chain(listener.default_chain.iter())
-            .any(|c| matches!(&c.kind, ChainKind::Http(h) if h.codec == Codec::Auto));
-    let sniffed = if needs_sniff {
-        sniff(&tcp, listener.sniff_timeout).await
-    } else {
-        Sniffed::Opaque
-    };
-    let transport = if sniffed == Sniffed::Tls {
-        "tls"
-    } else {
-        "raw_buffer"
-    };
-    let alpn = if listener.sniff_http {
-        match sniffed {
-            Sniffed::Http1 => Some("http/1.1"),
-            Sniffed::H2c => Some("h2c"),
-            _ => None,
+    let capture = listener.use_original_dst || listener.original_dst_filter;
+    // Where the client meant to go: the REDIRECT target recovered from conntrack, else our address.
+    let dst = if capture {
+        match crate::orig_dst::original_dst(&tcp) {
+            Ok(Some(d)) => d,
+            _ => local,
         }
     } else {
-        None
+        local
     };
-    let Some(chain) = select_chain(&listener, local.port(), transport, alpn).cloned() else {
+    let mut listener = listener;
+    if listener.use_original_dst
+        && dst != local
+        && let Some(target) = apps.shared.snapshot.load().listener_for(dst)
+        && !Arc::ptr_eq(&target, &listener)
+    {
+        // virtualOutbound's hand-off: the listener for the original destination takes over.
+        listener = target;
+    }
+    let Some(seen) = inspect(&tcp, &listener, dst.port()).await else {
+        tracing::debug!(listener = %listener.name, %remote, "listener filters timed out; closing");
+        return;
+    };
+    let info = ConnInfo {
+        dst,
+        src: remote,
+        direct_src: remote,
+        server_name: seen.server_name.as_deref(),
+        transport: if seen.tls { "tls" } else { "raw_buffer" },
+        alpn: &seen.alpn,
+    };
+    let Some(chain) = select_chain(&listener, &info).cloned() else {
         tracing::debug!(listener = %listener.name, %remote, "no matching filter chain; closing");
         return;
     };
+    // A connection that was not redirected must never be passed through to its own destination:
+    // that is us (the loop guard; istiod also adds a blackhole chain for 15001 / 15006).
+    let original_dst = (capture && dst != local).then_some(dst);
     let drain = chain.drain.watch();
     let forced = drained(drain.clone(), apps.shared.drain_time);
     match &chain.kind {
         ChainKind::Tcp(t) => {
             tokio::select! {
-                _ = crate::tcp::proxy(&apps.shared, t.clone(), tcp, None) => {}
+                _ = crate::tcp::proxy(&apps.shared, t.clone(), tcp, original_dst) => {}
                 _ = forced => {}
             }
         }
@@ -347,14 +538,16 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
             let h2 = match hcm.codec {
                 Codec::Http2 => true,
                 Codec::Http1 => false,
-                Codec::Auto => sniffed == Sniffed::H2c,
+                Codec::Auto if seen.alpn.iter().any(|a| a == "h2c") => true,
+                Codec::Auto if seen.alpn.iter().any(|a| a.starts_with("http/1")) => false,
+                Codec::Auto => sniff_codec(&tcp, listener.sniff_timeout).await == Sniffed::H2c,
             };
             let facts = Arc::new(ConnFacts {
                 hcm: hcm.clone(),
                 stats: apps.shared.stats.http(&hcm.stat_prefix),
                 remote,
-                local,
-                original_dst: None,
+                local: dst,
+                original_dst,
             });
             let mut stream = L4Stream::from(tcp);
             let header = match ResponseHeader::build(200, Some(0)) {
@@ -375,21 +568,12 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{ChainMatch, Cidr, TcpProxy};
 
-    fn chain(
-        name: &str,
-        port: Option<u16>,
-        transport: Option<&str>,
-        alpn: &[&str],
-    ) -> Arc<FilterChain> {
-        use crate::config::{ChainMatch, TcpProxy};
+    fn chain(name: &str, m: ChainMatch) -> Arc<FilterChain> {
         Arc::new(FilterChain {
             name: name.into(),
-            matcher: ChainMatch {
-                destination_port: port,
-                transport_protocol: transport.map(Into::into),
-                application_protocols: alpn.iter().map(|a| (*a).into()).collect(),
-            },
+            matcher: m,
             kind: ChainKind::Tcp(Arc::new(TcpProxy {
                 stat_prefix: "x".into(),
                 clusters: vec![],
@@ -401,38 +585,215 @@ mod tests {
         })
     }
 
+    fn simple(port: Option<u16>, transport: Option<&str>, alpn: &[&str]) -> ChainMatch {
+        ChainMatch {
+            destination_port: port,
+            transport_protocol: transport.map(Into::into),
+            application_protocols: alpn.iter().map(|a| (*a).into()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn listener(chains: Vec<Arc<FilterChain>>, default: bool) -> Listener {
+        Listener {
+            name: "l".into(),
+            address: "127.0.0.1:1".parse().unwrap(),
+            bind_to_port: true,
+            use_original_dst: false,
+            original_dst_filter: false,
+            tls_inspector: None,
+            http_inspector: None,
+            continue_on_timeout: false,
+            chains,
+            default_chain: default.then(|| chain("default", ChainMatch::default())),
+            sniff_timeout: None,
+        }
+    }
+
+    fn pick(
+        l: &Listener,
+        dst: &str,
+        src: &str,
+        sni: Option<&str>,
+        transport: &str,
+        alpn: &[&str],
+    ) -> Option<String> {
+        let alpn: Vec<String> = alpn.iter().map(|s| s.to_string()).collect();
+        let src: SocketAddr = src.parse().unwrap();
+        select_chain(
+            l,
+            &ConnInfo {
+                dst: dst.parse().unwrap(),
+                src,
+                direct_src: src,
+                server_name: sni,
+                transport,
+                alpn: &alpn,
+            },
+        )
+        .map(|c| c.name.to_string())
+    }
+
     /// Envoy narrows by destination port first, then transport protocol, then application protocol:
     /// a port-specific chain beats an application-protocol match on a port-less chain (seen with
     /// Envoy 1.40 in the differential suite).
     #[test]
     fn chain_match_precedence() {
-        let l = Listener {
-            name: "l".into(),
-            address: "127.0.0.1:1".parse().unwrap(),
-            bind_to_port: true,
-            use_original_dst: false,
-            chains: vec![
-                chain("http1", None, None, &["http/1.1"]),
-                chain("port", Some(9080), Some("raw_buffer"), &[]),
-                chain("tls", None, Some("tls"), &[]),
+        let l = listener(
+            vec![
+                chain("http1", simple(None, None, &["http/1.1"])),
+                chain("port", simple(Some(9080), Some("raw_buffer"), &[])),
+                chain("tls", simple(None, Some("tls"), &[])),
             ],
-            default_chain: Some(chain("default", None, None, &[])),
-            sniff_http: true,
-            sniff_timeout: None,
-        };
-        let pick = |port, transport, alpn| {
-            select_chain(&l, port, transport, alpn).map(|c| c.name.to_string())
-        };
+            true,
+        );
+        let c = "10.0.0.9:5555";
+        let p =
+            |port: u16, t, alpn: &[&str]| pick(&l, &format!("10.0.0.1:{port}"), c, None, t, alpn);
         assert_eq!(
-            pick(9080, "raw_buffer", Some("http/1.1")).as_deref(),
+            p(9080, "raw_buffer", &["http/1.1"]).as_deref(),
             Some("port")
         );
         assert_eq!(
-            pick(9081, "raw_buffer", Some("http/1.1")).as_deref(),
+            p(9081, "raw_buffer", &["http/1.1"]).as_deref(),
             Some("http1")
         );
-        assert_eq!(pick(9081, "tls", None).as_deref(), Some("tls"));
-        assert_eq!(pick(9081, "raw_buffer", None).as_deref(), Some("default"));
+        assert_eq!(p(9081, "tls", &[]).as_deref(), Some("tls"));
+        assert_eq!(p(9081, "raw_buffer", &[]).as_deref(), Some("default"));
+        // No backtracking: the port subtree is chosen even when nothing in it matches further.
+        assert_eq!(p(9080, "tls", &[]).as_deref(), Some("default"));
+    }
+
+    /// The virtualInbound shapes: destination port beats the catch-all prefix; longest prefix wins;
+    /// SNI exact beats wildcard beats none; ALPN in the client's order; source type and ports.
+    #[test]
+    fn chain_match_every_criterion() {
+        let cidr = |a: &str, len| Cidr {
+            addr: a.parse().unwrap(),
+            len,
+        };
+        let l = listener(
+            vec![
+                chain(
+                    "catchall",
+                    ChainMatch {
+                        prefix_ranges: vec![cidr("0.0.0.0", 0)],
+                        transport_protocol: Some("raw_buffer".into()),
+                        ..Default::default()
+                    },
+                ),
+                chain(
+                    "catchall-http",
+                    ChainMatch {
+                        prefix_ranges: vec![cidr("0.0.0.0", 0)],
+                        transport_protocol: Some("raw_buffer".into()),
+                        application_protocols: vec!["http/1.1".into(), "h2c".into()],
+                        ..Default::default()
+                    },
+                ),
+                chain(
+                    "net10",
+                    ChainMatch {
+                        prefix_ranges: vec![cidr("10.1.0.0", 16)],
+                        ..Default::default()
+                    },
+                ),
+                chain("p80", simple(Some(80), Some("raw_buffer"), &[])),
+                chain(
+                    "sni-exact",
+                    ChainMatch {
+                        destination_port: Some(443),
+                        server_names: vec!["api.example.com".into()],
+                        ..Default::default()
+                    },
+                ),
+                chain(
+                    "sni-wild",
+                    ChainMatch {
+                        destination_port: Some(443),
+                        server_names: vec!["*.example.com".into()],
+                        ..Default::default()
+                    },
+                ),
+                chain(
+                    "sni-none",
+                    ChainMatch {
+                        destination_port: Some(443),
+                        ..Default::default()
+                    },
+                ),
+                chain(
+                    "local-only",
+                    ChainMatch {
+                        destination_port: Some(7000),
+                        source_type: crate::config::SourceType::Local,
+                        ..Default::default()
+                    },
+                ),
+                chain(
+                    "src-port",
+                    ChainMatch {
+                        destination_port: Some(7001),
+                        source_ports: vec![4000],
+                        ..Default::default()
+                    },
+                ),
+            ],
+            false,
+        );
+        let ext = "192.168.1.1:1234";
+        let p = |dst: &str, sni, t, alpn: &[&str]| pick(&l, dst, ext, sni, t, alpn);
+        assert_eq!(
+            p("10.2.0.1:9", None, "raw_buffer", &[]).as_deref(),
+            Some("catchall")
+        );
+        assert_eq!(
+            p("10.2.0.1:9", None, "raw_buffer", &["h2c"]).as_deref(),
+            Some("catchall-http")
+        );
+        assert_eq!(
+            p("10.1.3.4:9", None, "raw_buffer", &[]).as_deref(),
+            Some("net10")
+        );
+        assert_eq!(
+            p("10.2.0.1:80", None, "raw_buffer", &["http/1.1"]).as_deref(),
+            Some("p80")
+        );
+        assert_eq!(p("10.2.0.1:80", None, "tls", &[]), None);
+        assert_eq!(
+            p("10.2.0.1:443", Some("api.example.com"), "tls", &[]).as_deref(),
+            Some("sni-exact")
+        );
+        assert_eq!(
+            p("10.2.0.1:443", Some("www.example.com"), "tls", &[]).as_deref(),
+            Some("sni-wild")
+        );
+        assert_eq!(
+            p("10.2.0.1:443", Some("a.b.example.com"), "tls", &[]).as_deref(),
+            Some("sni-wild")
+        );
+        assert_eq!(
+            p("10.2.0.1:443", Some("other.org"), "tls", &[]).as_deref(),
+            Some("sni-none")
+        );
+        assert_eq!(p("10.2.0.1:7000", None, "raw_buffer", &[]), None);
+        assert_eq!(
+            pick(&l, "10.2.0.1:7000", "127.0.0.1:5", None, "raw_buffer", &[]).as_deref(),
+            Some("local-only")
+        );
+        assert_eq!(
+            pick(
+                &l,
+                "10.2.0.1:7001",
+                "192.168.1.1:4000",
+                None,
+                "raw_buffer",
+                &[]
+            )
+            .as_deref(),
+            Some("src-port")
+        );
+        assert_eq!(p("10.2.0.1:7001", None, "raw_buffer", &[]), None);
     }
 
     #[test]

@@ -126,9 +126,36 @@ pub struct ConfigSnapshot {
     pub endpoints: HashMap<ArcStr, Arc<EndpointsEntry>>,
     /// `None` without `dynamic_resources`.
     pub xds: Option<Arc<XdsState>>,
+    /// Listeners by address, for the original-destination hand-off (built by [`Self::index`]).
+    pub by_address: HashMap<std::net::SocketAddr, Arc<Listener>>,
 }
 
 impl ConfigSnapshot {
+    /// Builds the address index (call before publishing).
+    pub fn index(&mut self) {
+        self.by_address = self
+            .listeners
+            .iter()
+            .map(|l| (l.config.address, l.config.clone()))
+            .collect();
+    }
+
+    /// The listener a connection to `dst` is handed to: the one bound to exactly `dst`, else the
+    /// wildcard one on its port (`0.0.0.0:<port>` / `[::]:<port>`).
+    pub fn listener_for(&self, dst: std::net::SocketAddr) -> Option<Arc<Listener>> {
+        if let Some(l) = self.by_address.get(&dst) {
+            return Some(l.clone());
+        }
+        let any: std::net::IpAddr = if dst.is_ipv4() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        };
+        self.by_address
+            .get(&std::net::SocketAddr::new(any, dst.port()))
+            .cloned()
+    }
+
     /// A cluster by name.
     pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
         self.clusters.get(name).map(|c| &c.config)

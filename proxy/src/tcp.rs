@@ -39,7 +39,7 @@ pub async fn proxy(
         tracing::debug!(cluster = %name, "tcp_proxy: no healthy upstream; closing");
         return;
     };
-    let connect = TcpStream::connect(picked.addr);
+    let connect = connect(picked.addr, cluster.config.bind_source);
     let mut upstream = match pingora_timeout::timeout(cluster.config.connect_timeout, connect).await
     {
         Ok(Ok(s)) => s,
@@ -53,6 +53,20 @@ pub async fn proxy(
     // Keep the active-request count for least-request while the connection lives.
     let _picked = picked;
     let _ = copy_with_idle_timeout(&mut downstream, &mut upstream, cfg.idle_timeout).await;
+}
+
+/// Connects, from `source` when the cluster has `upstream_bind_config` (Istio's 127.0.0.6).
+async fn connect(addr: SocketAddr, source: Option<std::net::IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(src) = source else {
+        return TcpStream::connect(addr).await;
+    };
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.bind(SocketAddr::new(src, 0))?;
+    sock.connect(addr).await
 }
 
 /// Initial copy buffer: most mesh TCP exchanges are small; the buffer grows once a read fills it.

@@ -96,10 +96,10 @@ fn classification_is_strict() {
     };
     assert_eq!(outcome(""), Outcome::Loads);
     assert_eq!(
-        outcome(r#""use_original_dst": true,"#),
+        outcome(r#""per_connection_buffer_limit_bytes": 1024,"#),
         Outcome::Later {
-            path: "use_original_dst".into(),
-            reason: "not supported yet (capture issue)".into()
+            path: "per_connection_buffer_limit_bytes".into(),
+            reason: "not supported yet (resilience issue)".into()
         }
     );
     assert!(

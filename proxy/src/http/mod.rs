@@ -860,6 +860,11 @@ impl ProxyHttp for Router {
         // share upstream connections.
         peer.group_key = xxhash_rust::xxh64::xxh64(cfg.name.as_bytes(), 0);
         peer.options.connection_timeout = Some(cfg.connect_timeout);
+        if let Some(src) = cfg.bind_source {
+            let mut bind = pingora_core::connectors::l4::BindTo::default();
+            bind.addr = Some(std::net::SocketAddr::new(src, 0).into());
+            peer.options.bind_to = Some(bind);
+        }
         let h2 = cfg.http2 || (cfg.use_downstream_protocol && session.as_downstream().is_http2());
         if h2 {
             peer.options.set_http_version(2, 2);

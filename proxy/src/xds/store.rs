@@ -573,6 +573,7 @@ impl Store {
             routes: self.routes.clone(),
             endpoints: self.endpoints.clone(),
             xds: Some(Arc::new(xds)),
+            by_address: HashMap::new(),
         }
     }
 }

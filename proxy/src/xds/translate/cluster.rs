@@ -58,6 +58,7 @@ fn translate_cluster_with(
         "ring_hash_lb_config",
         "maglev_lb_config",
         "eds_cluster_config",
+        "upstream_bind_config",
     ];
     if control_plane {
         allowed.extend_from_slice(CONTROL_PLANE_ONLY);
@@ -77,7 +78,6 @@ fn translate_cluster_with(
             ("per_connection_buffer_limit_bytes", RESILIENCE),
             ("cleanup_interval", RESILIENCE),
             ("least_request_lb_config", RESILIENCE),
-            ("upstream_bind_config", "capture issue"),
         ],
     )?;
     if cl.name.is_empty() {
@@ -222,6 +222,25 @@ fn translate_cluster_with(
         )?;
         original_dst_use_header = o.use_http_header;
     }
+    let mut bind_source = None;
+    if let Some(b) = &cl.upstream_bind_config {
+        let p = path.field("upstream_bind_config");
+        only(b, &p, &["source_address"], &[])?;
+        if let Some(sa) = &b.source_address {
+            let sp = p.field("source_address");
+            only(sa, &sp, &["address", "port_value"], &[])?;
+            use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier as PS;
+            if matches!(sa.port_specifier, Some(PS::PortValue(v)) if v != 0) {
+                return err(&sp.field("port_value"), ErrorKind::NotSupported);
+            }
+            bind_source = Some(sa.address.parse::<std::net::IpAddr>().or_else(|_| {
+                invalid(
+                    &sp.field("address"),
+                    format!("malformed IP address: {}", sa.address),
+                )
+            })?);
+        }
+    }
     let mut eds_service = None;
     if let Some(eds) = &cl.eds_cluster_config {
         let p = path.field("eds_cluster_config");
@@ -286,6 +305,7 @@ fn translate_cluster_with(
         original_dst_use_header,
         eds_service,
         pipes,
+        bind_source,
     })
 }
 

@@ -8,8 +8,8 @@ use super::common::*;
 use super::route::translate_route_config;
 use crate::access_log::translate_access_logs;
 use crate::config::{
-    self, ChainKind, ChainMatch, Codec, EscapedSlashes, FilterChain, HttpConnectionManager,
-    TcpProxy,
+    self, ChainKind, ChainMatch, Cidr, Codec, EscapedSlashes, FilterChain, HttpConnectionManager,
+    Predicate, SourceType, TcpProxy,
 };
 use crate::xds::json::dynamic_from_json;
 use envoy_types::pb::envoy::config::listener::v3 as l;
@@ -62,9 +62,9 @@ pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Liste
             "stat_prefix",
             "metadata",
             "access_log",
+            "use_original_dst",
         ],
         &[
-            ("use_original_dst", CAPTURE),
             ("transparent", CAPTURE),
             ("freebind", CAPTURE),
             ("per_connection_buffer_limit_bytes", RESILIENCE),
@@ -81,15 +81,17 @@ pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Liste
         return err(&path.field("address"), ErrorKind::Required);
     };
     let address = socket_addr(addr, &path.field("address"))?;
-    let mut sniff_http = false;
+    let mut http_inspector = None;
+    let mut tls_inspector = None;
+    let mut original_dst_filter = false;
     for (i, f) in li.listener_filters.iter().enumerate() {
         let p = path.at("listener_filters", i);
-        only(
-            f,
-            &p,
-            &["name", "typed_config"],
-            &[("filter_disabled", CAPTURE)],
-        )?;
+        only(f, &p, &["name", "typed_config", "filter_disabled"], &[])?;
+        // A filter that never runs is `Any`-disabled; one without `filter_disabled` always runs.
+        let disabled = match &f.filter_disabled {
+            Some(d) => Some(predicate(d, &p.field("filter_disabled"))?),
+            None => None,
+        };
         let url = match &f.config_type {
             Some(l::listener_filter::ConfigType::TypedConfig(a)) => {
                 type_name(&a.type_url).to_string()
@@ -98,12 +100,13 @@ pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Liste
         };
         match url.as_str() {
             "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector" => {
-                sniff_http = true
+                http_inspector = Some(disabled.unwrap_or(Predicate::Not(Box::new(Predicate::Any))));
             }
-            // We classify TLS in our own sniffing; chains matching `tls` are refused below until mTLS.
-            "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector" => {}
+            "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector" => {
+                tls_inspector = Some(disabled.unwrap_or(Predicate::Not(Box::new(Predicate::Any))));
+            }
             "envoy.extensions.filters.listener.original_dst.v3.OriginalDst" => {
-                return err(&p.field("typed_config"), ErrorKind::NotYet(CAPTURE));
+                original_dst_filter = true;
             }
             other => {
                 return err(
@@ -137,10 +140,13 @@ pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Liste
         name: li.name.as_str().into(),
         address,
         bind_to_port: li.bind_to_port.as_ref().is_none_or(|b| b.value),
-        use_original_dst: false,
+        use_original_dst: li.use_original_dst.as_ref().is_some_and(|b| b.value),
+        original_dst_filter,
+        tls_inspector,
+        http_inspector,
+        continue_on_timeout: li.continue_on_listener_filters_timeout,
         chains,
         default_chain,
-        sniff_http,
         sniff_timeout,
     })
 }
@@ -165,16 +171,51 @@ fn filter_chain(fc: &l::FilterChain, path: &Path) -> Result<FilterChain> {
                 "destination_port",
                 "transport_protocol",
                 "application_protocols",
+                "prefix_ranges",
+                "direct_source_prefix_ranges",
+                "source_type",
+                "source_prefix_ranges",
+                "source_ports",
+                "server_names",
             ],
-            &[
-                ("prefix_ranges", CAPTURE),
-                ("direct_source_prefix_ranges", CAPTURE),
-                ("source_type", CAPTURE),
-                ("source_prefix_ranges", CAPTURE),
-                ("source_ports", CAPTURE),
-                ("server_names", MTLS),
-            ],
+            &[],
         )?;
+        let cidrs = |v: &[envoy_types::pb::envoy::config::core::v3::CidrRange], field: &str| {
+            v.iter()
+                .enumerate()
+                .map(|(i, c)| cidr(c, &p.at(field, i)))
+                .collect::<Result<Vec<_>>>()
+        };
+        matcher.prefix_ranges = cidrs(&m.prefix_ranges, "prefix_ranges")?;
+        matcher.direct_source_prefix_ranges = cidrs(
+            &m.direct_source_prefix_ranges,
+            "direct_source_prefix_ranges",
+        )?;
+        matcher.source_prefix_ranges = cidrs(&m.source_prefix_ranges, "source_prefix_ranges")?;
+        for (i, port) in m.source_ports.iter().enumerate() {
+            matcher.source_ports.push(
+                u16::try_from(*port)
+                    .or_else(|_| invalid(&p.at("source_ports", i), "port out of range"))?,
+            );
+        }
+        use l::filter_chain_match::ConnectionSourceType as ST;
+        matcher.source_type = match ST::try_from(m.source_type) {
+            Ok(ST::Any) => SourceType::Any,
+            Ok(ST::SameIpOrLoopback) => SourceType::Local,
+            Ok(ST::External) => SourceType::External,
+            Err(_) => return invalid(&p.field("source_type"), "unknown source type"),
+        };
+        for (i, n) in m.server_names.iter().enumerate() {
+            if n.is_empty()
+                || (n.contains('*') && !(n.starts_with("*.") && n.matches('*').count() == 1))
+            {
+                return invalid(
+                    &p.at("server_names", i),
+                    format!("partial wildcards are not supported: {n}"),
+                );
+            }
+            matcher.server_names.push(n.to_ascii_lowercase().into());
+        }
         matcher.destination_port = match &m.destination_port {
             Some(v) => Some(
                 u16::try_from(v.value)
@@ -185,7 +226,7 @@ fn filter_chain(fc: &l::FilterChain, path: &Path) -> Result<FilterChain> {
         match m.transport_protocol.as_str() {
             "" => {}
             "raw_buffer" => matcher.transport_protocol = Some("raw_buffer".into()),
-            "tls" => return err(&p.field("transport_protocol"), ErrorKind::NotYet(MTLS)),
+            "tls" => matcher.transport_protocol = Some("tls".into()),
             other => {
                 return invalid(
                     &p.field("transport_protocol"),
@@ -193,13 +234,8 @@ fn filter_chain(fc: &l::FilterChain, path: &Path) -> Result<FilterChain> {
                 );
             }
         }
-        for (i, a) in m.application_protocols.iter().enumerate() {
-            match a.as_str() {
-                "http/1.0" | "http/1.1" | "h2c" => {
-                    matcher.application_protocols.push(a.as_str().into())
-                }
-                _ => return err(&p.at("application_protocols", i), ErrorKind::NotYet(MTLS)),
-            }
+        for a in &m.application_protocols {
+            matcher.application_protocols.push(a.as_str().into());
         }
     }
     let mut terminal = None;
@@ -704,5 +740,70 @@ fn tcp_proxy(t: &tcp::TcpProxy, path: &Path) -> Result<TcpProxy> {
         total_weight,
         idle_timeout,
         access_logs: translate_access_logs(&t.access_log, &path.field("access_log"))?,
+    })
+}
+
+fn cidr(c: &envoy_types::pb::envoy::config::core::v3::CidrRange, path: &Path) -> Result<Cidr> {
+    only(c, path, &["address_prefix", "prefix_len"], &[])?;
+    let addr: std::net::IpAddr = c.address_prefix.parse().or_else(|_| {
+        invalid(
+            &path.field("address_prefix"),
+            format!("malformed IP address: {}", c.address_prefix),
+        )
+    })?;
+    let len = c.prefix_len.as_ref().map_or(0, |v| v.value);
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if len > max {
+        return invalid(
+            &path.field("prefix_len"),
+            format!("prefix length {len} > {max}"),
+        );
+    }
+    Ok(Cidr {
+        addr,
+        len: len as u8,
+    })
+}
+
+fn predicate(
+    d: &envoy_types::pb::envoy::config::listener::v3::ListenerFilterChainMatchPredicate,
+    path: &Path,
+) -> Result<Predicate> {
+    use envoy_types::pb::envoy::config::listener::v3::listener_filter_chain_match_predicate::Rule as R;
+    only(
+        d,
+        path,
+        &[
+            "or_match",
+            "and_match",
+            "not_match",
+            "any_match",
+            "destination_port_range",
+        ],
+        &[],
+    )?;
+    Ok(match &d.rule {
+        Some(R::AnyMatch(_)) => Predicate::Any,
+        Some(R::NotMatch(n)) => Predicate::Not(Box::new(predicate(n, &path.field("not_match"))?)),
+        Some(R::OrMatch(s)) => Predicate::Or(
+            s.rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| predicate(r, &path.field("or_match").at("rules", i)))
+                .collect::<Result<_>>()?,
+        ),
+        Some(R::AndMatch(s)) => Predicate::And(
+            s.rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| predicate(r, &path.field("and_match").at("rules", i)))
+                .collect::<Result<_>>()?,
+        ),
+        Some(R::DestinationPortRange(r)) => {
+            let start = u16::try_from(r.start)
+                .or_else(|_| invalid(&path.field("destination_port_range"), "port out of range"))?;
+            Predicate::PortRange(start, r.end.max(0) as u32)
+        }
+        None => return err(path, ErrorKind::Required),
     })
 }
