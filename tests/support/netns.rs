@@ -213,8 +213,14 @@ impl Pod {
     }
 
     /// Runs `cmd` to completion; an error (with its stderr) unless it exits 0.
-    pub fn run(&self, mut cmd: Command) -> Result<Output> {
-        run(&mut cmd)
+    pub fn run(&self, mut cmd: impl std::borrow::BorrowMut<Command>) -> Result<Output> {
+        run(cmd.borrow_mut())
+    }
+
+    /// Runs `program args...` in the pod (as root); its stdout, or an error unless it exits 0.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        let out = self.run(self.cmd(program).args(args))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Starts `cmd` with stdout piped; it is killed when the returned [`Proc`] drops.

@@ -819,7 +819,8 @@ fn execute(
 ) -> Result<(), Error> {
     let v6_on = if cfg.enable_ipv6 { v6 } else { None };
     let verdict = verify(b, deps, v4, v6);
-    if verdict.residue && verdict.delta && !cfg.reconcile && !cfg.cleanup_only {
+    let conflicting = verdict.residue && verdict.delta && !cfg.reconcile && !cfg.cleanup_only;
+    if conflicting {
         eprintln!(
             "pingsail-agent iptables: different capture rules are already present and --reconcile is off; applying may fail"
         );
@@ -866,6 +867,14 @@ fn execute(
         }
         Ok(())
     })();
+    let result = result.map_err(|e| match e {
+        Error::Command { cmd, status, stderr } if conflicting => Error::Command {
+            cmd,
+            status,
+            stderr: format!("{stderr} (capture rules from an earlier run with other settings are present: pass --reconcile to replace them, or --cleanup-only first)"),
+        },
+        e => e,
+    });
     if guardrails {
         try_all(deps, v4, &RuleBuilder::guardrails_cleanup());
         if let Some(v6) = v6_on {
