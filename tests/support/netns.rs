@@ -255,6 +255,16 @@ impl Pod {
         Ok(out)
     }
 
+    /// Waits until `addr` accepts TCP connections from inside this pod (connect retries with
+    /// backoff, up to `timeout`): readiness for programs that announce none (prefer a line on
+    /// stdout, [`Proc::wait_for`], when there is one).
+    pub fn wait_tcp(&self, addr: std::net::SocketAddr, timeout: std::time::Duration) -> Result<()> {
+        let probe = cargo_bin("pingsail-tests", "netns-probe")?;
+        let millis = timeout.as_millis().to_string();
+        self.run(self.cmd(probe).args(["wait", &addr.to_string(), &millis]))
+            .map(drop)
+    }
+
     /// `iptables-save` (or `ip6tables-save`) in this pod.
     pub fn save(&self, v6: bool) -> Result<String> {
         let out = self.run(self.cmd(if v6 {

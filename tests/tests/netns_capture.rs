@@ -304,3 +304,23 @@ fn pod_to_pod_through_both_sidecars() {
         );
     }
 }
+
+/// The harness's fallback readiness check: `wait_tcp` returns once a listener accepts, and fails
+/// on a port nothing listens on.
+#[test]
+fn harness_wait_tcp() {
+    let Some(net) = Net::new("harness_wait_tcp") else {
+        return;
+    };
+    let pod = net.pod("pod").unwrap();
+    let mut cmd = pod.cmd(PROBE);
+    cmd.args(["server", "app", "0.0.0.0:7070"]);
+    let _app = pod.spawn(cmd).unwrap(); // its readiness line deliberately not read
+    pod.wait_tcp(v4(&pod, 7070), std::time::Duration::from_secs(10))
+        .unwrap();
+    assert!(call(&pod, None, v4(&pod, 7070), None).starts_with("app "));
+    let err = pod
+        .wait_tcp(v4(&pod, 7071), std::time::Duration::from_millis(300))
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("not accepting"), "{err:#}");
+}

@@ -9,6 +9,8 @@
 //!   destination itself (from 127.0.0.6 / ::6 when it is a local address, as Envoy's inbound
 //!   passthrough does) and appends ` -> <the upstream's line>`.
 //! * `client ADDR [--bind IP]` — connects, prints the line it receives, exits 0 (1 on failure).
+//! * `wait ADDR MILLIS` — retries connecting until ADDR accepts (exit 0) or MILLIS pass (exit 1):
+//!   readiness for programs that announce none.
 //!
 //! Listeners print `listening <addr>` once per address on stdout when bound (the readiness signal).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -33,6 +35,7 @@ fn main() {
             listen(&args[1], &addrs, true, forward)
         }
         Some("client") => client(&args[1..]),
+        Some("wait") => wait(&args[1..]),
         _ => Err(
             "usage: netns-probe server|sidecar NAME ADDR... [--forward] | client ADDR [--bind IP]"
                 .into(),
@@ -153,4 +156,31 @@ fn client(args: &[String]) -> Result<(), String> {
     let line = fetch(dst, bind).map_err(|e| format!("{dst}: {e}"))?;
     println!("{line}");
     Ok(())
+}
+
+fn wait(args: &[String]) -> Result<(), String> {
+    let dst: SocketAddr = args
+        .first()
+        .ok_or("wait: ADDR missing")?
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let millis: u64 = args
+        .get(1)
+        .ok_or("wait: MILLIS missing")?
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let deadline = std::time::Instant::now() + Duration::from_millis(millis);
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        match TcpStream::connect_timeout(&dst, Duration::from_millis(200)) {
+            Ok(_) => return Ok(()),
+            Err(e) if std::time::Instant::now() >= deadline => {
+                return Err(format!("{dst} not accepting after {millis} ms: {e}"));
+            }
+            Err(_) => {
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(100));
+            }
+        }
+    }
 }
