@@ -24,7 +24,7 @@
 //! else { return };`).
 
 use std::ffi::OsStr;
-use std::io::{BufRead as _, BufReader};
+use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
@@ -105,7 +105,10 @@ impl Net {
     /// `test` names the test in that message.
     pub fn new(test: &str) -> Option<Net> {
         if !is_root() {
-            eprintln!(
+            // Written to the stderr handle, not with eprintln!, so the test harness's output
+            // capture does not hide it: a skip must be visible.
+            let _ = writeln!(
+                std::io::stderr(),
                 "SKIPPED {test}: network-namespace tests need root (CAP_NET_ADMIN, CAP_SYS_ADMIN); CI runs them as root"
             );
             return None;
