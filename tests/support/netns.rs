@@ -215,6 +215,28 @@ impl Pod {
         c
     }
 
+    /// Like [`Pod::cmd_as`], keeping the capabilities `caps` (e.g. `["net_admin"]`, as a TPROXY
+    /// sidecar needs for IP_TRANSPARENT) as ambient capabilities.
+    pub fn cmd_as_with_caps(
+        &self,
+        uid: u32,
+        gid: u32,
+        caps: &[&str],
+        program: impl AsRef<OsStr>,
+    ) -> Command {
+        let caps: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
+        let caps = caps.join(",");
+        let mut c = self.cmd("setpriv");
+        c.arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={gid}"))
+            .arg("--clear-groups")
+            .arg(format!("--inh-caps={caps}"))
+            .arg(format!("--ambient-caps={caps}"))
+            .arg("--")
+            .arg(program);
+        c
+    }
+
     /// Runs `cmd` to completion; an error (with its stderr) unless it exits 0.
     pub fn run(&self, mut cmd: impl std::borrow::BorrowMut<Command>) -> Result<Output> {
         run(cmd.borrow_mut())

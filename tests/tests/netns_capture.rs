@@ -324,3 +324,44 @@ fn harness_wait_tcp() {
         .unwrap_err();
     assert!(format!("{err:#}").contains("not accepting"), "{err:#}");
 }
+
+/// TPROXY inbound: the rules and policy routes `-m TPROXY` sets up deliver inbound connections to
+/// a transparent listener on 15006 without NAT — its local address is the original destination,
+/// and conntrack agrees — and the passthrough from 127.0.0.6 reaches the app.
+#[test]
+fn tproxy_inbound_reaches_a_transparent_listener() {
+    let Some(net) = Net::new("tproxy_inbound_reaches_a_transparent_listener") else {
+        return;
+    };
+    let (client, server) = (net.pod("client").unwrap(), net.pod("server").unwrap());
+    let _app = app_server(&server);
+    let mut args = capture_args(false);
+    args.extend(["-m", "TPROXY"]);
+    server.apply_iptables(&args).unwrap();
+    let mut cmd = server.cmd_as_with_caps(SIDECAR_UID, SIDECAR_UID, &["net_admin"], PROBE);
+    cmd.args([
+        "sidecar",
+        "in",
+        "0.0.0.0:15006",
+        "--forward",
+        "--transparent",
+    ]);
+    let mut sc = server.spawn(cmd).unwrap();
+    sc.wait_for("listening").unwrap();
+
+    let got = call(&client, None, v4(&server, 8080), None);
+    assert!(got.starts_with("in "), "not captured inbound: {got}");
+    assert_eq!(field(&got, "orig"), v4(&server, 8080).to_string(), "{got}");
+    assert!(
+        field(&got, "peer").starts_with(&format!("{}:", client.ip4)),
+        "{got}"
+    );
+    let upstream = got
+        .split(" -> ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no upstream hop: {got}"));
+    assert!(
+        upstream.starts_with(&format!("app local={}:8080 peer=127.0.0.6:", server.ip4)),
+        "{got}"
+    );
+}
