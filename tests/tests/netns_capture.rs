@@ -365,3 +365,66 @@ fn tproxy_inbound_reaches_a_transparent_listener() {
         "{got}"
     );
 }
+
+/// DNS capture (`--redirect-dns` with the pod's resolver): the app's DNS over UDP and TCP to the
+/// resolver goes to the agent's DNS port 15053; the agent's own queries (UID 1337) go to the
+/// resolver; other UDP is untouched.
+#[test]
+fn dns_to_the_resolver_is_captured_to_15053() {
+    let Some(net) = Net::new("dns_to_the_resolver_is_captured_to_15053") else {
+        return;
+    };
+    let (client, resolver) = (net.pod("client").unwrap(), net.pod("resolver").unwrap());
+    let mut udp = resolver.cmd(PROBE);
+    udp.args(["udp-server", "resolver", "0.0.0.0:53", "0.0.0.0:5353"]);
+    let mut r = resolver.spawn(udp).unwrap();
+    r.wait_for("listening udp").unwrap();
+    r.wait_for("listening udp").unwrap();
+    let _tcp = listen(&resolver, None, &["server", "resolver-tcp", "0.0.0.0:53"]);
+
+    let dns_server = format!("--dns-servers={}", resolver.ip4);
+    let mut args = capture_args(false);
+    args.extend(["--redirect-dns", &dns_server]);
+    client.apply_iptables(&args).unwrap();
+    let mut agent = client.cmd_as(SIDECAR_UID, SIDECAR_UID, PROBE);
+    agent.args(["udp-server", "agent-dns", "127.0.0.1:15053"]);
+    let mut a = client.spawn(agent).unwrap();
+    a.wait_for("listening udp").unwrap();
+    let _agent_tcp = listen(
+        &client,
+        Some(SIDECAR_UID),
+        &["server", "agent-dns-tcp", "127.0.0.1:15053"],
+    );
+
+    let udp_call = |uid: Option<u32>, port: u16| {
+        let mut c = match uid {
+            Some(u) => client.cmd_as(u, u, PROBE),
+            None => client.cmd(PROBE),
+        };
+        c.args(["udp-client", &v4(&resolver, port).to_string()]);
+        String::from_utf8(client.run(c).unwrap().stdout)
+            .unwrap()
+            .trim_end()
+            .to_string()
+    };
+    let app = udp_call(None, 53);
+    assert!(
+        app.starts_with("agent-dns local=127.0.0.1:15053"),
+        "app's UDP DNS not captured: {app}"
+    );
+    let tcp = call(&client, None, v4(&resolver, 53), None);
+    assert!(
+        tcp.starts_with("agent-dns-tcp "),
+        "app's TCP DNS not captured: {tcp}"
+    );
+    let own = udp_call(Some(SIDECAR_UID), 53);
+    assert!(
+        own.starts_with("resolver local="),
+        "the agent's own query was captured: {own}"
+    );
+    let other = udp_call(None, 5353);
+    assert!(
+        other.starts_with("resolver local="),
+        "non-DNS UDP was captured: {other}"
+    );
+}

@@ -10,6 +10,8 @@
 //!   passthrough does) and appends ` -> <the upstream's line>`. `--transparent` sets
 //!   IP_TRANSPARENT on its listeners (TPROXY mode; needs CAP_NET_ADMIN).
 //! * `client ADDR [--bind IP]` — connects, prints the line it receives, exits 0 (1 on failure).
+//! * `udp-server NAME ADDR...` — answers each datagram with `NAME local=<local> peer=<peer>`.
+//! * `udp-client ADDR` — sends one datagram from a connected socket, prints the answer.
 //! * `wait ADDR MILLIS` — retries connecting until ADDR accepts (exit 0) or MILLIS pass (exit 1):
 //!   readiness for programs that announce none.
 //!
@@ -43,6 +45,8 @@ fn main() {
         }
         Some("client") => client(&args[1..]),
         Some("wait") => wait(&args[1..]),
+        Some("udp-server") => udp_server(&args[1], &args[2..]),
+        Some("udp-client") => udp_client(&args[1..]),
         _ => Err(
             "usage: netns-probe server|sidecar NAME ADDR... [--forward] [--transparent] \
              | client ADDR [--bind IP] | wait ADDR MILLIS"
@@ -220,4 +224,47 @@ fn wait(args: &[String]) -> Result<(), String> {
             }
         }
     }
+}
+
+fn udp_server(name: &str, addrs: &[String]) -> Result<(), String> {
+    let mut handles = Vec::new();
+    for a in addrs {
+        let addr: SocketAddr = a.parse().map_err(|e| format!("{a}: {e}"))?;
+        let s = std::net::UdpSocket::bind(addr).map_err(|e| format!("bind udp {addr}: {e}"))?;
+        let local = s.local_addr().map_err(|e| e.to_string())?;
+        println!("listening udp {local}");
+        let name = name.to_string();
+        handles.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((_, peer)) = s.recv_from(&mut buf) {
+                let line = format!("{name} local={} peer={}", canon(local), canon(peer));
+                let _ = s.send_to(line.as_bytes(), peer);
+            }
+        }));
+    }
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+fn udp_client(args: &[String]) -> Result<(), String> {
+    let dst: SocketAddr = args
+        .first()
+        .ok_or("udp-client: ADDR missing")?
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let any: SocketAddr = if dst.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let s = std::net::UdpSocket::bind(any).map_err(|e| e.to_string())?;
+    s.connect(dst).map_err(|e| format!("{dst}: {e}"))?;
+    s.set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    s.send(b"q").map_err(|e| format!("{dst}: {e}"))?;
+    let mut buf = [0u8; 512];
+    let n = s.recv(&mut buf).map_err(|e| format!("{dst}: {e}"))?;
+    println!("{}", String::from_utf8_lossy(&buf[..n]));
+    Ok(())
 }
