@@ -265,3 +265,49 @@ fn unprivileged_apply_names_the_missing_capability() {
         "stderr does not name the capability: {stderr}"
     );
 }
+
+/// Without `--enable-ipv6`, IPv6 is decided from the pod's addresses as istio-iptables does: the
+/// first usable address (IPv4 here) decides; with `--dual-stack`, any IPv6 address enables it.
+#[test]
+fn ipv6_is_detected_from_the_pod_addresses() {
+    let Some(net) = Net::new("ipv6_is_detected_from_the_pod_addresses") else {
+        return;
+    };
+    let single = net.pod("single").unwrap();
+    single.apply_iptables(BASE).unwrap();
+    assert!(!ours(&single, false).is_empty());
+    assert!(
+        !single.save(true).unwrap().contains("ISTIO_"),
+        "IPv6 programmed for an IPv4-first pod"
+    );
+    let dual = net.pod("dual").unwrap();
+    dual.apply_iptables(&args(&["--dual-stack"])).unwrap();
+    assert!(
+        dual.save(true).unwrap().contains(":ISTIO_OUTPUT"),
+        "IPv6 not programmed with --dual-stack"
+    );
+}
+
+/// `--network-namespace PATH`: run from outside (as the CNI plugin does), the rules land in that
+/// namespace only.
+#[test]
+fn network_namespace_flag_programs_that_namespace() {
+    let Some(net) = Net::new("network_namespace_flag_programs_that_namespace") else {
+        return;
+    };
+    let (target, other) = (net.pod("target").unwrap(), net.pod("other").unwrap());
+    let agent = cargo_bin("pingsail-agent", "pingsail-agent").unwrap();
+    let nspath = format!("/var/run/netns/{}", target.ns);
+    // Started inside `other`, pointed at `target`; IPv6 detected from target's addresses.
+    let mut c = other.cmd(&agent);
+    c.arg("iptables")
+        .args(BASE)
+        .args(["--dual-stack", "--network-namespace", &nspath]);
+    other.run(c).unwrap();
+    assert!(target.save(false).unwrap().contains(":ISTIO_OUTPUT"));
+    assert!(target.save(true).unwrap().contains(":ISTIO_OUTPUT"));
+    assert!(
+        !other.save(false).unwrap().contains("ISTIO_"),
+        "rules landed in the wrong namespace"
+    );
+}
