@@ -183,6 +183,12 @@ impl Net {
             "-n", &pod.ns, "-6", "addr", "add", &a6, "dev", "eth0", "nodad",
         ])?;
         ip(&["-n", &pod.ns, "link", "set", "eth0", "up"])?;
+        // Default routes, as a pod has: addresses outside the segment (service VIPs) are routable,
+        // so the capture rules see connections to them.
+        ip(&["-n", &pod.ns, "route", "add", "default", "dev", "eth0"])?;
+        ip(&[
+            "-n", &pod.ns, "-6", "route", "add", "default", "dev", "eth0",
+        ])?;
         Ok(pod)
     }
 }

@@ -155,6 +155,24 @@ fn outbound_is_redirected_to_15001_with_the_original_destination() {
     );
 }
 
+/// A connection to a service VIP no host owns (a ClusterIP) is captured like any other, with
+/// the VIP as the original destination (IPv4 and IPv6).
+#[test]
+fn service_vip_is_the_original_destination() {
+    let Some(net) = Net::new("service_vip_is_the_original_destination") else {
+        return;
+    };
+    let client = net.pod("client").unwrap();
+    client.apply_iptables(&capture_args(true)).unwrap();
+    let _sc = sidecar(&client, false);
+    for vip in ["10.96.0.10:80", "[fd00:96::10]:443"] {
+        let vip: SocketAddr = vip.parse().unwrap();
+        let got = call(&client, None, vip, None);
+        assert!(got.starts_with("out "), "{got}");
+        assert_eq!(field(&got, "orig"), vip.to_string(), "{got}");
+    }
+}
+
 /// The sidecar's own egress (UID 1337) goes out uncaptured.
 #[test]
 fn sidecar_egress_is_not_captured() {
@@ -427,4 +445,36 @@ fn dns_to_the_resolver_is_captured_to_15053() {
         other.starts_with("resolver local="),
         "non-DNS UDP was captured: {other}"
     );
+}
+
+/// A panicking test still removes its namespaces (and with them the links and processes' network).
+#[test]
+fn harness_cleans_up_on_panic() {
+    if Net::new("harness_cleans_up_on_panic").is_none() {
+        return;
+    }
+    let payload = std::panic::catch_unwind(|| {
+        let net = Net::new("harness_cleans_up_on_panic (inner)").unwrap();
+        let pod = net.pod("pod").unwrap();
+        let _p = app_server(&pod);
+        let names = vec![
+            pod.ns.clone(),
+            format!("{}-sw", pod.ns.trim_end_matches("-pod")),
+        ];
+        for n in &names {
+            assert!(
+                std::path::Path::new("/var/run/netns").join(n).exists(),
+                "{n} not created"
+            );
+        }
+        std::panic::panic_any(names);
+    })
+    .unwrap_err();
+    let names = payload.downcast::<Vec<String>>().unwrap();
+    for n in names.iter() {
+        assert!(
+            !std::path::Path::new("/var/run/netns").join(n).exists(),
+            "{n} left behind"
+        );
+    }
 }
