@@ -113,11 +113,24 @@ fn route(admin: &Admin, method: &str, path: &str, query: &str) -> (u16, &'static
         "/ready" => {
             if *admin.quit.borrow() {
                 (503, "text/plain", "DRAINING\n".into())
+            } else if admin
+                .shared
+                .snapshot
+                .load()
+                .xds
+                .as_ref()
+                .is_some_and(|x| !x.initialized)
+            {
+                (503, "text/plain", "INITIALIZING\n".into())
             } else {
                 (200, "text/plain", "LIVE\n".into())
             }
         }
-        "/config_dump" => (200, "application/json", config_dump(&admin.shared)),
+        "/config_dump" => (
+            200,
+            "application/json",
+            config_dump(&admin.shared, query.split('&').any(|q| q == "include_eds")),
+        ),
         "/clusters" => (200, "text/plain", clusters(&admin.shared)),
         "/stats" => {
             let mut s = String::new();
@@ -192,8 +205,9 @@ fn any<M: Message + Name>(m: &M) -> Any {
     }
 }
 
-/// `/config_dump` in Envoy's shape (what `istioctl proxy-config` parses).
-pub fn config_dump(shared: &Shared) -> String {
+/// `/config_dump` in Envoy's shape (what `istioctl proxy-config` parses); EDS only with
+/// `?include_eds`, as Envoy does.
+pub fn config_dump(shared: &Shared, include_eds: bool) -> String {
     let schemas = crate::xds::pool::pool();
     let snap = shared.snapshot.load();
     let now = ts(SystemTime::now());
@@ -204,18 +218,138 @@ pub fn config_dump(shared: &Shared) -> String {
     let mut clusters = admin::ClustersConfigDump::default();
     let mut names: Vec<_> = snap.clusters.keys().collect();
     names.sort();
+    let xds = snap.xds.clone().unwrap_or_default();
+    let error_state = |type_url: &'static str, name: &str| {
+        xds.errors
+            .get(&(type_url, arcstr::ArcStr::from(name)))
+            .map(|f| admin::UpdateFailureState {
+                failed_configuration: f.resource.clone(),
+                last_update_attempt: ts(f.at),
+                details: f.details.clone(),
+                version_info: f.version.to_string(),
+            })
+    };
+    use crate::xds::store::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+    clusters.version_info = xds
+        .versions
+        .get(CLUSTER)
+        .map(|v| v.to_string())
+        .unwrap_or_default();
     for n in names {
         let e = &snap.clusters[n];
+        if e.dynamic {
+            clusters
+                .dynamic_active_clusters
+                .push(admin::clusters_config_dump::DynamicCluster {
+                    version_info: e.version.to_string(),
+                    cluster: Some(any(&*e.proto)),
+                    last_updated: ts(e.updated),
+                    error_state: error_state(CLUSTER, n),
+                    client_status: 0,
+                });
+        } else {
+            clusters
+                .static_clusters
+                .push(admin::clusters_config_dump::StaticCluster {
+                    cluster: Some(any(&*e.proto)),
+                    last_updated: ts(e.updated),
+                });
+        }
+    }
+    for e in &xds.warming_clusters {
         clusters
-            .static_clusters
-            .push(admin::clusters_config_dump::StaticCluster {
+            .dynamic_warming_clusters
+            .push(admin::clusters_config_dump::DynamicCluster {
+                version_info: e.version.to_string(),
                 cluster: Some(any(&*e.proto)),
                 last_updated: ts(e.updated),
+                error_state: error_state(CLUSTER, &e.config.name),
+                client_status: 0,
             });
     }
-    let mut listeners = admin::ListenersConfigDump::default();
+    let mut listeners = admin::ListenersConfigDump {
+        version_info: xds
+            .versions
+            .get(LISTENER)
+            .map(|v| v.to_string())
+            .unwrap_or_default(),
+        ..Default::default()
+    };
     let mut routes = admin::RoutesConfigDump::default();
-    for e in &snap.listeners {
+    {
+        use admin::listeners_config_dump::{DynamicListener, DynamicListenerState};
+        let state = |e: &crate::snapshot::ListenerEntry| DynamicListenerState {
+            version_info: e.version.to_string(),
+            listener: Some(any(&*e.proto)),
+            last_updated: ts(e.updated),
+        };
+        let mut dynamic: std::collections::BTreeMap<String, DynamicListener> = Default::default();
+        for e in snap.listeners.iter().filter(|e| e.dynamic) {
+            let d = dynamic.entry(e.config.name.to_string()).or_default();
+            d.active_state = Some(state(e));
+        }
+        for e in &xds.warming_listeners {
+            let d = dynamic.entry(e.config.name.to_string()).or_default();
+            d.warming_state = Some(state(e));
+        }
+        for ((t, name), _) in xds.errors.iter().filter(|((t, _), _)| *t == LISTENER) {
+            let _ = t;
+            dynamic.entry(name.to_string()).or_default();
+        }
+        for (name, mut d) in dynamic {
+            d.error_state = error_state(LISTENER, &name);
+            d.name = name;
+            listeners.dynamic_listeners.push(d);
+        }
+    }
+    let mut route_names: Vec<_> = snap.routes.keys().collect();
+    route_names.sort();
+    for n in route_names {
+        let r = &snap.routes[n];
+        routes
+            .dynamic_route_configs
+            .push(admin::routes_config_dump::DynamicRouteConfig {
+                version_info: r.version.to_string(),
+                route_config: Some(any(&*r.proto)),
+                last_updated: ts(r.updated),
+                error_state: error_state(ROUTE, n),
+                client_status: 0,
+            });
+    }
+    let mut endpoints = admin::EndpointsConfigDump::default();
+    if include_eds {
+        let mut names: Vec<_> = snap.endpoints.keys().collect();
+        names.sort();
+        for n in names {
+            let e = &snap.endpoints[n];
+            endpoints.dynamic_endpoint_configs.push(
+                admin::endpoints_config_dump::DynamicEndpointConfig {
+                    version_info: e.version.to_string(),
+                    endpoint_config: Some(any(&*e.proto)),
+                    last_updated: ts(e.updated),
+                    error_state: error_state(ENDPOINT, n),
+                    client_status: 0,
+                },
+            );
+        }
+    }
+    let mut secrets = admin::SecretsConfigDump::default();
+    let mut secret_names: Vec<_> = xds.secrets.keys().collect();
+    secret_names.sort();
+    for n in secret_names {
+        let (secret, version, at) = &xds.secrets[n];
+        secrets
+            .dynamic_active_secrets
+            .push(admin::secrets_config_dump::DynamicSecret {
+                name: n.to_string(),
+                version_info: version.to_string(),
+                last_updated: ts(*at),
+                secret: Some(any(&redacted(secret))),
+                error_state: None,
+                client_status: 0,
+            });
+    }
+    for e in snap.listeners.iter().filter(|e| !e.dynamic) {
         listeners
             .static_listeners
             .push(admin::listeners_config_dump::StaticListener {
@@ -256,8 +390,11 @@ pub fn config_dump(shared: &Shared) -> String {
             any(&listeners),
             any(&admin::ScopedRoutesConfigDump::default()),
             any(&routes),
-            any(&admin::SecretsConfigDump::default()),
-        ],
+            any(&secrets),
+        ]
+        .into_iter()
+        .chain(include_eds.then(|| any(&endpoints)))
+        .collect(),
     };
     let Some(desc) = schemas.get_message_by_name(&admin::ConfigDump::full_name()) else {
         return "{}".into();
@@ -266,6 +403,21 @@ pub fn config_dump(shared: &Shared) -> String {
         Ok(d) => serde_json::to_string_pretty(&dynamic_to_json(&d)).unwrap_or_default(),
         Err(e) => format!("{{\"error\": \"{e}\"}}"),
     }
+}
+
+/// Envoy never shows private keys in a dump.
+fn redacted(
+    s: &envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret,
+) -> envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret {
+    use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::secret::Type;
+    let mut s = s.clone();
+    if let Some(Type::TlsCertificate(c)) = &mut s.r#type
+        && let Some(k) = &mut c.private_key
+    {
+        k.specifier = Some(Specifier::InlineString("[redacted]".into()));
+    }
+    s
 }
 
 fn clusters(shared: &Shared) -> String {

@@ -48,6 +48,38 @@ pub struct FilterChain {
     pub matcher: ChainMatch,
     /// The terminal network filter.
     pub kind: ChainKind,
+    /// Flips when this chain leaves the configuration: its connections drain.
+    pub drain: Drain,
+}
+
+/// A drain signal shared by every connection of one filter chain. When a listener update removes or
+/// changes a chain (or the listener goes away) the signal flips: HTTP/1 responses carry
+/// `connection: close`, h2 connections get GOAWAY, and whatever is still open after the drain time
+/// is closed.
+#[derive(Debug)]
+pub struct Drain(tokio::sync::watch::Sender<bool>);
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain(tokio::sync::watch::Sender::new(false))
+    }
+}
+
+impl Drain {
+    /// Starts draining (idempotent).
+    pub fn start(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Whether draining has started.
+    pub fn draining(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// A receiver for connections (Pingora's shutdown watch has this type).
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.0.subscribe()
+    }
 }
 
 /// The terminal network filter of a chain.
@@ -90,8 +122,12 @@ pub struct HttpConnectionManager {
     pub stat_prefix: ArcStr,
     /// `codec_type`
     pub codec: Codec,
-    /// Inline `route_config`.
+    /// Inline `route_config` (empty when the routes come over RDS).
     pub routes: Arc<RouteTable>,
+    /// `rds.route_config_name`: the route table is looked up per request in the snapshot.
+    pub rds: Option<ArcStr>,
+    /// The RDS config source's `initial_fetch_timeout` (None = wait for the routes forever).
+    pub rds_fetch_timeout: Option<Duration>,
     /// `route_config.validate_clusters` (default true for inline route configurations).
     pub validate_clusters: bool,
     /// `server_name` (default "envoy")
@@ -212,4 +248,8 @@ pub struct Cluster {
     pub dns_refresh_rate: Duration,
     /// ORIGINAL_DST `use_http_header`
     pub original_dst_use_header: bool,
+    /// EDS: the `ClusterLoadAssignment` name whose endpoints this cluster uses (`eds_cluster_config`).
+    pub eds_service: Option<ArcStr>,
+    /// Unix socket endpoints (`pipe` addresses); only control-plane gRPC clusters may have them.
+    pub pipes: Vec<ArcStr>,
 }

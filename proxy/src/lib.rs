@@ -37,6 +37,8 @@ pub struct Shared {
     pub stats: stats::Stats,
     /// Upstream connections for shadow (mirrored) requests, pooled apart from the primary traffic.
     pub mirror_connector: Arc<pingora_core::connectors::http::Connector>,
+    /// `--drain-time-s`: how long connections on a removed or changed filter chain may finish.
+    pub drain_time: std::time::Duration,
 }
 
 /// The HTTP proxies the listeners hand connections to (one per downstream codec).
@@ -69,8 +71,10 @@ impl Default for Options {
 
 /// A running proxy. Dropping it stops every listener and runtime.
 pub struct Running {
-    /// bound listener addresses by listener name
+    /// bound addresses of the bootstrap's listeners by listener name
     pub listeners: Vec<(String, SocketAddr)>,
+    /// every running listener (static and from LDS)
+    pub manager: Arc<listener::Manager>,
     /// bound admin address
     pub admin: Option<SocketAddr>,
     /// shared state
@@ -92,6 +96,7 @@ impl Running {
     /// Stops listeners (open connections end when their runtime stops).
     pub fn stop(&mut self) {
         self.shutdown.send_replace(true);
+        self.manager.stop_all();
         if let Some(rt) = self.data_rt.take() {
             rt.shutdown_background();
         }
@@ -114,6 +119,36 @@ fn std_bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(l)
 }
 
+/// Makes a snapshot the running configuration: cluster runtime state first (so a route never names
+/// a cluster the data path does not know yet), then the snapshot, then the listeners. Returns the
+/// listeners that could not be started.
+fn publish(
+    shared: &Shared,
+    manager: &listener::Manager,
+    rt: &tokio::runtime::Handle,
+    snap: snapshot::ConfigSnapshot,
+) -> Vec<(arcstr::ArcStr, String)> {
+    {
+        let _guard = rt.enter();
+        shared.clusters.sync(&snap);
+    }
+    // Envoy lists every counter from the start, at zero.
+    for name in snap.clusters.keys() {
+        shared.stats.cluster(name);
+    }
+    for l in &snap.listeners {
+        for chain in l.config.chains.iter().chain(l.config.default_chain.iter()) {
+            match &chain.kind {
+                config::ChainKind::Http(h) => drop(shared.stats.http(&h.stat_prefix)),
+                config::ChainKind::Tcp(t) => drop(shared.stats.tcp(&t.stat_prefix)),
+            }
+        }
+    }
+    let listeners = snap.listeners.clone();
+    shared.snapshot.publish(snap);
+    manager.reconcile(&listeners)
+}
+
 /// Starts a proxy from a validated bootstrap. Returns once every listener and the admin socket are bound.
 pub fn start(
     loaded: xds::bootstrap::Loaded,
@@ -125,6 +160,7 @@ pub fn start(
         clusters: cluster::ClusterManager::default(),
         stats: stats::Stats::default(),
         mirror_connector: Arc::new(pingora_core::connectors::http::Connector::new(None)),
+        drain_time: opts.drain_time,
     });
     let data_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(opts.concurrency.max(1))
@@ -139,25 +175,12 @@ pub fn start(
         .build()
         .context("building the admin runtime")?;
 
-    let snap = loaded.snapshot;
-    {
-        let _guard = data_rt.enter();
-        shared.clusters.sync(&snap);
+    let mut snap = loaded.snapshot;
+    let store = loaded.ads.as_ref().map(|_| xds::store::Store::new(&snap));
+    if let Some(store) = &store {
+        // From the start the snapshot says xDS is not yet initialized (`/ready`).
+        snap = store.snapshot();
     }
-    let listeners: Vec<_> = snap.listeners.iter().map(|l| l.config.clone()).collect();
-    // Envoy lists every counter from the start, at zero.
-    for name in snap.clusters.keys() {
-        shared.stats.cluster(name);
-    }
-    for l in &listeners {
-        for chain in l.chains.iter().chain(l.default_chain.iter()) {
-            match &chain.kind {
-                config::ChainKind::Http(h) => drop(shared.stats.http(&h.stat_prefix)),
-                config::ChainKind::Tcp(t) => drop(shared.stats.tcp(&t.stat_prefix)),
-            }
-        }
-    }
-    shared.snapshot.publish(snap);
 
     let conf = Arc::new(ServerConf {
         threads: opts.concurrency.max(1),
@@ -177,20 +200,21 @@ pub fn start(
         h2: Arc::new(h2),
     });
 
-    let (shutdown, shutdown_rx) = watch::channel(false);
-    let mut bound = Vec::new();
-    for l in listeners.iter().filter(|l| l.bind_to_port) {
-        let std_l = std_bind(l.address)
-            .with_context(|| format!("listener '{}': binding {}", l.name, l.address))?;
-        let addr = std_l.local_addr()?;
-        bound.push((l.name.to_string(), addr));
-        let (apps, l, rx) = (apps.clone(), l.clone(), shutdown_rx.clone());
-        data_rt.spawn(async move {
-            match tokio::net::TcpListener::from_std(std_l) {
-                Ok(sock) => listener::serve(apps, l, sock, rx).await,
-                Err(e) => tracing::error!("listener '{}': {e}", l.name),
-            }
-        });
+    let (shutdown, _shutdown_rx) = watch::channel(false);
+    let manager = Arc::new(listener::Manager::new(
+        apps.clone(),
+        data_rt.handle().clone(),
+    ));
+    let failures = publish(&shared, &manager, data_rt.handle(), snap);
+    if let Some((name, why)) = failures.into_iter().next() {
+        anyhow::bail!("listener '{name}': {why}");
+    }
+    let bound = manager.bound();
+    if let (Some(settings), Some(store)) = (loaded.ads, store) {
+        let (shared2, manager2, rt) = (shared.clone(), manager.clone(), data_rt.handle().clone());
+        let publish: xds::ads::Publish =
+            Arc::new(move |snap| publish(&shared2, &manager2, &rt, snap));
+        admin_rt.spawn(xds::ads::AdsClient::new(settings, store, publish).run());
     }
     let (quit_tx, quit_rx) = watch::channel(false);
     let quit_tx = Arc::new(quit_tx);
@@ -212,6 +236,7 @@ pub fn start(
     }
     Ok(Running {
         listeners: bound,
+        manager,
         admin: admin_addr,
         shared,
         shutdown,

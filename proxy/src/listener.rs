@@ -5,11 +5,15 @@
 use crate::Apps;
 use crate::config::{ChainKind, Codec, FilterChain, Listener};
 use crate::http::ConnFacts;
+use crate::snapshot::ListenerEntry;
+use arc_swap::ArcSwap;
+use arcstr::ArcStr;
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::raw_connect::ProxyDigest;
 use pingora_core::protocols::{GetProxyDigest, Stream};
 use pingora_http::ResponseHeader;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,14 +135,142 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
-/// Accepts connections for `listener` until `shutdown` flips.
+/// Runs the listeners of the current snapshot: binds new ones, updates changed ones in place (only
+/// the filter chains that changed drain), stops and drains removed ones.
+pub struct Manager {
+    apps: Arc<Apps>,
+    rt: tokio::runtime::Handle,
+    running: parking_lot::Mutex<HashMap<ArcStr, Active>>,
+}
+
+struct Active {
+    entry: Arc<ListenerEntry>,
+    current: Arc<ArcSwap<Listener>>,
+    stop: watch::Sender<bool>,
+    bound: Option<SocketAddr>,
+}
+
+impl Active {
+    fn retire(&self) {
+        self.stop.send_replace(true);
+        let l = self.current.load();
+        for c in l.chains.iter().chain(l.default_chain.iter()) {
+            c.drain.start();
+        }
+    }
+}
+
+fn chains(l: &Listener) -> impl Iterator<Item = &Arc<FilterChain>> {
+    l.chains.iter().chain(l.default_chain.iter())
+}
+
+impl Manager {
+    /// A manager spawning accept loops on `rt`.
+    pub fn new(apps: Arc<Apps>, rt: tokio::runtime::Handle) -> Self {
+        Manager {
+            apps,
+            rt,
+            running: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Makes the running listeners equal `listeners`. Returns those that could not be started.
+    pub fn reconcile(&self, listeners: &[Arc<ListenerEntry>]) -> Vec<(ArcStr, String)> {
+        let mut running = self.running.lock();
+        let wanted: std::collections::HashSet<&ArcStr> =
+            listeners.iter().map(|e| &e.config.name).collect();
+        running.retain(|name, a| {
+            let keep = wanted.contains(name);
+            if !keep {
+                a.retire();
+            }
+            keep
+        });
+        let mut failures = Vec::new();
+        for e in listeners {
+            let name = &e.config.name;
+            if let Some(a) = running.get_mut(name) {
+                if Arc::ptr_eq(&a.entry, e) {
+                    continue;
+                }
+                if a.entry.config.address == e.config.address
+                    && a.entry.config.bind_to_port == e.config.bind_to_port
+                {
+                    // In place: new connections see the new chains; connections on chains that left
+                    // drain.
+                    let old = a.current.swap(e.config.clone());
+                    for c in chains(&old) {
+                        if !chains(&e.config).any(|n| Arc::ptr_eq(n, c)) {
+                            c.drain.start();
+                        }
+                    }
+                    a.entry = e.clone();
+                    continue;
+                }
+                if let Some(a) = running.remove(name) {
+                    a.retire();
+                }
+            }
+            let (stop, stop_rx) = watch::channel(false);
+            let current = Arc::new(ArcSwap::new(e.config.clone()));
+            let mut bound = None;
+            if e.config.bind_to_port {
+                let addr = e.config.address;
+                let sock = {
+                    let _guard = self.rt.enter();
+                    bind(addr)
+                };
+                match sock {
+                    Ok(sock) => {
+                        bound = sock.local_addr().ok();
+                        let apps = self.apps.clone();
+                        let cur = current.clone();
+                        self.rt.spawn(serve(apps, cur, sock, stop_rx));
+                    }
+                    Err(err) => {
+                        failures.push((name.clone(), format!("cannot bind '{addr}': {err}")));
+                        continue;
+                    }
+                }
+            }
+            running.insert(
+                name.clone(),
+                Active {
+                    entry: e.clone(),
+                    current,
+                    stop,
+                    bound,
+                },
+            );
+        }
+        failures
+    }
+
+    /// Bound addresses by listener name.
+    pub fn bound(&self) -> Vec<(String, SocketAddr)> {
+        self.running
+            .lock()
+            .iter()
+            .filter_map(|(n, a)| Some((n.to_string(), a.bound?)))
+            .collect()
+    }
+
+    /// Stops accepting everywhere and drains every connection.
+    pub fn stop_all(&self) {
+        for a in self.running.lock().values() {
+            a.retire();
+        }
+    }
+}
+
+/// Accepts connections for the listener in `current` until `shutdown` flips.
 pub async fn serve(
     apps: Arc<Apps>,
-    listener: Arc<Listener>,
+    current: Arc<ArcSwap<Listener>>,
     socket: TcpListener,
     shutdown: watch::Receiver<bool>,
 ) {
-    let mut stop = shutdown.clone();
+    let mut stop = shutdown;
     loop {
         let accepted = tokio::select! {
             r = socket.accept() => r,
@@ -147,7 +279,7 @@ pub async fn serve(
         let (tcp, remote) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(listener = %listener.name, "accept failed: {e}");
+                tracing::warn!(listener = %current.load().name, "accept failed: {e}");
                 // Back off on resource exhaustion (EMFILE) instead of spinning.
                 pingora_timeout::sleep(Duration::from_millis(10)).await;
                 continue;
@@ -155,21 +287,23 @@ pub async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let apps = apps.clone();
-        let listener = listener.clone();
-        let shutdown = shutdown.clone();
+        let listener = current.load_full();
         tokio::spawn(async move {
-            handle(apps, listener, tcp, remote, shutdown).await;
+            handle(apps, listener, tcp, remote).await;
         });
     }
 }
 
-async fn handle(
-    apps: Arc<Apps>,
-    listener: Arc<Listener>,
-    tcp: TcpStream,
-    remote: SocketAddr,
-    shutdown: watch::Receiver<bool>,
-) {
+/// Resolves `drain_time` after `drain` flips: whatever is still open then is closed.
+async fn drained(mut drain: watch::Receiver<bool>, drain_time: Duration) {
+    if drain.wait_for(|d| *d).await.is_err() {
+        // The chain (and its signal) is gone without draining: nothing forces this connection.
+        std::future::pending::<()>().await;
+    }
+    pingora_timeout::sleep(drain_time).await;
+}
+
+async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote: SocketAddr) {
     let local = tcp.local_addr().unwrap_or(listener.address);
     let needs_sniff = listener.sniff_http
         || listener
@@ -200,8 +334,15 @@ async fn handle(
         tracing::debug!(listener = %listener.name, %remote, "no matching filter chain; closing");
         return;
     };
+    let drain = chain.drain.watch();
+    let forced = drained(drain.clone(), apps.shared.drain_time);
     match &chain.kind {
-        ChainKind::Tcp(t) => crate::tcp::proxy(&apps.shared, t.clone(), tcp, None).await,
+        ChainKind::Tcp(t) => {
+            tokio::select! {
+                _ = crate::tcp::proxy(&apps.shared, t.clone(), tcp, None) => {}
+                _ = forced => {}
+            }
+        }
         ChainKind::Http(hcm) => {
             let h2 = match hcm.codec {
                 Codec::Http2 => true,
@@ -223,7 +364,10 @@ async fn handle(
             stream.set_proxy_digest(ProxyDigest::new(header, Some(Box::new(facts))));
             let stream: Stream = Box::new(stream);
             let app = if h2 { &apps.h2 } else { &apps.h1 };
-            app.process_new(stream, &shutdown).await;
+            tokio::select! {
+                _ = app.process_new(stream, &drain) => {}
+                _ = forced => {}
+            }
         }
     }
 }
@@ -253,6 +397,7 @@ mod tests {
                 idle_timeout: None,
                 access_logs: vec![],
             })),
+            drain: Default::default(),
         })
     }
 

@@ -1,12 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The one immutable [`ConfigSnapshot`] and its [`SnapshotHandle`] (one `ArcSwap`, one publisher).
 
-use crate::config::{Cluster, Listener};
+use crate::config::{Cluster, Endpoint, Listener};
 use arc_swap::ArcSwap;
 use arcstr::ArcStr;
 use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster as ClusterProto;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener as ListenerProto;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use pingsail_filters::route::RouteTable;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -23,6 +26,8 @@ pub struct ListenerEntry {
     pub version: ArcStr,
     /// when it was last updated
     pub updated: SystemTime,
+    /// came over LDS
+    pub dynamic: bool,
 }
 
 /// A cluster as configured plus its source.
@@ -36,6 +41,72 @@ pub struct ClusterEntry {
     pub version: ArcStr,
     /// when it was last updated
     pub updated: SystemTime,
+    /// came over CDS
+    pub dynamic: bool,
+}
+
+/// A route configuration received over RDS.
+#[derive(Debug)]
+pub struct RouteEntry {
+    /// translated
+    pub table: Arc<RouteTable>,
+    /// source proto
+    pub proto: Arc<RouteConfiguration>,
+    /// version it arrived with
+    pub version: ArcStr,
+    /// when it was last updated
+    pub updated: SystemTime,
+}
+
+/// A `ClusterLoadAssignment` received over EDS.
+#[derive(Debug)]
+pub struct EndpointsEntry {
+    /// translated endpoints (priority 0)
+    pub endpoints: Arc<[Endpoint]>,
+    /// source proto
+    pub proto: Arc<ClusterLoadAssignment>,
+    /// version it arrived with
+    pub version: ArcStr,
+    /// when it was last updated
+    pub updated: SystemTime,
+}
+
+/// A resource the control plane sent that is held but not (or not yet) in use, or the last rejection
+/// of a resource: what `/config_dump` shows as warming state and `error_state`.
+#[derive(Debug, Clone)]
+pub struct UpdateFailure {
+    /// the rejected resource as received
+    pub resource: Option<envoy_types::pb::google::protobuf::Any>,
+    /// why (the NACK's error_detail)
+    pub details: String,
+    /// version of the rejected update
+    pub version: ArcStr,
+    /// when
+    pub at: SystemTime,
+}
+
+/// A secret as received: the resource, its version and when it arrived.
+pub type SecretEntry = (
+    Arc<envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret>,
+    ArcStr,
+    SystemTime,
+);
+
+/// The dynamic (xDS) side of a snapshot, for `/config_dump` and status.
+#[derive(Debug, Default)]
+pub struct XdsState {
+    /// last accepted version per type URL
+    pub versions: HashMap<&'static str, ArcStr>,
+    /// listeners waiting for their routes
+    pub warming_listeners: Vec<Arc<ListenerEntry>>,
+    /// clusters waiting for their endpoints
+    pub warming_clusters: Vec<Arc<ClusterEntry>>,
+    /// last rejection per (type URL, resource name)
+    pub errors: HashMap<(&'static str, ArcStr), UpdateFailure>,
+    /// secrets as received (served to the TLS layer by the mTLS issue)
+    pub secrets: HashMap<ArcStr, SecretEntry>,
+    /// the initial CDS and LDS fetches are done (or timed out)
+    pub initialized: bool,
 }
 
 /// Everything the data plane reads, frozen.
@@ -47,8 +118,14 @@ pub struct ConfigSnapshot {
     pub bootstrap: Arc<Bootstrap>,
     /// Static listeners, in bootstrap order.
     pub listeners: Vec<Arc<ListenerEntry>>,
-    /// Clusters by name.
+    /// Clusters by name (static and active dynamic).
     pub clusters: HashMap<ArcStr, Arc<ClusterEntry>>,
+    /// RDS route configurations by name.
+    pub routes: HashMap<ArcStr, Arc<RouteEntry>>,
+    /// EDS assignments by cluster (service) name.
+    pub endpoints: HashMap<ArcStr, Arc<EndpointsEntry>>,
+    /// `None` without `dynamic_resources`.
+    pub xds: Option<Arc<XdsState>>,
 }
 
 impl ConfigSnapshot {

@@ -18,6 +18,33 @@ impl Running {
     pub fn admin(&self) -> Option<SocketAddr> {
         self.inner.admin
     }
+
+    /// Every running listener with its bound address (static and from LDS).
+    pub fn bound(&self) -> Vec<(String, SocketAddr)> {
+        self.inner.manager.bound()
+    }
+
+    /// `/config_dump` as the admin endpoint renders it.
+    pub fn config_dump(&self, include_eds: bool) -> String {
+        crate::admin::config_dump(&self.inner.shared, include_eds)
+    }
+
+    /// Waits until the initial xDS fetch is done (what `/ready` reports), or fails after `timeout`.
+    pub async fn wait_initialized(&self, timeout: std::time::Duration) -> anyhow::Result<()> {
+        let mut rx = self.inner.shared.snapshot.subscribe();
+        let check =
+            |s: &crate::Shared| s.snapshot.load().xds.as_ref().is_none_or(|x| x.initialized);
+        let wait = async {
+            while !check(&self.inner.shared) {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        pingora_timeout::timeout(timeout, wait)
+            .await
+            .map_err(|_| anyhow::anyhow!("xDS not initialized after {timeout:?}"))
+    }
 }
 
 /// Starts pingsail on a bootstrap (YAML or JSON) with one worker thread. Returns once every listener is

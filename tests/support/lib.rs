@@ -10,6 +10,7 @@ pub mod compare;
 pub mod configdump;
 pub mod echo;
 pub mod envoy;
+pub mod istiod;
 pub mod net;
 pub mod netns;
 pub mod proxy;

@@ -288,10 +288,10 @@ async fn tcp_proxy_matches_envoy() {
             )
             .await
             .unwrap();
-            if let RawReply::Response(r) = r {
-                if r.header("x-upstream") == Some("b") {
-                    to_b += 1;
-                }
+            if let RawReply::Response(r) = r
+                && r.header("x-upstream") == Some("b")
+            {
+                to_b += 1;
             }
         }
         drop(proxy);
@@ -401,6 +401,7 @@ async fn request_mirroring_matches_envoy() {
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+        #[allow(clippy::type_complexity)]
         let mut shadow_view: Vec<(String, String, Option<String>, String, Option<String>)> = seen
             .iter()
             .map(|r| {

@@ -24,6 +24,22 @@ pub struct EndpointSet {
 }
 
 impl EndpointSet {
+    /// A set for `endpoints`; hosts that were in `prev` keep their active-request counters.
+    fn carry(cfg: &Cluster, endpoints: Arc<[Endpoint]>, prev: &EndpointSet) -> Self {
+        let mut set = EndpointSet::new(cfg, endpoints);
+        for (i, e) in set.endpoints.iter().enumerate() {
+            if let Some(j) = prev
+                .endpoints
+                .iter()
+                .position(|p| p.addr == e.addr && p.addr.is_some())
+                && let (Some(slot), Some(old)) = (set.active.get_mut(i), prev.active.get(j))
+            {
+                *slot = old.clone();
+            }
+        }
+        set
+    }
+
     fn new(cfg: &Cluster, endpoints: Arc<[Endpoint]>) -> Self {
         let schedule = lb::Schedule::new(&endpoints);
         let hash = cfg.hash_lb.as_ref().and_then(|h| {
@@ -171,21 +187,44 @@ impl ClusterManager {
     }
 
     /// Brings runtime state in line with a new snapshot: clusters that stay keep their round-robin
-    /// position; clusters whose endpoints did not change keep their tables and counters.
+    /// position; clusters whose endpoints did not change keep their tables and counters; endpoints
+    /// that stay across an EDS update keep their counters (and, being the same address, their pooled
+    /// connections).
     pub fn sync(&self, snap: &ConfigSnapshot) {
         let old = self.clusters.load_full();
         let mut next = HashMap::with_capacity(snap.clusters.len());
         for (name, entry) in &snap.clusters {
             let cfg = entry.config.clone();
+            let endpoints = match &cfg.eds_service {
+                Some(s) => snap
+                    .endpoints
+                    .get(s)
+                    .map(|e| e.endpoints.clone())
+                    .unwrap_or_else(|| Arc::from(Vec::new())),
+                None => static_endpoints(&cfg),
+            };
             let state = match old.get(name) {
-                Some(prev) if Arc::ptr_eq(&prev.config, &cfg) => prev.clone(),
+                Some(prev) if Arc::ptr_eq(&prev.config, &cfg) => {
+                    if cfg.eds_service.is_some() {
+                        let cur = prev.set.load();
+                        if !Arc::ptr_eq(&cur.endpoints, &endpoints) {
+                            prev.set
+                                .store(Arc::new(EndpointSet::carry(&cfg, endpoints, &cur)));
+                        }
+                    }
+                    prev.clone()
+                }
                 Some(prev) => Arc::new(ClusterState {
-                    set: ArcSwap::from_pointee(EndpointSet::new(&cfg, static_endpoints(&cfg))),
+                    set: ArcSwap::from_pointee(EndpointSet::carry(
+                        &cfg,
+                        endpoints,
+                        &prev.set.load(),
+                    )),
                     rr: prev.rr.clone(),
                     config: cfg,
                 }),
                 None => Arc::new(ClusterState {
-                    set: ArcSwap::from_pointee(EndpointSet::new(&cfg, static_endpoints(&cfg))),
+                    set: ArcSwap::from_pointee(EndpointSet::new(&cfg, endpoints)),
                     rr: Arc::new(AtomicUsize::new(rand::random::<u16>() as usize)),
                     config: cfg,
                 }),

@@ -471,7 +471,14 @@ impl ProxyHttp for Router {
         }
 
         // Route selection.
-        let table = hcm.routes.clone();
+        let table = match &hcm.rds {
+            None => hcm.routes.clone(),
+            // RDS: the table in force now (a listener promoted by its fetch timeout may have none).
+            Some(name) => match self.shared.snapshot.load().routes.get(name) {
+                Some(r) => r.table.clone(),
+                None => return self.fail(session, ctx, Failure::NoRoute).await,
+            },
+        };
         let (vidx, ridx) = {
             let req = session.req_header();
             let host = authority(req);

@@ -44,6 +44,8 @@ pub struct Loaded {
     pub snapshot: ConfigSnapshot,
     /// admin listener address, if configured
     pub admin: Option<SocketAddr>,
+    /// `dynamic_resources`, if configured
+    pub ads: Option<crate::xds::ads::AdsSettings>,
 }
 
 /// Reads and validates a bootstrap file.
@@ -78,9 +80,9 @@ pub fn load(b: Bootstrap) -> Result<Loaded, BootstrapError> {
             "layered_runtime",
             "overload_manager",
             "stats_flush_interval",
+            "dynamic_resources",
         ],
         &[
-            ("dynamic_resources", XDS),
             ("cluster_manager", XDS),
             ("tracing", "telemetry issue"),
             ("stats_sinks", "telemetry issue"),
@@ -98,6 +100,13 @@ pub fn load(b: Bootstrap) -> Result<Loaded, BootstrapError> {
                 None => None,
             }
         }
+        None => None,
+    };
+    let ads_cfg = match &b.dynamic_resources {
+        Some(d) => Some(crate::xds::ads::dynamic_resources(
+            d,
+            &root.field("dynamic_resources"),
+        )?),
         None => None,
     };
     let mut listeners = Vec::new();
@@ -129,11 +138,18 @@ pub fn load(b: Bootstrap) -> Result<Loaded, BootstrapError> {
                 proto: Arc::new(l.clone()),
                 version: "".into(),
                 updated: now,
+                dynamic: false,
             }));
         }
         for (i, c) in sr.clusters.iter().enumerate() {
             let cp = p.at("clusters", i);
-            let config = translate::translate_cluster(c, &cp)?;
+            let control_plane =
+                c.name == "sds-grpc" || ads_cfg.as_ref().is_some_and(|a| a.cluster_name == c.name);
+            let config = if control_plane {
+                translate::translate_control_plane_cluster(c, &cp)?
+            } else {
+                translate::translate_cluster(c, &cp)?
+            };
             let name = config.name.clone();
             if clusters.contains_key(&name) {
                 return Err(TranslateError {
@@ -149,19 +165,41 @@ pub fn load(b: Bootstrap) -> Result<Loaded, BootstrapError> {
                     proto: Arc::new(c.clone()),
                     version: "".into(),
                     updated: now,
+                    dynamic: false,
                 }),
             );
         }
     }
     validate_cluster_references(&listeners, &clusters)?;
+    let ads = match ads_cfg {
+        Some(partial) => {
+            let cluster = clusters
+                .get(partial.cluster_name.as_str())
+                .map(|c| c.config.clone())
+                .ok_or_else(|| TranslateError {
+                    path: root
+                        .field("dynamic_resources")
+                        .field("ads_config")
+                        .at("grpc_services", 0),
+                    kind: ErrorKind::Invalid(format!(
+                        "unknown gRPC cluster '{}': it must be a static cluster",
+                        partial.cluster_name
+                    )),
+                })?;
+            Some(partial.finish(cluster, b.node.clone().unwrap_or_default()))
+        }
+        None => None,
+    };
     Ok(Loaded {
         snapshot: ConfigSnapshot {
             version: 1,
             bootstrap: Arc::new(b),
             listeners,
             clusters,
+            ..Default::default()
         },
         admin,
+        ads,
     })
 }
 

@@ -16,31 +16,57 @@ const MTLS: &str = "mTLS issue";
 
 /// Translates a cluster.
 pub fn translate_cluster(cl: &c::Cluster, path: &Path) -> Result<config::Cluster> {
+    translate_cluster_with(cl, path, false)
+}
+
+/// Translates a cluster that only carries a gRPC control-plane stream (the bootstrap's `xds-grpc` and
+/// `sds-grpc`): pipe (Unix socket) endpoints are allowed, and the connection-management fields
+/// pilot-agent puts on them (circuit breakers at 100 000, TCP keepalive, one request per connection)
+/// are accepted because they do not change one long-lived gRPC stream.
+pub fn translate_control_plane_cluster(cl: &c::Cluster, path: &Path) -> Result<config::Cluster> {
+    translate_cluster_with(cl, path, true)
+}
+
+const CONTROL_PLANE_ONLY: &[&str] = &[
+    "circuit_breakers",
+    "upstream_connection_options",
+    "max_requests_per_connection",
+];
+
+fn translate_cluster_with(
+    cl: &c::Cluster,
+    path: &Path,
+    control_plane: bool,
+) -> Result<config::Cluster> {
+    let mut allowed = vec![
+        "name",
+        "type",
+        "connect_timeout",
+        "lb_policy",
+        "load_assignment",
+        "typed_extension_protocol_options",
+        "dns_refresh_rate",
+        "dns_lookup_family",
+        "respect_dns_ttl",
+        "original_dst_lb_config",
+        "alt_stat_name",
+        "metadata",
+        "http2_protocol_options",
+        "common_lb_config",
+        "ignore_health_on_host_removal",
+        "filters",
+        "ring_hash_lb_config",
+        "maglev_lb_config",
+        "eds_cluster_config",
+    ];
+    if control_plane {
+        allowed.extend_from_slice(CONTROL_PLANE_ONLY);
+    }
     only(
         cl,
         path,
+        &allowed,
         &[
-            "name",
-            "type",
-            "connect_timeout",
-            "lb_policy",
-            "load_assignment",
-            "typed_extension_protocol_options",
-            "dns_refresh_rate",
-            "dns_lookup_family",
-            "respect_dns_ttl",
-            "original_dst_lb_config",
-            "alt_stat_name",
-            "metadata",
-            "http2_protocol_options",
-            "common_lb_config",
-            "ignore_health_on_host_removal",
-            "filters",
-            "ring_hash_lb_config",
-            "maglev_lb_config",
-        ],
-        &[
-            ("eds_cluster_config", "xDS issue"),
             ("circuit_breakers", RESILIENCE),
             ("outlier_detection", RESILIENCE),
             ("health_checks", RESILIENCE),
@@ -196,9 +222,34 @@ pub fn translate_cluster(cl: &c::Cluster, path: &Path) -> Result<config::Cluster
         )?;
         original_dst_use_header = o.use_http_header;
     }
-    let endpoints = match &cl.load_assignment {
-        Some(la) => load_assignment(la, &path.field("load_assignment"), &discovery)?,
-        None => Vec::new(),
+    let mut eds_service = None;
+    if let Some(eds) = &cl.eds_cluster_config {
+        let p = path.field("eds_cluster_config");
+        if !matches!(&cl.cluster_discovery_type, Some(T::Type(t)) if *t == D::Eds as i32) {
+            return invalid(
+                &p,
+                "eds_cluster_config is only valid for clusters of type EDS",
+            );
+        }
+        only(eds, &p, &["eds_config", "service_name"], &[])?;
+        match &eds.eds_config {
+            Some(cs) => drop(config_source(cs, &p.field("eds_config"))?),
+            None => return err(&p.field("eds_config"), ErrorKind::Required),
+        }
+        eds_service = Some(if eds.service_name.is_empty() {
+            cl.name.as_str().into()
+        } else {
+            eds.service_name.as_str().into()
+        });
+    }
+    let (endpoints, pipes) = match &cl.load_assignment {
+        Some(la) => load_assignment(
+            la,
+            &path.field("load_assignment"),
+            &discovery,
+            control_plane,
+        )?,
+        None => (Vec::new(), Vec::new()),
     };
     if discovery == Discovery::LogicalDns && endpoints.len() > 1 {
         return invalid(
@@ -233,7 +284,20 @@ pub fn translate_cluster(cl: &c::Cluster, path: &Path) -> Result<config::Cluster
         use_downstream_protocol,
         dns_refresh_rate,
         original_dst_use_header,
+        eds_service,
+        pipes,
     })
+}
+
+/// Translates an EDS `ClusterLoadAssignment` into the endpoints of the clusters that name it.
+pub fn translate_load_assignment(
+    la: &e::ClusterLoadAssignment,
+    path: &Path,
+) -> Result<Vec<Endpoint>> {
+    if la.cluster_name.is_empty() {
+        return err(&path.field("cluster_name"), ErrorKind::Required);
+    }
+    Ok(load_assignment(la, path, &Discovery::Static, false)?.0)
 }
 
 fn protocol_options(cl: &c::Cluster, path: &Path) -> Result<(bool, bool)> {
@@ -293,7 +357,9 @@ fn load_assignment(
     la: &e::ClusterLoadAssignment,
     path: &Path,
     discovery: &Discovery,
-) -> Result<Vec<Endpoint>> {
+    allow_pipes: bool,
+) -> Result<(Vec<Endpoint>, Vec<arcstr::ArcStr>)> {
+    let mut pipes = Vec::new();
     only(
         la,
         path,
@@ -387,6 +453,17 @@ fn load_assignment(
             let Some(addr) = &ep.address else {
                 return err(&ep_path.field("address"), ErrorKind::Required);
             };
+            use envoy_types::pb::envoy::config::core::v3::address::Address as A;
+            if let Some(A::Pipe(pipe)) = &addr.address {
+                if !allow_pipes {
+                    return err(
+                        &ep_path.field("address").field("pipe"),
+                        ErrorKind::NotYet("pipe endpoints on data-plane clusters"),
+                    );
+                }
+                pipes.push(pipe.path.as_str().into());
+                continue;
+            }
             let (host, port, sock) = match discovery {
                 Discovery::StrictDns | Discovery::LogicalDns => {
                     let (h, p) = host_port(addr, &ep_path.field("address"))?;
@@ -431,5 +508,5 @@ fn load_assignment(
             });
         }
     }
-    Ok(out)
+    Ok((out, pipes))
 }

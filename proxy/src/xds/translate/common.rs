@@ -351,3 +351,31 @@ pub fn host_port(a: &core::Address, path: &Path) -> Result<(String, u16)> {
         _ => err(path, ErrorKind::NotSupported),
     }
 }
+
+/// A `ConfigSource` for a dynamic resource: only ADS is supported (what istiod and pilot-agent use).
+/// Returns `initial_fetch_timeout` (`None` = wait forever; Envoy's default is 15 s).
+pub fn config_source(
+    cs: &envoy_types::pb::envoy::config::core::v3::ConfigSource,
+    path: &Path,
+) -> Result<Option<std::time::Duration>> {
+    use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier as S;
+    only(
+        cs,
+        path,
+        &["ads", "initial_fetch_timeout", "resource_api_version"],
+        &[],
+    )?;
+    match &cs.config_source_specifier {
+        Some(S::Ads(_)) => {}
+        Some(_) | None => {
+            return invalid(path, "only aggregated (ads) config sources are supported");
+        }
+    }
+    match &cs.initial_fetch_timeout {
+        None => Ok(Some(std::time::Duration::from_secs(15))),
+        Some(d) => {
+            let d = duration(d, &path.field("initial_fetch_timeout"))?;
+            Ok((!d.is_zero()).then_some(d))
+        }
+    }
+}

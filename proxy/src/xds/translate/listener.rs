@@ -249,6 +249,7 @@ fn filter_chain(fc: &l::FilterChain, path: &Path) -> Result<FilterChain> {
         name: fc.name.as_str().into(),
         matcher,
         kind,
+        drain: Default::default(),
     })
 }
 
@@ -362,9 +363,9 @@ fn http_connection_manager(
             "internal_address_config",
             "delayed_close_timeout",
             "stream_error_on_invalid_http_message",
+            "rds",
         ],
         &[
-            ("rds", "xDS issue"),
             ("scoped_routes", "xDS issue"),
             ("tracing", TELEMETRY),
             ("forward_client_cert_details", MTLS),
@@ -384,12 +385,38 @@ fn http_connection_manager(
         _ => return err(&path.field("codec_type"), ErrorKind::NotSupported),
     };
     use hcm::http_connection_manager::RouteSpecifier as RS;
-    let (routes, validate_clusters) = match &h.route_specifier {
+    let (routes, validate_clusters, rds, rds_fetch_timeout) = match &h.route_specifier {
         Some(RS::RouteConfig(rc)) => (
             Arc::new(translate_route_config(rc, &path.field("route_config"))?),
             rc.validate_clusters.as_ref().is_none_or(|b| b.value),
+            None,
+            None,
         ),
-        Some(RS::Rds(_)) => return err(&path.field("rds"), ErrorKind::NotYet("xDS issue")),
+        Some(RS::Rds(rds)) => {
+            let p = path.field("rds");
+            only(rds, &p, &["config_source", "route_config_name"], &[])?;
+            if rds.route_config_name.is_empty() {
+                return err(&p.field("route_config_name"), ErrorKind::Required);
+            }
+            let timeout = match &rds.config_source {
+                Some(cs) => config_source(cs, &p.field("config_source"))?,
+                None => return err(&p.field("config_source"), ErrorKind::Required),
+            };
+            let empty = pingsail_filters::route::RouteTable::new(
+                rds.route_config_name.as_str().into(),
+                Vec::new(),
+                Default::default(),
+                Default::default(),
+                false,
+            )
+            .or_else(|e| invalid(&p, e.to_string()))?;
+            (
+                Arc::new(empty),
+                false,
+                Some(rds.route_config_name.as_str().into()),
+                timeout,
+            )
+        }
         Some(_) => return err(path, ErrorKind::NotYet("xDS issue")),
         None => return err(&path.field("route_config"), ErrorKind::Required),
     };
@@ -593,6 +620,8 @@ fn http_connection_manager(
         stat_prefix: h.stat_prefix.as_str().into(),
         codec,
         routes,
+        rds,
+        rds_fetch_timeout,
         validate_clusters,
         server_name: http::HeaderValue::from_str(server_name)
             .or_else(|_| invalid(&path.field("server_name"), "invalid header value"))?,

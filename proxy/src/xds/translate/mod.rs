@@ -7,8 +7,9 @@ mod common;
 mod listener;
 mod route;
 
-pub use cluster::translate_cluster;
+pub use cluster::{translate_cluster, translate_control_plane_cluster, translate_load_assignment};
 pub use common::ErrorKind;
+pub use common::config_source;
 pub use common::{Path, TranslateError};
 pub use listener::translate_listener;
 pub use route::translate_route_config;
