@@ -24,7 +24,7 @@
 //! else { return };`).
 
 use std::ffi::OsStr;
-use std::io::{BufRead as _, BufReader};
+use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
@@ -105,7 +105,10 @@ impl Net {
     /// `test` names the test in that message.
     pub fn new(test: &str) -> Option<Net> {
         if !is_root() {
-            eprintln!(
+            // Written to the stderr handle, not with eprintln!, so the test harness's output
+            // capture does not hide it: a skip must be visible.
+            let _ = writeln!(
+                std::io::stderr(),
                 "SKIPPED {test}: network-namespace tests need root (CAP_NET_ADMIN, CAP_SYS_ADMIN); CI runs them as root"
             );
             return None;
@@ -180,6 +183,12 @@ impl Net {
             "-n", &pod.ns, "-6", "addr", "add", &a6, "dev", "eth0", "nodad",
         ])?;
         ip(&["-n", &pod.ns, "link", "set", "eth0", "up"])?;
+        // Default routes, as a pod has: addresses outside the segment (service VIPs) are routable,
+        // so the capture rules see connections to them.
+        ip(&["-n", &pod.ns, "route", "add", "default", "dev", "eth0"])?;
+        ip(&[
+            "-n", &pod.ns, "-6", "route", "add", "default", "dev", "eth0",
+        ])?;
         Ok(pod)
     }
 }
@@ -212,9 +221,37 @@ impl Pod {
         c
     }
 
+    /// Like [`Pod::cmd_as`], keeping the capabilities `caps` (e.g. `["net_admin"]`, as a TPROXY
+    /// sidecar needs for IP_TRANSPARENT) as ambient capabilities.
+    pub fn cmd_as_with_caps(
+        &self,
+        uid: u32,
+        gid: u32,
+        caps: &[&str],
+        program: impl AsRef<OsStr>,
+    ) -> Command {
+        let caps: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
+        let caps = caps.join(",");
+        let mut c = self.cmd("setpriv");
+        c.arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={gid}"))
+            .arg("--clear-groups")
+            .arg(format!("--inh-caps={caps}"))
+            .arg(format!("--ambient-caps={caps}"))
+            .arg("--")
+            .arg(program);
+        c
+    }
+
     /// Runs `cmd` to completion; an error (with its stderr) unless it exits 0.
-    pub fn run(&self, mut cmd: Command) -> Result<Output> {
-        run(&mut cmd)
+    pub fn run(&self, mut cmd: impl std::borrow::BorrowMut<Command>) -> Result<Output> {
+        run(cmd.borrow_mut())
+    }
+
+    /// Runs `program args...` in the pod (as root); its stdout, or an error unless it exits 0.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        let out = self.run(self.cmd(program).args(args))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Starts `cmd` with stdout piped; it is killed when the returned [`Proc`] drops.
@@ -247,6 +284,16 @@ impl Pod {
             );
         }
         Ok(out)
+    }
+
+    /// Waits until `addr` accepts TCP connections from inside this pod (connect retries with
+    /// backoff, up to `timeout`): readiness for programs that announce none (prefer a line on
+    /// stdout, [`Proc::wait_for`], when there is one).
+    pub fn wait_tcp(&self, addr: std::net::SocketAddr, timeout: std::time::Duration) -> Result<()> {
+        let probe = cargo_bin("pingsail-tests", "netns-probe")?;
+        let millis = timeout.as_millis().to_string();
+        self.run(self.cmd(probe).args(["wait", &addr.to_string(), &millis]))
+            .map(drop)
     }
 
     /// `iptables-save` (or `ip6tables-save`) in this pod.

@@ -155,6 +155,24 @@ fn outbound_is_redirected_to_15001_with_the_original_destination() {
     );
 }
 
+/// A connection to a service VIP no host owns (a ClusterIP) is captured like any other, with
+/// the VIP as the original destination (IPv4 and IPv6).
+#[test]
+fn service_vip_is_the_original_destination() {
+    let Some(net) = Net::new("service_vip_is_the_original_destination") else {
+        return;
+    };
+    let client = net.pod("client").unwrap();
+    client.apply_iptables(&capture_args(true)).unwrap();
+    let _sc = sidecar(&client, false);
+    for vip in ["10.96.0.10:80", "[fd00:96::10]:443"] {
+        let vip: SocketAddr = vip.parse().unwrap();
+        let got = call(&client, None, vip, None);
+        assert!(got.starts_with("out "), "{got}");
+        assert_eq!(field(&got, "orig"), vip.to_string(), "{got}");
+    }
+}
+
 /// The sidecar's own egress (UID 1337) goes out uncaptured.
 #[test]
 fn sidecar_egress_is_not_captured() {
@@ -301,6 +319,162 @@ fn pod_to_pod_through_both_sidecars() {
         assert!(
             hops[2].starts_with(&format!("app local={dst} peer={passthrough_src}:")),
             "{got}"
+        );
+    }
+}
+
+/// The harness's fallback readiness check: `wait_tcp` returns once a listener accepts, and fails
+/// on a port nothing listens on.
+#[test]
+fn harness_wait_tcp() {
+    let Some(net) = Net::new("harness_wait_tcp") else {
+        return;
+    };
+    let pod = net.pod("pod").unwrap();
+    let mut cmd = pod.cmd(PROBE);
+    cmd.args(["server", "app", "0.0.0.0:7070"]);
+    let _app = pod.spawn(cmd).unwrap(); // its readiness line deliberately not read
+    pod.wait_tcp(v4(&pod, 7070), std::time::Duration::from_secs(10))
+        .unwrap();
+    assert!(call(&pod, None, v4(&pod, 7070), None).starts_with("app "));
+    let err = pod
+        .wait_tcp(v4(&pod, 7071), std::time::Duration::from_millis(300))
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("not accepting"), "{err:#}");
+}
+
+/// TPROXY inbound: the rules and policy routes `-m TPROXY` sets up deliver inbound connections to
+/// a transparent listener on 15006 without NAT — its local address is the original destination,
+/// and conntrack agrees — and the passthrough from 127.0.0.6 reaches the app.
+#[test]
+fn tproxy_inbound_reaches_a_transparent_listener() {
+    let Some(net) = Net::new("tproxy_inbound_reaches_a_transparent_listener") else {
+        return;
+    };
+    let (client, server) = (net.pod("client").unwrap(), net.pod("server").unwrap());
+    let _app = app_server(&server);
+    let mut args = capture_args(false);
+    args.extend(["-m", "TPROXY"]);
+    server.apply_iptables(&args).unwrap();
+    let mut cmd = server.cmd_as_with_caps(SIDECAR_UID, SIDECAR_UID, &["net_admin"], PROBE);
+    cmd.args([
+        "sidecar",
+        "in",
+        "0.0.0.0:15006",
+        "--forward",
+        "--transparent",
+    ]);
+    let mut sc = server.spawn(cmd).unwrap();
+    sc.wait_for("listening").unwrap();
+
+    let got = call(&client, None, v4(&server, 8080), None);
+    assert!(got.starts_with("in "), "not captured inbound: {got}");
+    assert_eq!(field(&got, "orig"), v4(&server, 8080).to_string(), "{got}");
+    assert!(
+        field(&got, "peer").starts_with(&format!("{}:", client.ip4)),
+        "{got}"
+    );
+    let upstream = got
+        .split(" -> ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no upstream hop: {got}"));
+    assert!(
+        upstream.starts_with(&format!("app local={}:8080 peer=127.0.0.6:", server.ip4)),
+        "{got}"
+    );
+}
+
+/// DNS capture (`--redirect-dns` with the pod's resolver): the app's DNS over UDP and TCP to the
+/// resolver goes to the agent's DNS port 15053; the agent's own queries (UID 1337) go to the
+/// resolver; other UDP is untouched.
+#[test]
+fn dns_to_the_resolver_is_captured_to_15053() {
+    let Some(net) = Net::new("dns_to_the_resolver_is_captured_to_15053") else {
+        return;
+    };
+    let (client, resolver) = (net.pod("client").unwrap(), net.pod("resolver").unwrap());
+    let mut udp = resolver.cmd(PROBE);
+    udp.args(["udp-server", "resolver", "0.0.0.0:53", "0.0.0.0:5353"]);
+    let mut r = resolver.spawn(udp).unwrap();
+    r.wait_for("listening udp").unwrap();
+    r.wait_for("listening udp").unwrap();
+    let _tcp = listen(&resolver, None, &["server", "resolver-tcp", "0.0.0.0:53"]);
+
+    let dns_server = format!("--dns-servers={}", resolver.ip4);
+    let mut args = capture_args(false);
+    args.extend(["--redirect-dns", &dns_server]);
+    client.apply_iptables(&args).unwrap();
+    let mut agent = client.cmd_as(SIDECAR_UID, SIDECAR_UID, PROBE);
+    agent.args(["udp-server", "agent-dns", "127.0.0.1:15053"]);
+    let mut a = client.spawn(agent).unwrap();
+    a.wait_for("listening udp").unwrap();
+    let _agent_tcp = listen(
+        &client,
+        Some(SIDECAR_UID),
+        &["server", "agent-dns-tcp", "127.0.0.1:15053"],
+    );
+
+    let udp_call = |uid: Option<u32>, port: u16| {
+        let mut c = match uid {
+            Some(u) => client.cmd_as(u, u, PROBE),
+            None => client.cmd(PROBE),
+        };
+        c.args(["udp-client", &v4(&resolver, port).to_string()]);
+        String::from_utf8(client.run(c).unwrap().stdout)
+            .unwrap()
+            .trim_end()
+            .to_string()
+    };
+    let app = udp_call(None, 53);
+    assert!(
+        app.starts_with("agent-dns local=127.0.0.1:15053"),
+        "app's UDP DNS not captured: {app}"
+    );
+    let tcp = call(&client, None, v4(&resolver, 53), None);
+    assert!(
+        tcp.starts_with("agent-dns-tcp "),
+        "app's TCP DNS not captured: {tcp}"
+    );
+    let own = udp_call(Some(SIDECAR_UID), 53);
+    assert!(
+        own.starts_with("resolver local="),
+        "the agent's own query was captured: {own}"
+    );
+    let other = udp_call(None, 5353);
+    assert!(
+        other.starts_with("resolver local="),
+        "non-DNS UDP was captured: {other}"
+    );
+}
+
+/// A panicking test still removes its namespaces (and with them the links and processes' network).
+#[test]
+fn harness_cleans_up_on_panic() {
+    if Net::new("harness_cleans_up_on_panic").is_none() {
+        return;
+    }
+    let payload = std::panic::catch_unwind(|| {
+        let net = Net::new("harness_cleans_up_on_panic (inner)").unwrap();
+        let pod = net.pod("pod").unwrap();
+        let _p = app_server(&pod);
+        let names = vec![
+            pod.ns.clone(),
+            format!("{}-sw", pod.ns.trim_end_matches("-pod")),
+        ];
+        for n in &names {
+            assert!(
+                std::path::Path::new("/var/run/netns").join(n).exists(),
+                "{n} not created"
+            );
+        }
+        std::panic::panic_any(names);
+    })
+    .unwrap_err();
+    let names = payload.downcast::<Vec<String>>().unwrap();
+    for n in names.iter() {
+        assert!(
+            !std::path::Path::new("/var/run/netns").join(n).exists(),
+            "{n} left behind"
         );
     }
 }

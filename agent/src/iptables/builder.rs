@@ -31,8 +31,10 @@ pub struct Rule {
     pub params: Vec<String>,
 }
 
-fn owned(params: &[&str]) -> Vec<String> {
-    params.iter().map(|s| s.to_string()).collect()
+/// A rule's parameters, written as on the iptables command line (every token is free of
+/// whitespace: ports, addresses, interface and group names are validated before).
+fn words(rule: &str) -> Vec<String> {
+    rule.split_whitespace().map(str::to_string).collect()
 }
 
 /// A command line for the `iptables` binary (without the binary).
@@ -73,53 +75,47 @@ impl RuleBuilder {
         });
     }
 
-    pub fn append_v4(&mut self, chain: &str, table: &str, params: &[&str]) {
-        Self::append_to(&mut self.v4, chain, table, owned(params));
+    pub fn append_v4(&mut self, chain: &str, table: &str, rule: &str) {
+        Self::append_to(&mut self.v4, chain, table, words(rule));
     }
 
-    pub fn append_v6(&mut self, chain: &str, table: &str, params: &[&str]) {
+    pub fn append_v6(&mut self, chain: &str, table: &str, rule: &str) {
         if self.ipv6 {
-            Self::append_to(&mut self.v6, chain, table, owned(params));
+            Self::append_to(&mut self.v6, chain, table, words(rule));
         }
     }
 
-    pub fn append(&mut self, chain: &str, table: &str, params: &[&str]) {
-        self.append_v4(chain, table, params);
-        self.append_v6(chain, table, params);
+    /// Appends `rule` (e.g. `"-p tcp --dport 15008 -j RETURN"`) to `chain` in `table`, both families.
+    pub fn append(&mut self, chain: &str, table: &str, rule: &str) {
+        self.append_v4(chain, table, rule);
+        self.append_v6(chain, table, rule);
     }
 
-    pub fn insert_v4(&mut self, chain: &str, table: &str, pos: u32, params: &[&str]) {
-        Self::insert_to(&mut self.v4, chain, table, pos, owned(params));
+    pub fn insert_v4(&mut self, chain: &str, table: &str, pos: u32, rule: &str) {
+        Self::insert_to(&mut self.v4, chain, table, pos, words(rule));
     }
 
-    pub fn insert_v6(&mut self, chain: &str, table: &str, pos: u32, params: &[&str]) {
+    pub fn insert_v6(&mut self, chain: &str, table: &str, pos: u32, rule: &str) {
         if self.ipv6 {
-            Self::insert_to(&mut self.v6, chain, table, pos, owned(params));
+            Self::insert_to(&mut self.v6, chain, table, pos, words(rule));
         }
     }
 
-    pub fn insert(&mut self, chain: &str, table: &str, pos: u32, params: &[&str]) {
-        self.insert_v4(chain, table, pos, params);
-        self.insert_v6(chain, table, pos, params);
+    pub fn insert(&mut self, chain: &str, table: &str, pos: u32, rule: &str) {
+        self.insert_v4(chain, table, pos, rule);
+        self.insert_v6(chain, table, pos, rule);
     }
 
-    /// Appends to both families, [`IP_VERSION_SPECIFIC`] replaced by `v4` / `v6`.
-    pub fn append_versioned(
-        &mut self,
-        v4: &str,
-        v6: &str,
-        chain: &str,
-        table: &str,
-        params: &[&str],
-    ) {
+    /// Appends to both families, the word [`IP_VERSION_SPECIFIC`] replaced by `v4` / `v6`.
+    pub fn append_versioned(&mut self, v4: &str, v6: &str, chain: &str, table: &str, rule: &str) {
         let sub = |with: &str| -> Vec<String> {
-            params
-                .iter()
-                .map(|p| {
-                    if *p == IP_VERSION_SPECIFIC {
+            words(rule)
+                .into_iter()
+                .map(|w| {
+                    if w == IP_VERSION_SPECIFIC {
                         with.to_string()
                     } else {
-                        p.to_string()
+                        w
                     }
                 })
                 .collect()
@@ -213,7 +209,7 @@ impl RuleBuilder {
                     chain,
                     "filter",
                     1,
-                    owned(&["-p", proto, "-j", "DROP"]),
+                    words(&format!("-p {proto} -j DROP")),
                 );
             }
         }
@@ -367,20 +363,11 @@ mod tests {
 
     fn sample() -> RuleBuilder {
         let mut b = RuleBuilder::new(true);
-        b.append(
-            "ISTIO_INBOUND",
-            "nat",
-            &["-p", "tcp", "--dport", "15008", "-j", "RETURN"],
-        );
-        b.append("OUTPUT", "nat", &["-j", "ISTIO_OUTPUT"]);
-        b.insert("PREROUTING", "nat", 1, &["-i", "eth1", "-j", "RETURN"]);
-        b.append_versioned(
-            "127.0.0.6/32",
-            "::6/128",
-            "ISTIO_OUTPUT",
-            "nat",
-            &["-o", "lo", "-s", IP_VERSION_SPECIFIC, "-j", "RETURN"],
-        );
+        b.append("ISTIO_INBOUND", "nat", "-p tcp --dport 15008 -j RETURN");
+        b.append("OUTPUT", "nat", "-j ISTIO_OUTPUT");
+        b.insert("PREROUTING", "nat", 1, "-i eth1 -j RETURN");
+        let rule = format!("-o lo -s {IP_VERSION_SPECIFIC} -j RETURN");
+        b.append_versioned("127.0.0.6/32", "::6/128", "ISTIO_OUTPUT", "nat", &rule);
         b
     }
 

@@ -45,174 +45,102 @@ pub fn build(cfg: &Config) -> Result<RuleBuilder, Error> {
             || !cfg.dns_servers_v6.is_empty());
     if cfg.redirect_dns && !redirect_dns {
         eprintln!(
-            "pingsail-agent iptables: DNS capture is on, but not for all DNS and no DNS servers are known: DNS capture disabled"
+            "pingsail-agent iptables: DNS capture is on, but not for all DNS and no DNS server is known: DNS capture disabled"
         );
     }
     let lo4 = cfg.host_ipv4_loopback_cidr.as_str();
+    let tunnel = cfg.inbound_tunnel_port.as_str();
 
     for nic in split(&cfg.exclude_interfaces) {
-        b.append("PREROUTING", "nat", &["-i", nic, "-j", "RETURN"]);
-        b.append("OUTPUT", "nat", &["-o", nic, "-j", "RETURN"]);
+        b.append("PREROUTING", "nat", &format!("-i {nic} -j RETURN"));
+        b.append("OUTPUT", "nat", &format!("-o {nic} -j RETURN"));
     }
     if cfg.tproxy {
         for nic in split(&cfg.exclude_interfaces) {
-            b.append("PREROUTING", "mangle", &["-i", nic, "-j", "RETURN"]);
-            b.append("OUTPUT", "mangle", &["-o", nic, "-j", "RETURN"]);
+            b.append("PREROUTING", "mangle", &format!("-i {nic} -j RETURN"));
+            b.append("OUTPUT", "mangle", &format!("-o {nic} -j RETURN"));
         }
     }
     // Virtual interfaces: inbound from them is handled as outbound (below), never as inbound.
     for nic in split(&cfg.reroute_virtual_interfaces) {
-        b.insert("PREROUTING", "nat", 1, &["-i", nic, "-j", "RETURN"]);
+        b.insert("PREROUTING", "nat", 1, &format!("-i {nic} -j RETURN"));
     }
     if cfg.drop_invalid {
         b.append(
             "PREROUTING",
             "mangle",
-            &["-m", "conntrack", "--ctstate", "INVALID", "-j", ISTIO_DROP],
+            &format!("-m conntrack --ctstate INVALID -j {ISTIO_DROP}"),
         );
-        b.append(ISTIO_DROP, "mangle", &["-j", "DROP"]);
+        b.append(ISTIO_DROP, "mangle", "-j DROP");
     }
     b.append(
         ISTIO_INBOUND,
         "nat",
-        &[
-            "-p",
-            "tcp",
-            "--dport",
-            &cfg.inbound_tunnel_port,
-            "-j",
-            "RETURN",
-        ],
+        &format!("-p tcp --dport {tunnel} -j RETURN"),
     );
     b.append(
         ISTIO_REDIRECT,
         "nat",
-        &["-p", "tcp", "-j", "REDIRECT", "--to-ports", &cfg.proxy_port],
+        &format!("-p tcp -j REDIRECT --to-ports {}", cfg.proxy_port),
     );
-    b.append(
-        ISTIO_IN_REDIRECT,
-        "nat",
-        &[
-            "-p",
-            "tcp",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &cfg.inbound_capture_port,
-        ],
-    );
+    let to_inbound = format!("-p tcp -j REDIRECT --to-ports {}", cfg.inbound_capture_port);
+    b.append(ISTIO_IN_REDIRECT, "nat", &to_inbound);
     inbound(cfg, &mut b);
 
-    b.append("OUTPUT", "nat", &["-j", ISTIO_OUTPUT]);
+    b.append("OUTPUT", "nat", &format!("-j {ISTIO_OUTPUT}"));
     for port in split(&cfg.outbound_ports_exclude) {
         b.append(
             ISTIO_OUTPUT,
             "nat",
-            &["-p", "tcp", "--dport", port, "-j", "RETURN"],
+            &format!("-p tcp --dport {port} -j RETURN"),
         );
         b.append(
             ISTIO_OUTPUT,
             "nat",
-            &["-p", "udp", "--dport", port, "-j", "RETURN"],
+            &format!("-p udp --dport {port} -j RETURN"),
         );
     }
-    // The inbound passthrough cluster's source address: its connections to the app are not captured.
-    b.append_versioned(
-        "127.0.0.6/32",
-        "::6/128",
-        ISTIO_OUTPUT,
-        "nat",
-        &["-o", "lo", "-s", IPV, "-j", "RETURN"],
-    );
+    // The inbound passthrough's source address: its connections to the app are not captured.
+    let rule = format!("-o lo -s {IPV} -j RETURN");
+    b.append_versioned("127.0.0.6/32", "::6/128", ISTIO_OUTPUT, "nat", &rule);
 
     let loopback_included = in4.has_loopback || in6.has_loopback;
-    let not_dns_and_tunnel = format!("53,{}", cfg.inbound_tunnel_port);
-    for (kind, ids) in [
+    for (owner, ids) in [
         ("--uid-owner", &cfg.proxy_uid),
         ("--gid-owner", &cfg.proxy_gid),
     ] {
         for id in split(ids) {
-            // The sidecar calling its own pod through a service VIP goes back through the inbound
-            // listener (app -> sidecar out -> sidecar in -> app). With DNS capture, the agent's own
-            // DNS (53) is excluded — for uids only, as istio-iptables does.
-            if redirect_dns && kind == "--uid-owner" {
-                b.append_versioned(
-                    lo4,
-                    V6_LOOPBACK,
-                    ISTIO_OUTPUT,
-                    "nat",
-                    &[
-                        "-o",
-                        "lo",
-                        "!",
-                        "-d",
-                        IPV,
-                        "-p",
-                        "tcp",
-                        "-m",
-                        "multiport",
-                        "!",
-                        "--dports",
-                        &not_dns_and_tunnel,
-                        "-m",
-                        "owner",
-                        kind,
-                        id,
-                        "-j",
-                        ISTIO_IN_REDIRECT,
-                    ],
-                );
+            // The sidecar calling its own pod through a service VIP comes back through the inbound
+            // listener (app -> sidecar out -> sidecar in -> app). With DNS capture the agent's DNS
+            // (53) is left out — for uids only, as istio-iptables does.
+            let ports = if redirect_dns && owner == "--uid-owner" {
+                format!("-m multiport ! --dports 53,{tunnel}")
             } else {
-                b.append_versioned(
-                    lo4,
-                    V6_LOOPBACK,
-                    ISTIO_OUTPUT,
-                    "nat",
-                    &[
-                        "-o",
-                        "lo",
-                        "!",
-                        "-d",
-                        IPV,
-                        "-p",
-                        "tcp",
-                        "!",
-                        "--dport",
-                        &cfg.inbound_tunnel_port,
-                        "-m",
-                        "owner",
-                        kind,
-                        id,
-                        "-j",
-                        ISTIO_IN_REDIRECT,
-                    ],
-                );
-            }
+                format!("! --dport {tunnel}")
+            };
+            let rule = format!(
+                "-o lo ! -d {IPV} -p tcp {ports} -m owner {owner} {id} -j {ISTIO_IN_REDIRECT}"
+            );
+            b.append_versioned(lo4, V6_LOOPBACK, ISTIO_OUTPUT, "nat", &rule);
             // The app calling itself over loopback is left alone, unless loopback was explicitly
             // included; TCP DNS to a local server stays capturable.
             if !loopback_included {
-                if redirect_dns {
-                    b.append(
-                        ISTIO_OUTPUT,
-                        "nat",
-                        &[
-                            "-o", "lo", "-p", "tcp", "!", "--dport", "53", "-m", "owner", "!",
-                            kind, id, "-j", "RETURN",
-                        ],
-                    );
+                let dns = if redirect_dns {
+                    "-p tcp ! --dport 53 "
                 } else {
-                    b.append(
-                        ISTIO_OUTPUT,
-                        "nat",
-                        &["-o", "lo", "-m", "owner", "!", kind, id, "-j", "RETURN"],
-                    );
-                }
+                    ""
+                };
+                b.append(
+                    ISTIO_OUTPUT,
+                    "nat",
+                    &format!("-o lo {dns}-m owner ! {owner} {id} -j RETURN"),
+                );
             }
             // Everything else the sidecar sends is never captured (no loops).
             b.append(
                 ISTIO_OUTPUT,
                 "nat",
-                &["-m", "owner", kind, id, "-j", "RETURN"],
+                &format!("-m owner {owner} {id} -j RETURN"),
             );
         }
     }
@@ -229,19 +157,19 @@ pub fn build(cfg: &Config) -> Result<RuleBuilder, Error> {
         V6_LOOPBACK,
         ISTIO_OUTPUT,
         "nat",
-        &["-d", IPV, "-j", "RETURN"],
+        &format!("-d {IPV} -j RETURN"),
     );
     for c in &ex4.cidrs {
-        b.append_v4(ISTIO_OUTPUT, "nat", &["-d", &c.to_string(), "-j", "RETURN"]);
+        b.append_v4(ISTIO_OUTPUT, "nat", &format!("-d {c} -j RETURN"));
     }
     for c in &ex6.cidrs {
-        b.append_v6(ISTIO_OUTPUT, "nat", &["-d", &c.to_string(), "-j", "RETURN"]);
+        b.append_v6(ISTIO_OUTPUT, "nat", &format!("-d {c} -j RETURN"));
     }
     for port in split(&cfg.outbound_ports_include) {
         b.append(
             ISTIO_OUTPUT,
             "nat",
-            &["-p", "tcp", "--dport", port, "-j", ISTIO_REDIRECT],
+            &format!("-p tcp --dport {port} -j {ISTIO_REDIRECT}"),
         );
     }
     outbound_include(cfg, &in4, false, &mut b);
@@ -257,98 +185,69 @@ fn inbound(cfg: &Config, b: &mut RuleBuilder) {
         return;
     }
     let table = if cfg.tproxy { "mangle" } else { "nat" };
+    let mark = cfg.inbound_tproxy_mark.as_str();
     if cfg.tproxy {
         // Marked packets are routed to loopback (see the TPROXY routes) to reach the sidecar.
         b.append(
             ISTIO_DIVERT,
             "mangle",
-            &["-j", "MARK", "--set-mark", &cfg.inbound_tproxy_mark],
+            &format!("-j MARK --set-mark {mark}"),
         );
-        b.append(ISTIO_DIVERT, "mangle", &["-j", "ACCEPT"]);
-        let mark = format!("{}/0xffffffff", cfg.inbound_tproxy_mark);
+        b.append(ISTIO_DIVERT, "mangle", "-j ACCEPT");
+        let on_port = &cfg.inbound_capture_port;
+        let rule = format!(
+            "! -d {IPV} -p tcp -j TPROXY --tproxy-mark {mark}/0xffffffff --on-port {on_port}"
+        );
         b.append_versioned(
             &cfg.host_ipv4_loopback_cidr,
             V6_LOOPBACK,
             ISTIO_TPROXY,
             "mangle",
-            &[
-                "!",
-                "-d",
-                IPV,
-                "-p",
-                "tcp",
-                "-j",
-                "TPROXY",
-                "--tproxy-mark",
-                &mark,
-                "--on-port",
-                &cfg.inbound_capture_port,
-            ],
+            &rule,
         );
     }
-    b.append("PREROUTING", table, &["-p", "tcp", "-j", ISTIO_INBOUND]);
+    b.append("PREROUTING", table, &format!("-p tcp -j {ISTIO_INBOUND}"));
+    let established = "-m conntrack --ctstate RELATED,ESTABLISHED";
     if cfg.inbound_ports_include == "*" {
         for port in split(&cfg.inbound_ports_exclude) {
             b.append(
                 ISTIO_INBOUND,
                 table,
-                &["-p", "tcp", "--dport", port, "-j", "RETURN"],
+                &format!("-p tcp --dport {port} -j RETURN"),
             );
         }
         if cfg.tproxy {
             b.append(
                 ISTIO_INBOUND,
                 "mangle",
-                &[
-                    "-p",
-                    "tcp",
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "RELATED,ESTABLISHED",
-                    "-j",
-                    ISTIO_DIVERT,
-                ],
+                &format!("-p tcp {established} -j {ISTIO_DIVERT}"),
             );
-            b.append(ISTIO_INBOUND, "mangle", &["-p", "tcp", "-j", ISTIO_TPROXY]);
+            b.append(
+                ISTIO_INBOUND,
+                "mangle",
+                &format!("-p tcp -j {ISTIO_TPROXY}"),
+            );
         } else {
             b.append(
                 ISTIO_INBOUND,
                 "nat",
-                &["-p", "tcp", "-j", ISTIO_IN_REDIRECT],
+                &format!("-p tcp -j {ISTIO_IN_REDIRECT}"),
             );
         }
-    } else {
-        for port in split(&cfg.inbound_ports_include) {
-            if cfg.tproxy {
-                b.append(
-                    ISTIO_INBOUND,
-                    "mangle",
-                    &[
-                        "-p",
-                        "tcp",
-                        "--dport",
-                        port,
-                        "-m",
-                        "conntrack",
-                        "--ctstate",
-                        "RELATED,ESTABLISHED",
-                        "-j",
-                        ISTIO_DIVERT,
-                    ],
-                );
-                b.append(
-                    ISTIO_INBOUND,
-                    "mangle",
-                    &["-p", "tcp", "--dport", port, "-j", ISTIO_TPROXY],
-                );
-            } else {
-                b.append(
-                    ISTIO_INBOUND,
-                    "nat",
-                    &["-p", "tcp", "--dport", port, "-j", ISTIO_IN_REDIRECT],
-                );
-            }
+        return;
+    }
+    for port in split(&cfg.inbound_ports_include) {
+        if cfg.tproxy {
+            let divert = format!("-p tcp --dport {port} {established} -j {ISTIO_DIVERT}");
+            b.append(ISTIO_INBOUND, "mangle", &divert);
+            b.append(
+                ISTIO_INBOUND,
+                "mangle",
+                &format!("-p tcp --dport {port} -j {ISTIO_TPROXY}"),
+            );
+        } else {
+            let rule = format!("-p tcp --dport {port} -j {ISTIO_IN_REDIRECT}");
+            b.append(ISTIO_INBOUND, "nat", &rule);
         }
     }
 }
@@ -359,94 +258,53 @@ fn owner_groups(f: &InterceptFilter<'_>, b: &mut RuleBuilder) {
             b.append(
                 ISTIO_OUTPUT,
                 "nat",
-                &["-m", "owner", "--gid-owner", g, "-j", "RETURN"],
+                &format!("-m owner --gid-owner {g} -j RETURN"),
             );
         }
     } else {
-        // Only the listed groups are captured: one rule returning whatever is in none of them.
-        let mut p: Vec<&str> = Vec::new();
-        for g in &f.values {
-            p.extend(["-m", "owner", "!", "--gid-owner", g]);
-        }
-        p.extend(["-j", "RETURN"]);
-        b.append(ISTIO_OUTPUT, "nat", &p);
+        // Only the listed groups are captured: one rule returns whatever is in none of them.
+        let none_of: String = f
+            .values
+            .iter()
+            .map(|g| format!("-m owner ! --gid-owner {g} "))
+            .collect();
+        b.append(ISTIO_OUTPUT, "nat", &format!("{none_of}-j RETURN"));
     }
 }
 
 fn dns(cfg: &Config, b: &mut RuleBuilder) {
     let (v4, v6) = (&cfg.dns_servers_v4, &cfg.dns_servers_v6);
     let all = cfg.capture_all_dns;
-    b.append("OUTPUT", "raw", &["-j", ISTIO_OUTPUT_DNS]);
+    b.append("OUTPUT", "raw", &format!("-j {ISTIO_OUTPUT_DNS}"));
     if all || !v4.is_empty() {
-        b.append_v4(ISTIO_OUTPUT, "nat", &["-j", ISTIO_OUTPUT_DNS]);
+        b.append_v4(ISTIO_OUTPUT, "nat", &format!("-j {ISTIO_OUTPUT_DNS}"));
     }
     if all || !v6.is_empty() {
-        b.append_v6(ISTIO_OUTPUT, "nat", &["-j", ISTIO_OUTPUT_DNS]);
-    }
-    let tcp = ["-p", "tcp", "--dport", "53"];
-    let udp = ["-p", "udp", "--dport", "53"];
-    if all {
-        b.append(
-            ISTIO_OUTPUT_DNS,
-            "nat",
-            &[&tcp[..], &["-j", "REDIRECT", "--to-ports", DNS_PORT]].concat(),
-        );
-    } else {
-        for s in v4 {
-            let d = format!("{s}/32");
-            b.append_v4(
-                ISTIO_OUTPUT_DNS,
-                "nat",
-                &[
-                    &tcp[..],
-                    &["-d", &d, "-j", "REDIRECT", "--to-ports", DNS_PORT],
-                ]
-                .concat(),
-            );
-        }
-        for s in v6 {
-            let d = format!("{s}/128");
-            b.append_v6(
-                ISTIO_OUTPUT_DNS,
-                "nat",
-                &[
-                    &tcp[..],
-                    &["-d", &d, "-j", "REDIRECT", "--to-ports", DNS_PORT],
-                ]
-                .concat(),
-            );
-        }
+        b.append_v6(ISTIO_OUTPUT, "nat", &format!("-j {ISTIO_OUTPUT_DNS}"));
     }
     // (istio-iptables spells the UDP redirect `--to-port`.)
-    if all {
-        b.append(
-            ISTIO_OUTPUT_DNS,
-            "nat",
-            &[&udp[..], &["-j", "REDIRECT", "--to-port", DNS_PORT]].concat(),
-        );
-    } else {
+    for (proto, to) in [("tcp", "--to-ports"), ("udp", "--to-port")] {
+        let redirect = format!("-j REDIRECT {to} {DNS_PORT}");
+        if all {
+            b.append(
+                ISTIO_OUTPUT_DNS,
+                "nat",
+                &format!("-p {proto} --dport 53 {redirect}"),
+            );
+            continue;
+        }
         for s in v4 {
-            let d = format!("{s}/32");
             b.append_v4(
                 ISTIO_OUTPUT_DNS,
                 "nat",
-                &[
-                    &udp[..],
-                    &["-d", &d, "-j", "REDIRECT", "--to-port", DNS_PORT],
-                ]
-                .concat(),
+                &format!("-p {proto} --dport 53 -d {s}/32 {redirect}"),
             );
         }
         for s in v6 {
-            let d = format!("{s}/128");
             b.append_v6(
                 ISTIO_OUTPUT_DNS,
                 "nat",
-                &[
-                    &udp[..],
-                    &["-d", &d, "-j", "REDIRECT", "--to-port", DNS_PORT],
-                ]
-                .concat(),
+                &format!("-p {proto} --dport 53 -d {s}/128 {redirect}"),
             );
         }
     }
@@ -456,113 +314,89 @@ fn dns(cfg: &Config, b: &mut RuleBuilder) {
 /// UDP DNS in two conntrack zones (sidecar <-> upstream resolvers: 1; apps <-> sidecar: 2) so the
 /// NATed and un-NATed flows of the same 5-tuple do not collide.
 fn dns_conntrack_zones(cfg: &Config, b: &mut RuleBuilder) {
-    for (kind, ids) in [
+    for (owner, ids) in [
         ("--uid-owner", &cfg.proxy_uid),
         ("--gid-owner", &cfg.proxy_gid),
     ] {
         for id in split(ids) {
+            let by = format!("-m owner {owner} {id}");
             b.append(
                 ISTIO_OUTPUT_DNS,
                 "raw",
-                &[
-                    "-p", "udp", "--dport", "53", "-m", "owner", kind, id, "-j", "CT", "--zone",
-                    "1",
-                ],
+                &format!("-p udp --dport 53 {by} -j CT --zone 1"),
             );
             b.append(
                 ISTIO_OUTPUT_DNS,
                 "raw",
-                &[
-                    "-p", "udp", "--sport", DNS_PORT, "-m", "owner", kind, id, "-j", "CT",
-                    "--zone", "2",
-                ],
+                &format!("-p udp --sport {DNS_PORT} {by} -j CT --zone 2"),
             );
         }
     }
     if cfg.capture_all_dns {
-        b.append("PREROUTING", "raw", &["-j", ISTIO_INBOUND]);
-        b.append(
-            ISTIO_OUTPUT_DNS,
-            "raw",
-            &["-p", "udp", "--dport", "53", "-j", "CT", "--zone", "2"],
-        );
-        b.append(
-            ISTIO_INBOUND,
-            "raw",
-            &["-p", "udp", "--sport", "53", "-j", "CT", "--zone", "1"],
-        );
+        b.append("PREROUTING", "raw", &format!("-j {ISTIO_INBOUND}"));
+        b.append(ISTIO_OUTPUT_DNS, "raw", "-p udp --dport 53 -j CT --zone 2");
+        b.append(ISTIO_INBOUND, "raw", "-p udp --sport 53 -j CT --zone 1");
         return;
     }
     if !cfg.dns_servers_v4.is_empty() {
-        b.append_v4("PREROUTING", "raw", &["-j", ISTIO_INBOUND]);
+        b.append_v4("PREROUTING", "raw", &format!("-j {ISTIO_INBOUND}"));
     }
     for s in &cfg.dns_servers_v4 {
-        let a = format!("{s}/32");
         b.append_v4(
             ISTIO_OUTPUT_DNS,
             "raw",
-            &[
-                "-p", "udp", "--dport", "53", "-d", &a, "-j", "CT", "--zone", "2",
-            ],
+            &format!("-p udp --dport 53 -d {s}/32 -j CT --zone 2"),
         );
         b.append_v4(
             ISTIO_INBOUND,
             "raw",
-            &[
-                "-p", "udp", "--sport", "53", "-s", &a, "-j", "CT", "--zone", "1",
-            ],
+            &format!("-p udp --sport 53 -s {s}/32 -j CT --zone 1"),
         );
     }
     if !cfg.dns_servers_v6.is_empty() {
-        b.append_v6("PREROUTING", "raw", &["-j", ISTIO_INBOUND]);
+        b.append_v6("PREROUTING", "raw", &format!("-j {ISTIO_INBOUND}"));
     }
     for s in &cfg.dns_servers_v6 {
-        let a = format!("{s}/128");
         b.append_v6(
             ISTIO_OUTPUT_DNS,
             "raw",
-            &[
-                "-p", "udp", "--dport", "53", "-d", &a, "-j", "CT", "--zone", "2",
-            ],
+            &format!("-p udp --dport 53 -d {s}/128 -j CT --zone 2"),
         );
         b.append_v6(
             ISTIO_INBOUND,
             "raw",
-            &[
-                "-p", "udp", "--sport", "53", "-s", &a, "-j", "CT", "--zone", "1",
-            ],
+            &format!("-p udp --sport 53 -s {s}/128 -j CT --zone 1"),
         );
     }
 }
 
 fn outbound_include(cfg: &Config, range: &NetworkRange, v6: bool, b: &mut RuleBuilder) {
-    let append = |b: &mut RuleBuilder, p: &[&str]| {
+    let append = |b: &mut RuleBuilder, rule: &str| {
         if v6 {
-            b.append_v6(ISTIO_OUTPUT, "nat", p)
+            b.append_v6(ISTIO_OUTPUT, "nat", rule)
         } else {
-            b.append_v4(ISTIO_OUTPUT, "nat", p)
+            b.append_v4(ISTIO_OUTPUT, "nat", rule)
         }
     };
-    let insert = |b: &mut RuleBuilder, p: &[&str]| {
+    let insert = |b: &mut RuleBuilder, rule: &str| {
         if v6 {
-            b.insert_v6("PREROUTING", "nat", 1, p)
+            b.insert_v6("PREROUTING", "nat", 1, rule)
         } else {
-            b.insert_v4("PREROUTING", "nat", 1, p)
+            b.insert_v4("PREROUTING", "nat", 1, rule)
         }
     };
     if range.wildcard {
-        append(b, &["-j", ISTIO_REDIRECT]);
+        append(b, &format!("-j {ISTIO_REDIRECT}"));
         for nic in split(&cfg.reroute_virtual_interfaces) {
-            insert(b, &["-i", nic, "-j", ISTIO_REDIRECT]);
+            insert(b, &format!("-i {nic} -j {ISTIO_REDIRECT}"));
         }
-    } else {
-        for c in &range.cidrs {
-            let d = c.to_string();
-            for nic in split(&cfg.reroute_virtual_interfaces) {
-                insert(b, &["-i", nic, "-d", &d, "-j", ISTIO_REDIRECT]);
-            }
-            append(b, &["-d", &d, "-j", ISTIO_REDIRECT]);
+        return;
+    }
+    for c in &range.cidrs {
+        for nic in split(&cfg.reroute_virtual_interfaces) {
+            insert(b, &format!("-i {nic} -d {c} -j {ISTIO_REDIRECT}"));
         }
+        append(b, &format!("-d {c} -j {ISTIO_REDIRECT}"));
     }
 }
 
@@ -573,115 +407,47 @@ fn tproxy_marks(cfg: &Config, b: &mut RuleBuilder) {
     b.append(
         "PREROUTING",
         "mangle",
-        &[
-            "-p",
-            "tcp",
-            "-m",
-            "mark",
-            "--mark",
-            mark,
-            "-j",
-            "CONNMARK",
-            "--save-mark",
-        ],
+        &format!("-p tcp -m mark --mark {mark} -j CONNMARK --save-mark"),
     );
     b.append(
         "OUTPUT",
         "mangle",
-        &[
-            "-p", "tcp", "-o", "lo", "-m", "mark", "--mark", mark, "-j", "RETURN",
-        ],
+        &format!("-p tcp -o lo -m mark --mark {mark} -j RETURN"),
     );
-    for (kind, ids) in [
+    for (owner, ids) in [
         ("--uid-owner", &cfg.proxy_uid),
         ("--gid-owner", &cfg.proxy_gid),
     ] {
         for id in split(ids) {
-            b.append_versioned(
-                lo4,
-                V6_LOOPBACK,
-                "OUTPUT",
-                "mangle",
-                &[
-                    "!",
-                    "-d",
-                    IPV,
-                    "-p",
-                    "tcp",
-                    "-o",
-                    "lo",
-                    "-m",
-                    "owner",
-                    kind,
-                    id,
-                    "-j",
-                    "MARK",
-                    "--set-mark",
-                    OUTBOUND_MARK,
-                ],
+            // The sidecar's outbound to its own pod: marked so inbound capture lets it through.
+            let rule = format!(
+                "! -d {IPV} -p tcp -o lo -m owner {owner} {id} -j MARK --set-mark {OUTBOUND_MARK}"
             );
+            b.append_versioned(lo4, V6_LOOPBACK, "OUTPUT", "mangle", &rule);
         }
     }
-    b.append(
-        "OUTPUT",
-        "mangle",
-        &[
-            "-p",
-            "tcp",
-            "-m",
-            "connmark",
-            "--mark",
-            mark,
-            "-j",
-            "CONNMARK",
-            "--restore-mark",
-        ],
-    );
+    let restore = format!("-p tcp -m connmark --mark {mark} -j CONNMARK --restore-mark");
+    b.append("OUTPUT", "mangle", &restore);
     b.insert(
         ISTIO_INBOUND,
         "mangle",
         1,
-        &["-p", "tcp", "-m", "mark", "--mark", mark, "-j", "RETURN"],
+        &format!("-p tcp -m mark --mark {mark} -j RETURN"),
     );
     b.insert_v4(
         ISTIO_INBOUND,
         "mangle",
         2,
-        &[
-            "-p",
-            "tcp",
-            "-s",
-            "127.0.0.6/32",
-            "-i",
-            "lo",
-            "-j",
-            "RETURN",
-        ],
+        "-p tcp -s 127.0.0.6/32 -i lo -j RETURN",
     );
     b.insert_v6(
         ISTIO_INBOUND,
         "mangle",
         2,
-        &["-p", "tcp", "-s", "::6/128", "-i", "lo", "-j", "RETURN"],
+        "-p tcp -s ::6/128 -i lo -j RETURN",
     );
-    b.insert(
-        ISTIO_INBOUND,
-        "mangle",
-        3,
-        &[
-            "-p",
-            "tcp",
-            "-i",
-            "lo",
-            "-m",
-            "mark",
-            "!",
-            "--mark",
-            OUTBOUND_MARK,
-            "-j",
-            "RETURN",
-        ],
-    );
+    let app_to_app = format!("-p tcp -i lo -m mark ! --mark {OUTBOUND_MARK} -j RETURN");
+    b.insert(ISTIO_INBOUND, "mangle", 3, &app_to_app);
 }
 
 /// Where the current rules stand against the planned ones.
@@ -819,7 +585,8 @@ fn execute(
 ) -> Result<(), Error> {
     let v6_on = if cfg.enable_ipv6 { v6 } else { None };
     let verdict = verify(b, deps, v4, v6);
-    if verdict.residue && verdict.delta && !cfg.reconcile && !cfg.cleanup_only {
+    let conflicting = verdict.residue && verdict.delta && !cfg.reconcile && !cfg.cleanup_only;
+    if conflicting {
         eprintln!(
             "pingsail-agent iptables: different capture rules are already present and --reconcile is off; applying may fail"
         );
@@ -866,6 +633,14 @@ fn execute(
         }
         Ok(())
     })();
+    let result = result.map_err(|e| match e {
+        Error::Command { cmd, status, stderr } if conflicting => Error::Command {
+            cmd,
+            status,
+            stderr: format!("{stderr} (capture rules from an earlier run with other settings are present: pass --reconcile to replace them, or --cleanup-only first)"),
+        },
+        e => e,
+    });
     if guardrails {
         try_all(deps, v4, &RuleBuilder::guardrails_cleanup());
         if let Some(v6) = v6_on {

@@ -464,7 +464,7 @@ impl Config {
 
         let enable_ipv6 = match a.enable_ipv6 {
             Some(v) => v,
-            None => detect_ipv6(dual_stack)?,
+            None => detect_ipv6(dual_stack, &a.network_namespace)?,
         };
         let (mut dns_servers_v4, mut dns_servers_v6) = (Vec::new(), Vec::new());
         if redirect_dns && !capture_all_dns {
@@ -585,22 +585,13 @@ fn validate_loopback_cidr(s: &str) -> Result<(), Error> {
 }
 
 /// istio-iptables' `getLocalIP`: IPv6 when the pod's (first usable) address is IPv6; with
-/// dual-stack, when it has any IPv6 address.
-fn detect_ipv6(dual_stack: bool) -> Result<bool, Error> {
-    let addrs = nix::ifaddrs::getifaddrs()
-        .map_err(|e| Error::Config(format!("listing interface addresses: {e}")))?;
+/// dual-stack, when it has any IPv6 address. Looked up in `netns` when given.
+fn detect_ipv6(dual_stack: bool, netns: &str) -> Result<bool, Error> {
     let mut found = None;
-    for ifa in addrs {
-        let Some(a) = ifa.address else { continue };
-        let ip: IpAddr = if let Some(v4) = a.as_sockaddr_in() {
-            IpAddr::V4(v4.ip())
-        } else if let Some(v6) = a.as_sockaddr_in6() {
-            match v6.ip().to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => IpAddr::V6(v6.ip()),
-            }
-        } else {
-            continue;
+    for ip in local_addresses(netns)? {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
         };
         let link_local = match ip {
             IpAddr::V4(v4) => {
@@ -625,6 +616,48 @@ fn detect_ipv6(dual_stack: bool) -> Result<bool, Error> {
                 .into(),
         )
     })
+}
+
+/// The interface addresses, in the kernel's order (IPv4 first), of this network namespace or of
+/// `netns` (via `nsenter --net=NETNS ip -o addr show`).
+fn local_addresses(netns: &str) -> Result<Vec<IpAddr>, Error> {
+    if netns.is_empty() {
+        let addrs = nix::ifaddrs::getifaddrs()
+            .map_err(|e| Error::Config(format!("listing interface addresses: {e}")))?;
+        return Ok(addrs
+            .filter_map(|ifa| {
+                let a = ifa.address?;
+                a.as_sockaddr_in()
+                    .map(|v4| IpAddr::V4(v4.ip()))
+                    .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+            })
+            .collect());
+    }
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={netns}"))
+        .args(["--", "ip", "-o", "addr", "show"])
+        .output()
+        .map_err(|e| Error::Config(format!("--network-namespace {netns}: running nsenter: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Config(format!(
+            "--network-namespace {netns}: listing addresses failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(parse_ip_addr_show(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The addresses in `ip -o addr show` output (`2: eth0    inet 10.0.0.2/24 brd ...`).
+fn parse_ip_addr_show(text: &str) -> Vec<IpAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l
+                .split_whitespace()
+                .skip_while(|w| *w != "inet" && *w != "inet6");
+            w.next()?;
+            w.next()?.split('/').next()?.parse().ok()
+        })
+        .collect()
 }
 
 /// The `nameserver` entries of a resolv.conf.
@@ -681,6 +714,18 @@ mod tests {
         assert!(validate_loopback_cidr("127.0.0.1/8").is_ok());
         assert!(validate_loopback_cidr("10.0.0.1/32").is_err());
         assert!(validate_loopback_cidr("127.0.0.1/7").is_err());
+    }
+
+    #[test]
+    fn ip_addr_show() {
+        let text = "1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever\n\
+                    2: eth0    inet 10.77.0.2/24 scope global eth0\n\
+                    2: eth0    inet6 fd00:77::2/64 scope global nodad\n";
+        let got: Vec<String> = parse_ip_addr_show(text)
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(got, vec!["127.0.0.1", "10.77.0.2", "fd00:77::2"]);
     }
 
     #[test]

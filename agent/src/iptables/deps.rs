@@ -171,9 +171,24 @@ impl Real {
 
     /// istio's `shouldUseBinaryForCurrentContext`: the binary set exists, reports a version, and
     /// the kernel accepts a no-op rule from it. Returns the version and whether rules exist already.
-    fn usable(&self, bin: &str) -> Result<(Version, bool), Error> {
+    /// With `only_if_rules`, a binary set whose tables hold no rules is not probed further (a probe
+    /// would instantiate its tables).
+    fn usable(&self, bin: &str, only_if_rules: bool) -> Result<(Version, bool), Error> {
         let save = format!("{bin}-save");
         let dump = self.exec(&save, &[], None)?;
+        // Rules, not merely tables: a table stays listed (with no rules) once anything touched it.
+        let existing = dump
+            .lines()
+            .any(|l| l.starts_with("-A ") || (l.starts_with(':') && !is_builtin_decl(l)));
+        if only_if_rules && !existing {
+            return Ok((
+                Version {
+                    binary: bin.to_string(),
+                    wait: false,
+                },
+                false,
+            ));
+        }
         let ver_out = self
             .exec(&save, &["--version".into()], None)
             .unwrap_or_default();
@@ -189,7 +204,6 @@ impl Real {
         self.exec(bin, &probe, None)?;
         probe[2] = "-D".into();
         let _ = self.exec(bin, &probe, None);
-        let existing = dump.matches('\n').count() >= 3;
         Ok((
             Version {
                 binary: bin.to_string(),
@@ -198,6 +212,12 @@ impl Real {
             existing,
         ))
     }
+}
+
+/// `:PREROUTING ACCEPT [0:0]` and the like: a built-in chain's policy line.
+fn is_builtin_decl(l: &str) -> bool {
+    let name = l.trim_start_matches(':').split(' ').next().unwrap_or("");
+    ["INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"].contains(&name)
 }
 
 /// `vX.Y.Z` in `iptables-save --version` output is at least `min`.
@@ -225,24 +245,24 @@ impl Deps for Real {
         let base = if v6 { "ip6tables" } else { "iptables" };
         let (legacy, nft) = (format!("{base}-legacy"), format!("{base}-nft"));
         match self.force_binary.as_str() {
-            "legacy" => return self.usable(&legacy).map(|(v, _)| v),
-            "nft" => return self.usable(&nft).map(|(v, _)| v),
+            "legacy" => return self.usable(&legacy, false).map(|(v, _)| v),
+            "nft" => return self.usable(&nft, false).map(|(v, _)| v),
             _ => {}
         }
         // Prefer legacy only when it already holds rules in this namespace, then nft, then the
         // plain name.
         let mut privilege_err = None;
-        match self.usable(&legacy) {
+        match self.usable(&legacy, true) {
             Ok((v, true)) => return Ok(v),
             Err(e @ Error::Privileges(_)) => privilege_err = Some(e),
             _ => {}
         }
-        match self.usable(&nft) {
+        match self.usable(&nft, false) {
             Ok((v, _)) => return Ok(v),
             Err(e @ Error::Privileges(_)) => privilege_err = privilege_err.or(Some(e)),
             _ => {}
         }
-        match self.usable(base) {
+        match self.usable(base, false) {
             Ok((v, _)) => Ok(v),
             Err(e) => Err(privilege_err.unwrap_or(e)),
         }
@@ -260,20 +280,21 @@ impl Deps for Real {
         if ver.wait && tool != Tool::Save {
             args.push("--wait".into());
         }
-        let r = self.exec(&ver.name(tool), &args, stdin);
-        if let (Err(e), false) = (&r, quiet) {
-            eprintln!("pingsail-agent iptables: {e}");
-        }
-        r
+        let _ = quiet; // failures are returned; the caller reports those that matter
+        self.exec(&ver.name(tool), &args, stdin)
     }
 }
 
 impl Real {
-    /// `ip ...` in the target namespace; "File exists" counts as success.
+    /// `ip ...` in the target namespace; "already there" counts as success.
     pub fn ip(&self, args: &[&str]) -> Result<(), Error> {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         match self.exec("ip", &args, None) {
-            Err(Error::Command { stderr, .. }) if stderr.contains("File exists") => Ok(()),
+            Err(Error::Command { stderr, .. })
+                if stderr.contains("File exists") || stderr.contains("already assigned") =>
+            {
+                Ok(())
+            }
             r => r.map(drop),
         }
     }
