@@ -3,3 +3,5 @@
 pub mod ca;
 mod h2serve;
 pub mod sds;
+#[cfg(feature = "testing")]
+pub mod testing;

