@@ -129,11 +129,30 @@ impl Envoy {
     }
 }
 
-/// A minimal HTTP/1.0 GET (admin only).
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let err = self.stderr();
+            let tail: String = err
+                .chars()
+                .rev()
+                .take(6000)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            eprintln!("---- envoy stderr (tail) ----\n{tail}");
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET with `connection: close` (admin only); chunked bodies are decoded.
 pub async fn http_get(addr: SocketAddr, path: &str) -> R<String> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").as_bytes())
-        .await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await?;
     let text = String::from_utf8(buf)?;
@@ -141,7 +160,23 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> R<String> {
     if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
         return Err(format!("GET {path}: {}", head.lines().next().unwrap_or("")).into());
     }
-    Ok(body.to_owned())
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Ok(body.to_owned());
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let (size, after) = rest.split_once("\r\n").ok_or("bad chunk header")?;
+        let n = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        out.push_str(after.get(..n).ok_or("short chunk")?);
+        rest = after.get(n + 2..).ok_or("short chunk trailer")?;
+    }
 }
 
 /// The certificates of `/certs` that come from a chain with a URI SAN: (serial, uris) of each
