@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -14,13 +13,12 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, sec
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
 };
-use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use pingsail_agent::sds::{
     SECRET_TYPE_URL, SecretSender, Server, Stats, WorkloadSecret, secret_channel,
 };
 use pingsail_agent::testing::TestPki;
 use prost::Message;
-use support::{eventually, within};
+use support::{connect_sds as connect, eventually, within};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -35,22 +33,6 @@ fn workload(pki: &TestPki) -> WorkloadSecret {
         not_after: SystemTime::now() + Duration::from_secs(3600),
         created: SystemTime::now(),
     }
-}
-
-async fn connect(path: &Path) -> SecretDiscoveryServiceClient<tonic::transport::Channel> {
-    let path: PathBuf = path.to_path_buf();
-    let channel = tonic::transport::Endpoint::from_static("http://sds.local")
-        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
-    SecretDiscoveryServiceClient::new(channel)
 }
 
 fn req(names: &[&str], nonce: &str, nack: Option<&str>) -> DiscoveryRequest {

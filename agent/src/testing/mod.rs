@@ -207,7 +207,7 @@ pub struct FakeCa {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// The TLS name the fake CA's serving certificate carries (besides `localhost`).
+/// The TLS name the fake CA's serving certificate carries (besides `localhost` and `127.0.0.1`).
 pub const FAKE_CA_SERVER_NAME: &str = "istiod.istio-system.svc";
 
 impl FakeCa {
@@ -215,7 +215,8 @@ impl FakeCa {
     /// `cluster.local`, leaves signed by an intermediate when `intermediate`.
     pub async fn start(identity: &str, intermediate: bool) -> Result<Self, TestError> {
         let pki = TestPki::new("cluster.local", intermediate)?;
-        let (certs, key) = pki.serving_identity(&[FAKE_CA_SERVER_NAME, "localhost"])?;
+        let (certs, key) =
+            pki.serving_identity(&[FAKE_CA_SERVER_NAME, "localhost", "127.0.0.1"])?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?

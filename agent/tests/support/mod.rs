@@ -263,3 +263,22 @@ pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>
         () = tokio::time::sleep(limit) => panic!("timed out after {limit:?} waiting for {what}"),
     }
 }
+
+/// An SDS gRPC client on the Unix socket `path`.
+pub async fn connect_sds(
+    path: &Path,
+) -> envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient<tonic::transport::Channel>{
+    let path: PathBuf = path.to_path_buf();
+    let channel = tonic::transport::Endpoint::from_static("http://sds.local")
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient::new(channel)
+}
