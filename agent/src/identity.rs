@@ -13,6 +13,15 @@ pub struct Identity {
     pub server: ServerHandle,
     pub provider: ca::Provider,
     pub secrets: sds::SecretReceiver,
+    _output: Option<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Starts the provider and the SDS server `cfg` describes.
@@ -29,11 +38,61 @@ pub async fn start(cfg: &CertConfig) -> Result<Identity, sds::SdsError> {
             chain = %paths.cert_chain.display(), "workload certificates from mounted files"
         ),
     }
+    let output = cfg.output_dir.clone().map(|dir| {
+        AbortOnDrop(tokio::spawn(write_outputs(
+            dir,
+            cfg.output_mode,
+            rx.clone(),
+        )))
+    });
     Ok(Identity {
         server,
         provider,
         secrets: rx,
+        _output: output,
     })
+}
+
+/// OUTPUT_CERTS (pilot-agent `OutputKeyCertToDir`): each file rewritten atomically when its
+/// content changes.
+async fn write_outputs(dir: std::path::PathBuf, mode: u32, mut rx: sds::SecretReceiver) {
+    loop {
+        let current = rx.borrow_and_update().clone();
+        if let Some(s) = current {
+            for (name, data) in [
+                ("key.pem", &s.private_key_pem),
+                ("cert-chain.pem", &s.cert_chain_pem),
+                ("root-cert.pem", &s.root_cert_pem),
+            ] {
+                if let Err(e) = write_if_changed(&dir, name, data, mode) {
+                    tracing::error!(dir = %dir.display(), file = name, error = %e, "OUTPUT_CERTS write failed");
+                }
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn write_if_changed(dir: &Path, name: &str, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(name);
+    if std::fs::read(&path).is_ok_and(|old| old == data) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)
 }
 
 /// `pingsail-agent sds`: reads pilot-agent's environment (paths relative to `base`, the working

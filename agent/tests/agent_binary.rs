@@ -108,6 +108,7 @@ async fn sds_subcommand_gets_an_rsa_certificate_from_the_ca_like_pilot_agent() {
             ("ISTIO_META_CLUSTER_ID", "Kubernetes".into()),
             ("TRUST_DOMAIN", "cluster.local".into()),
             ("SECRET_TTL", "12h".into()),
+            ("OUTPUT_CERTS", "./out".into()),
         ],
     );
     let (chain, key, root) = fetch_over_sds(cwd.path()).await;
@@ -121,6 +122,26 @@ async fn sds_subcommand_gets_an_rsa_certificate_from_the_ca_like_pilot_agent() {
     assert_eq!(req.authorization.as_deref(), Some("Bearer projected-token"));
     assert_eq!(req.cluster_id.as_deref(), Some("Kubernetes"));
     assert_eq!(req.validity_duration, 12 * 3600);
+    // OUTPUT_CERTS: the same files, owner-only outside Kubernetes.
+    let out = cwd.path().join("out");
+    let written = eventually(Duration::from_secs(10), "OUTPUT_CERTS files", || {
+        let files =
+            ["key.pem", "cert-chain.pem", "root-cert.pem"].map(|f| std::fs::read(out.join(f)).ok());
+        async move {
+            match files {
+                [Some(k), Some(c), Some(r)] => Some((k, c, r)),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    assert_eq!(written, (key, chain, root));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(out.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
 }
 
 #[tokio::test]

@@ -21,11 +21,15 @@
 //! | `WORKLOAD_RSA_KEY_SIZE` | RSA modulus bits (>= 2048) | `2048` |
 //! | `FILE_MOUNTED_CERTS` | `true`: serve `./etc/certs/{cert-chain,key,root-cert}.pem`, no CA | `false` |
 //! | `FILE_DEBOUNCE_DURATION` | wait after a file change before reading | `100ms` |
+//! | `OUTPUT_CERTS` | also write `key.pem`, `cert-chain.pem`, `root-cert.pem` to this directory | unset |
 //! | `WORKLOAD_IDENTITY_SOCKET_FILE` | SDS socket file name in `./var/run/secrets/workload-spiffe-uds/` | `socket` |
 //!
 //! When `./var/run/secrets/workload-spiffe-credentials/{cert-chain,key,root-cert}.pem` all exist,
-//! they are served instead of asking a CA (pilot-agent `initSdsServer`). All `./` paths are
-//! relative to the agent's working directory (`base` below).
+//! they are served instead of asking a CA (pilot-agent `initSdsServer`); so are
+//! `./etc/certs/{cert-chain,key,root-cert}.pem` when all three exist (pilot-agent decides this per
+//! resource: it would also serve a lone `./etc/certs/root-cert.pem` as `ROOTCA` next to a
+//! CA-issued `default`; that mixed case is not reproduced). All `./` paths are relative to the
+//! agent's working directory (`base` below).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -55,6 +59,10 @@ pub struct CertConfig {
     pub source: CertSource,
     /// The SDS Unix socket.
     pub sds_socket: PathBuf,
+    /// OUTPUT_CERTS: also write `key.pem`, `cert-chain.pem`, `root-cert.pem` here on every change.
+    pub output_dir: Option<PathBuf>,
+    /// Mode of the written files: 0644 inside Kubernetes (KUBERNETES_SERVICE_HOST set), else 0600.
+    pub output_mode: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +97,12 @@ impl CertConfig {
     /// paths are resolved under `base` (the working directory).
     pub fn from_env(env: &BTreeMap<String, String>, base: &Path) -> Result<Self, ConfigError> {
         let get = |k: &str| env.get(k).map(String::as_str).filter(|v| !v.is_empty());
+        let output_dir = get("OUTPUT_CERTS").map(|d| base.join(d));
+        let output_mode = if get("KUBERNETES_SERVICE_HOST").is_some() {
+            0o644
+        } else {
+            0o600
+        };
         let socket_file = get("WORKLOAD_IDENTITY_SOCKET_FILE").unwrap_or("socket");
         let sds_socket = base.join(WORKLOAD_SOCKET_DIR).join(socket_file);
         let debounce = match get("FILE_DEBOUNCE_DURATION") {
@@ -105,14 +119,26 @@ impl CertConfig {
             return Ok(Self {
                 source: files(workload_files),
                 sds_socket,
+                output_dir,
+                output_mode,
             });
         }
-        if let Some(v) = get("FILE_MOUNTED_CERTS")
-            && parse_bool("FILE_MOUNTED_CERTS", v)?
-        {
+        let etc_certs = FileCertPaths::in_dir(base.join(ETC_CERTS_DIR));
+        let file_mounted = match get("FILE_MOUNTED_CERTS") {
+            Some(v) => parse_bool("FILE_MOUNTED_CERTS", v)?,
+            None => false,
+        };
+        // pilot-agent serves `./etc/certs` files whenever they exist, FILE_MOUNTED_CERTS or not,
+        // unless they are its own OUTPUT_CERTS (reading them back would never rotate).
+        let is_output = output_dir
+            .as_deref()
+            .is_some_and(|o| same_dir(o, &base.join(ETC_CERTS_DIR)));
+        if file_mounted || (etc_certs.all_exist() && !is_output) {
             return Ok(Self {
-                source: files(FileCertPaths::in_dir(base.join(ETC_CERTS_DIR))),
+                source: files(etc_certs),
                 sds_socket,
+                output_dir,
+                output_mode,
             });
         }
 
@@ -201,7 +227,16 @@ impl CertConfig {
                 }),
             },
             sds_socket,
+            output_dir,
+            output_mode,
         })
+    }
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a.components().eq(b.components()),
     }
 }
 
@@ -440,6 +475,40 @@ mod tests {
         assert!(e.to_string().contains("SECRET_TTL"), "{e}");
         let e = CertConfig::from_env(&env(&[("FILE_MOUNTED_CERTS", "yes")]), base).unwrap_err();
         assert!(e.to_string().contains("FILE_MOUNTED_CERTS"), "{e}");
+    }
+
+    #[test]
+    fn existing_etc_certs_are_used_without_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("etc/certs");
+        std::fs::create_dir_all(&certs).unwrap();
+        for f in ["cert-chain.pem", "key.pem", "root-cert.pem"] {
+            std::fs::write(certs.join(f), "x").unwrap();
+        }
+        let cfg = CertConfig::from_env(&env(&[]), dir.path()).unwrap();
+        assert!(matches!(cfg.source, CertSource::Files { .. }));
+        // ... unless they are the agent's own output.
+        let cfg = CertConfig::from_env(
+            &env(&[
+                ("OUTPUT_CERTS", "./etc/certs"),
+                ("POD_NAMESPACE", "n"),
+                ("SERVICE_ACCOUNT", "s"),
+            ]),
+            dir.path(),
+        )
+        .unwrap();
+        assert!(matches!(cfg.source, CertSource::Ca { .. }));
+        // The workload-spiffe-credentials directory wins.
+        let wl = dir.path().join(WORKLOAD_CREDENTIALS_DIR);
+        std::fs::create_dir_all(&wl).unwrap();
+        for f in ["cert-chain.pem", "key.pem", "root-cert.pem"] {
+            std::fs::write(wl.join(f), "x").unwrap();
+        }
+        let cfg = CertConfig::from_env(&env(&[]), dir.path()).unwrap();
+        let CertSource::Files { paths, .. } = cfg.source else {
+            panic!("file mode expected")
+        };
+        assert_eq!(paths, FileCertPaths::in_dir(wl));
     }
 
     #[test]
