@@ -282,3 +282,130 @@ pub async fn connect_sds(
         .unwrap();
     envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient::new(channel)
 }
+
+/// An Istio-shaped `common_tls_context`: `default` and `ROOTCA` over SotW SDS on `sds-grpc`, the
+/// peer SAN matched by `san_matcher` (a StringMatcher JSON), ALPN `alpn`.
+pub fn istio_tls_context(san_matcher: &str, alpn: &[&str]) -> String {
+    let sds = r#"{"api_config_source": {"api_type": "GRPC", "grpc_services": [{"envoy_grpc": {"cluster_name": "sds-grpc"}}], "set_node_on_first_message_only": true, "transport_api_version": "V3"}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"}"#;
+    let alpn = serde_json::to_string(alpn).unwrap();
+    format!(
+        r#"{{"tls_params": {{"tls_minimum_protocol_version": "TLSv1_2", "tls_maximum_protocol_version": "TLSv1_3"}},
+            "alpn_protocols": {alpn},
+            "tls_certificate_sds_secret_configs": [{{"name": "default", "sds_config": {sds}}}],
+            "combined_validation_context": {{"default_validation_context": {{"match_subject_alt_names": [{san_matcher}]}},
+              "validation_context_sds_secret_config": {{"name": "ROOTCA", "sds_config": {sds}}}}}}}"#
+    )
+}
+
+/// A bootstrap with the `sds-grpc` cluster on `sds_socket` plus the given clusters and listeners.
+pub fn bootstrap_with(sds_socket: &Path, clusters: &[String], listeners: &[String]) -> String {
+    let sds_cluster = format!(
+        r#"{{"name": "sds-grpc", "type": "STATIC", "connect_timeout": "1s",
+      "typed_extension_protocol_options": {{"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {{
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {{"http2_protocol_options": {{}}}}}}}},
+      "load_assignment": {{"cluster_name": "sds-grpc", "endpoints": [{{"lb_endpoints": [{{"endpoint": {{"address": {{"pipe": {{"path": "{}"}}}}}}}}]}}]}}}}"#,
+        sds_socket.display()
+    );
+    let mut all_clusters = vec![sds_cluster];
+    all_clusters.extend(clusters.iter().cloned());
+    format!(
+        r#"{{"node": {{"id": "sidecar~127.0.0.1~pair.default~default.svc.cluster.local", "cluster": "pair"}},
+"admin": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": 0}}}}}},
+"static_resources": {{"clusters": [{}], "listeners": [{}]}}}}"#,
+        all_clusters.join(","),
+        listeners.join(",")
+    )
+}
+
+/// A STATIC cluster to 127.0.0.1:`port`, with an optional transport socket JSON.
+pub fn static_cluster(name: &str, port: u16, transport_socket: Option<&str>) -> String {
+    let ts = transport_socket
+        .map(|t| format!(r#", "transport_socket": {t}"#))
+        .unwrap_or_default();
+    format!(
+        r#"{{"name": "{name}", "type": "STATIC", "connect_timeout": "2s",
+      "load_assignment": {{"cluster_name": "{name}", "endpoints": [{{"lb_endpoints": [{{"endpoint": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": {port}}}}}}}}}]}}]}}{ts}}}"#
+    )
+}
+
+/// A listener on 127.0.0.1:0 proxying TCP to `cluster`, with an optional transport socket JSON.
+pub fn tcp_listener(name: &str, cluster: &str, transport_socket: Option<&str>) -> String {
+    let ts = transport_socket
+        .map(|t| format!(r#""transport_socket": {t}, "#))
+        .unwrap_or_default();
+    format!(
+        r#"{{"name": "{name}", "address": {{"socket_address": {{"address": "127.0.0.1", "port_value": 0}}}},
+      "filter_chains": [{{{ts}"filters": [{{"name": "envoy.filters.network.tcp_proxy", "typed_config": {{
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": "{name}", "cluster": "{cluster}"}}}}]}}]}}"#
+    )
+}
+
+impl Envoy {
+    /// The bound port of listener `name` (admin `/listeners?format=json`), once it is active.
+    pub async fn listener_port(&self, name: &str) -> u16 {
+        eventually(
+            Duration::from_secs(30),
+            &format!("listener {name} bound"),
+            || async {
+                let body = self.admin_get("/listeners?format=json").await.ok()?;
+                let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                v["listener_statuses"]
+                    .as_array()?
+                    .iter()
+                    .find(|l| l["name"] == name)
+                    .and_then(|l| {
+                        l["local_address"]["socket_address"]["port_value"]
+                            .as_u64()
+                            .and_then(|p| u16::try_from(p).ok())
+                    })
+                    .filter(|p| *p != 0)
+            },
+        )
+        .await
+    }
+}
+
+/// A TCP echo server on 127.0.0.1:0; counts accepted connections.
+pub async fn echo_server() -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let c = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    (port, count)
+}
+
+/// Sends `msg` to 127.0.0.1:`port` and reads until `msg.len()` bytes or EOF (what came back).
+pub async fn echo_roundtrip(port: u16, msg: &[u8]) -> Vec<u8> {
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return Vec::new();
+    };
+    if s.write_all(msg).await.is_err() {
+        return Vec::new();
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while got.len() < msg.len() {
+        match within(
+            Duration::from_secs(15),
+            "echo bytes or EOF",
+            s.read(&mut buf),
+        )
+        .await
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    got
+}
