@@ -262,3 +262,55 @@ async fn file_mounted_certificates_reload_into_envoy() {
     let (serials, _) = envoy_state(&envoy).await.unwrap();
     assert_eq!(serials, vec![s2]);
 }
+
+#[tokio::test]
+async fn envoy_resubscribes_after_the_agent_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir
+        .path()
+        .join("var/run/secrets/workload-spiffe-uds/socket");
+    let pki = TestPki::new("cluster.local", false).unwrap();
+    let secret = |pki: &TestPki| {
+        let (chain, key, root) = pki.issue_files(ID, Duration::from_secs(3600)).unwrap();
+        let s = pingsail_agent::sds::WorkloadSecret {
+            cert_chain_pem: chain.into(),
+            private_key_pem: key.into(),
+            root_cert_pem: root.into(),
+            not_after: std::time::SystemTime::now() + Duration::from_secs(3600),
+            created: std::time::SystemTime::now(),
+        };
+        (serial_of(&s.cert_chain_pem), std::sync::Arc::new(s))
+    };
+    let (s1, first) = secret(&pki);
+    let (tx, rx) = secret_channel();
+    tx.send_replace(Some(first));
+    let server = Server::start(&sock, rx).await.unwrap();
+    let envoy = Envoy::start(&sds_bootstrap(&sock, "GRPC")).await;
+    eventually(Duration::from_secs(30), "the first certificate", || {
+        let (envoy, s1) = (&envoy, s1.clone());
+        async move { envoy_state(envoy).await.filter(|(s, _)| s.contains(&s1)) }
+    })
+    .await;
+
+    // The agent goes away and comes back with a new certificate on the same socket path.
+    server.shutdown().await;
+    let (s2, second) = secret(&pki);
+    let (tx2, rx2) = secret_channel();
+    tx2.send_replace(Some(second));
+    let restarted = Server::start(&sock, rx2).await.unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the certificate of the restarted agent",
+        || {
+            let (envoy, s2) = (&envoy, s2.clone());
+            async move {
+                envoy_state(envoy)
+                    .await
+                    .filter(|(s, _)| s == &vec![s2.clone()])
+            }
+        },
+    )
+    .await;
+    assert!(Stats::get(&restarted.stats().streams_opened) >= 1);
+    assert_eq!(Stats::get(&restarted.stats().nacks), 0);
+}

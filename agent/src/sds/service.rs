@@ -217,26 +217,41 @@ enum Incoming {
     Resync,
 }
 
-fn classify_ack(stats: &Stats, state: &StreamState, nonce: &str, error: Option<String>) -> bool {
-    // Returns true when the request is current (not stale).
-    if !nonce.is_empty() && state.last_nonce.as_deref() != Some(nonce) {
-        tracing::debug!(nonce, "SDS request with a stale nonce ignored");
-        return false;
+/// How a request relates to what this stream sent (pilot-agent `xds.ShouldRespond` order).
+#[derive(Debug, PartialEq, Eq)]
+enum Ack {
+    /// A NACK of a response (of this stream or, after a reconnect, of an earlier one).
+    Nack,
+    /// First request of a subscription (no nonce), or a reconnect: the client carries a nonce
+    /// from a previous stream while this one has sent nothing yet.
+    Initial,
+    /// ACK of the latest response.
+    Ack,
+    /// Answers a response that has since been superseded: ignored.
+    Stale,
+}
+
+fn classify(stats: &Stats, state: &StreamState, nonce: &str, error: Option<String>) -> Ack {
+    if let Some(msg) = error {
+        stats.nacks.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(nonce, error = %msg, "SDS update rejected by the proxy (NACK)");
+        *stats.last_nack.lock() = Some(msg);
+        return Ack::Nack;
     }
     if nonce.is_empty() {
-        return true;
+        return Ack::Initial;
     }
-    match error {
-        Some(msg) => {
-            stats.nacks.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(nonce, error = %msg, "SDS update rejected by the proxy (NACK)");
-            *stats.last_nack.lock() = Some(msg);
-        }
-        None => {
+    match state.last_nonce.as_deref() {
+        None => Ack::Initial,
+        Some(last) if last == nonce => {
             stats.acks.fetch_add(1, Ordering::Relaxed);
+            Ack::Ack
+        }
+        Some(_) => {
+            tracing::debug!(nonce, "SDS request with a stale nonce ignored");
+            Ack::Stale
         }
     }
-    true
 }
 
 fn sotw_request(
@@ -251,11 +266,10 @@ fn sotw_request(
         )));
     }
     let nack = req.error_detail.as_ref().map(|e| e.message.clone());
-    let is_nack = nack.is_some();
-    if !classify_ack(stats, state, &req.response_nonce, nack) {
-        return Ok(Incoming::Nothing);
-    }
-    if is_nack {
+    if matches!(
+        classify(stats, state, &req.response_nonce, nack),
+        Ack::Nack | Ack::Stale
+    ) {
         return Ok(Incoming::Nothing);
     }
     let names: BTreeSet<String> = req.resource_names.into_iter().collect();
@@ -276,8 +290,7 @@ fn delta_request(
         )));
     }
     let nack = req.error_detail.as_ref().map(|e| e.message.clone());
-    let is_nack = nack.is_some();
-    let current = classify_ack(stats, state, &req.response_nonce, nack);
+    let ack = classify(stats, state, &req.response_nonce, nack);
     // Subscription changes are honoured even on a stale nonce (they are incremental).
     for (name, version) in req.initial_resource_versions {
         state.sent.insert(name, version);
@@ -290,7 +303,7 @@ fn delta_request(
     for name in req.resource_names_subscribe {
         new_names |= state.subscribed.insert(name);
     }
-    if (current && !is_nack) || new_names {
+    if matches!(ack, Ack::Initial | Ack::Ack) || new_names {
         Ok(Incoming::Resync)
     } else {
         Ok(Incoming::Nothing)
@@ -604,6 +617,26 @@ mod tests {
         let mut bad = req(&["default"], "", false);
         bad.type_url = "type.googleapis.com/envoy.config.cluster.v3.Cluster".into();
         assert!(sotw_request(&stats, &mut st, bad).is_err());
+    }
+
+    #[test]
+    fn a_reconnecting_client_with_an_old_nonce_is_answered() {
+        // Envoy re-opens the stream after an agent restart still carrying the last nonce.
+        let stats = Stats::default();
+        let mut st = StreamState::default();
+        let req = DiscoveryRequest {
+            resource_names: vec!["default".into()],
+            type_url: SECRET_TYPE_URL.into(),
+            version_info: "123/4".into(),
+            response_nonce: "nonce-from-the-previous-stream".into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            sotw_request(&stats, &mut st, req).unwrap(),
+            Incoming::Resync
+        ));
+        assert_eq!(st.changed(Some(&secret())).len(), 1);
+        assert_eq!(Stats::get(&stats.acks), 0);
     }
 
     #[test]
