@@ -219,7 +219,7 @@ enum Incoming {
 
 /// How a request relates to what this stream sent (pilot-agent `xds.ShouldRespond` order).
 #[derive(Debug, PartialEq, Eq)]
-enum Ack {
+enum RequestKind {
     /// A NACK of a response (of this stream or, after a reconnect, of an earlier one).
     Nack,
     /// First request of a subscription (no nonce), or a reconnect: the client carries a nonce
@@ -231,25 +231,25 @@ enum Ack {
     Stale,
 }
 
-fn classify(stats: &Stats, state: &StreamState, nonce: &str, error: Option<String>) -> Ack {
+fn classify(stats: &Stats, state: &StreamState, nonce: &str, error: Option<String>) -> RequestKind {
     if let Some(msg) = error {
         stats.nacks.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(nonce, error = %msg, "SDS update rejected by the proxy (NACK)");
         *stats.last_nack.lock() = Some(msg);
-        return Ack::Nack;
+        return RequestKind::Nack;
     }
     if nonce.is_empty() {
-        return Ack::Initial;
+        return RequestKind::Initial;
     }
     match state.last_nonce.as_deref() {
-        None => Ack::Initial,
+        None => RequestKind::Initial,
         Some(last) if last == nonce => {
             stats.acks.fetch_add(1, Ordering::Relaxed);
-            Ack::Ack
+            RequestKind::Ack
         }
         Some(_) => {
             tracing::debug!(nonce, "SDS request with a stale nonce ignored");
-            Ack::Stale
+            RequestKind::Stale
         }
     }
 }
@@ -268,7 +268,7 @@ fn sotw_request(
     let nack = req.error_detail.as_ref().map(|e| e.message.clone());
     if matches!(
         classify(stats, state, &req.response_nonce, nack),
-        Ack::Nack | Ack::Stale
+        RequestKind::Nack | RequestKind::Stale
     ) {
         return Ok(Incoming::Nothing);
     }
@@ -303,7 +303,7 @@ fn delta_request(
     for name in req.resource_names_subscribe {
         new_names |= state.subscribed.insert(name);
     }
-    if matches!(ack, Ack::Initial | Ack::Ack) || new_names {
+    if matches!(ack, RequestKind::Initial | RequestKind::Ack) || new_names {
         Ok(Incoming::Resync)
     } else {
         Ok(Incoming::Nothing)
