@@ -271,14 +271,7 @@ async fn envoy_resubscribes_after_the_agent_restarts() {
         .join("var/run/secrets/workload-spiffe-uds/socket");
     let pki = TestPki::new("cluster.local", false).unwrap();
     let secret = |pki: &TestPki| {
-        let (chain, key, root) = pki.issue_files(ID, Duration::from_secs(3600)).unwrap();
-        let s = pingsail_agent::sds::WorkloadSecret {
-            cert_chain_pem: chain.into(),
-            private_key_pem: key.into(),
-            root_cert_pem: root.into(),
-            not_after: std::time::SystemTime::now() + Duration::from_secs(3600),
-            created: std::time::SystemTime::now(),
-        };
+        let s = pki.workload_secret(ID, Duration::from_secs(3600)).unwrap();
         (serial_of(&s.cert_chain_pem), std::sync::Arc::new(s))
     };
     let (s1, first) = secret(&pki);

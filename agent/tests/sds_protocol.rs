@@ -6,7 +6,7 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{Node, data_source::Specifier};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
@@ -25,14 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 const ID: &str = "spiffe://cluster.local/ns/default/sa/sleep";
 
 fn workload(pki: &TestPki) -> WorkloadSecret {
-    let (chain, key, root) = pki.issue_files(ID, Duration::from_secs(3600)).unwrap();
-    WorkloadSecret {
-        cert_chain_pem: chain.into(),
-        private_key_pem: key.into(),
-        root_cert_pem: root.into(),
-        not_after: SystemTime::now() + Duration::from_secs(3600),
-        created: SystemTime::now(),
-    }
+    pki.workload_secret(ID, Duration::from_secs(3600)).unwrap()
 }
 
 fn req(names: &[&str], nonce: &str, nack: Option<&str>) -> DiscoveryRequest {

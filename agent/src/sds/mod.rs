@@ -52,6 +52,37 @@ pub struct WorkloadSecret {
     pub created: SystemTime,
 }
 
+impl WorkloadSecret {
+    /// A secret from PEM material: the chain and root must parse and the key must match the
+    /// leaf; `not_after` is the leaf's, `created` is now.
+    pub fn from_pem(
+        cert_chain_pem: impl Into<Bytes>,
+        private_key_pem: impl Into<Bytes>,
+        root_cert_pem: impl Into<Bytes>,
+    ) -> Result<Self, crate::ca::pem::CertError> {
+        use crate::ca::pem;
+        let (chain, key, root) = (
+            cert_chain_pem.into(),
+            private_key_pem.into(),
+            root_cert_pem.into(),
+        );
+        let ders = pem::certs_from_pem(&chain, "certificate chain")?;
+        pem::certs_from_pem(&root, "root certificate")?;
+        let spki = pem::spki_of_private_key(&key, "private key")?;
+        let leaf = pem::leaf_info(&ders[0])?;
+        if leaf.spki != spki {
+            return Err(pem::CertError::KeyMismatch);
+        }
+        Ok(Self {
+            cert_chain_pem: chain,
+            private_key_pem: key,
+            root_cert_pem: root,
+            not_after: leaf.not_after,
+            created: SystemTime::now(),
+        })
+    }
+}
+
 impl std::fmt::Debug for WorkloadSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WorkloadSecret")

@@ -152,6 +152,17 @@ impl TestPki {
         Ok((chain.concat(), key.serialize_pem(), root))
     }
 
+    /// A ready [`crate::sds::WorkloadSecret`] for `identity` (fresh P-256 key), to publish on an
+    /// SDS server in tests.
+    pub fn workload_secret(
+        &self,
+        identity: &str,
+        ttl: Duration,
+    ) -> Result<crate::sds::WorkloadSecret, TestError> {
+        let (chain, key, root) = self.issue_files(identity, ttl)?;
+        Ok(crate::sds::WorkloadSecret::from_pem(chain, key, root)?)
+    }
+
     /// A serving certificate for the CA's own TLS endpoint, signed by the root (istiod's 15012
     /// certificate is signed by the mesh root too).
     fn serving_identity(
