@@ -210,6 +210,10 @@ async fn a_chain_that_does_not_verify_to_its_root_is_refused() {
     )
     .unwrap_err();
     assert!(matches!(bad, CertError::Untrusted(_)), "{bad}");
+    // Not valid yet by our clock (a CA clock running ahead): accepted, as pilot-agent does.
+    let early = SystemTime::now() - Duration::from_secs(3600);
+    let skewed = validate_issued_chain(&[leaf.clone(), a.root_pem().into()], ID, &spki, early);
+    assert!(skewed.is_ok(), "{:?}", skewed.err());
     // Expired by the time it is checked.
     let later = SystemTime::now() + Duration::from_secs(3600);
     let expired =

@@ -139,8 +139,8 @@ pub struct ValidatedChain {
 }
 
 /// Checks what the CA answered for our CSR: at least leaf and root, the leaf carries
-/// `expected_id` as a URI SAN and our public key, is valid at `now`, and the chain verifies
-/// (signatures, CA constraints, validity) up to the last certificate of the answer.
+/// `expected_id` as a URI SAN and our public key, has not expired at `now`, and the chain
+/// verifies (signatures, CA constraints, validity) up to the last certificate of the answer.
 pub fn validate_issued_chain(
     answer: &[String],
     expected_id: &str,
@@ -165,7 +165,13 @@ pub fn validate_issued_chain(
     if leaf.spki != key_spki {
         return Err(CertError::KeyMismatch);
     }
-    verify_to_root(&ders, now)?;
+    // A CA whose clock runs ahead issues leaves that are not valid yet by our clock; pilot-agent
+    // does not check validity at all, so only expiry is enforced: the chain is verified at the
+    // later of now and the leaf's not_before.
+    if leaf.not_before > now {
+        tracing::warn!(not_before = ?leaf.not_before, "CA issued a certificate that is not valid yet (clock skew?)");
+    }
+    verify_to_root(&ders, now.max(leaf.not_before))?;
     let mut chain_pem = String::new();
     for der in &ders {
         chain_pem.push_str(&to_pem(der));
