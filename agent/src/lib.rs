@@ -1,0 +1,15 @@
+// SPDX-License-Identifier: Apache-2.0
+//! pingsail agent library: the workload-certificate side of pilot-agent.
+//!
+//! - [`ca`]: key/CSR generation, istiod's CA client, chain validation, rotation, file-mounted
+//!   certificates;
+//! - [`sds`]: the SDS server on the workload Unix socket;
+//! - [`identity`]: both wired together from pilot-agent's environment (`pingsail-agent sds`);
+//! - `testing` (feature `testing`): a fake istiod CA and a test PKI.
+pub mod ca;
+pub mod identity;
+pub mod sds;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+mod h2serve;
