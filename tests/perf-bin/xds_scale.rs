@@ -15,7 +15,8 @@
 //!
 //! What is pushed (Istio-shaped, names like istiod's): one listener `0.0.0.0_80` (HCM, RDS `80`)
 //! which is present before the push; N EDS clusters `outbound|80||svc-NNNN.scale.svc.cluster.local`
-//! (connect_timeout 10 s, ROUND_ROBIN, Istio's circuit-breaker thresholds), each with a
+//! (connect_timeout 10 s, ROUND_ROBIN; with `--circuit-breakers` also Istio's circuit-breaker
+//! thresholds, which pingsail does not support yet and NACKs), each with a
 //! ClusterLoadAssignment of M endpoints in one locality; one RouteConfiguration `80` with N+1 virtual
 //! hosts (one per service, domains `svc-NNNN.scale.svc.cluster.local` and `svc-NNNN`, one route each:
 //! prefix `/` → the service's cluster with Istio's default retry policy, `timeout: 0s` and
@@ -23,7 +24,8 @@
 //! 127.0.0.1 (distinct ports), in a per-cluster rotated order.
 //!
 //! Usage: `xds-scale --proxy envoy|pingsail [--bin PATH] [--clusters 1000] [--endpoints 10]
-//! [--upstreams 10] [--eds-changes 20] [--settle-ms 1000] [--sample 10] [--sotw]`
+//! [--upstreams 10] [--eds-changes 20] [--settle-ms 1000] [--sample 10] [--sotw]
+//! [--circuit-breakers]`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -71,6 +73,7 @@ struct Args {
     settle: Duration,
     sample: usize,
     delta: bool,
+    circuit_breakers: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -84,6 +87,7 @@ fn parse_args() -> Result<Args> {
         settle: Duration::from_millis(1000),
         sample: 10,
         delta: true,
+        circuit_breakers: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -98,6 +102,7 @@ fn parse_args() -> Result<Args> {
             "--settle-ms" => a.settle = Duration::from_millis(val()?.parse()?),
             "--sample" => a.sample = val()?.parse()?,
             "--sotw" => a.delta = false,
+            "--circuit-breakers" => a.circuit_breakers = true,
             other => bail!("unknown argument {other:?} (see the doc comment of xds_scale.rs)"),
         }
     }
@@ -147,7 +152,7 @@ fn base(n: usize) -> usize {
     n
 }
 
-fn cluster(i: usize) -> Any {
+fn cluster(i: usize, circuit_breakers: bool) -> Any {
     let name = cluster_name(i);
     let max = Some(UInt32Value { value: u32::MAX });
     let c = Cluster {
@@ -161,7 +166,7 @@ fn cluster(i: usize) -> Any {
         }),
         connect_timeout: dur(10),
         lb_policy: cluster::LbPolicy::RoundRobin as i32,
-        circuit_breakers: Some(CircuitBreakers {
+        circuit_breakers: circuit_breakers.then(|| CircuitBreakers {
             thresholds: vec![
                 envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds {
                     max_connections: max,
@@ -497,7 +502,8 @@ async fn run(args: Args) -> Result<serde_json::Value> {
 
     // Before the push: the listener, one route table with one service, its cluster and endpoints.
     let b = base(n);
-    istiod.set(CLUSTER, vec![cluster(b)])?;
+    let cb = args.circuit_breakers;
+    istiod.set(CLUSTER, vec![cluster(b, cb)])?;
     istiod.set(ENDPOINT, vec![cla(b, &upstreams, args.endpoints)])?;
     istiod.set(LISTENER, vec![listener(ip)])?;
     istiod.set(ROUTE, vec![route_config(std::iter::once(b))])?;
@@ -525,7 +531,7 @@ async fn run(args: Args) -> Result<serde_json::Value> {
 
     // Build the push outside the measured window.
     let all = || (0..n).chain(std::iter::once(b));
-    let clusters: Vec<Any> = all().map(cluster).collect();
+    let clusters: Vec<Any> = all().map(|i| cluster(i, cb)).collect();
     let mut clas: Vec<Any> = all().map(|i| cla(i, &upstreams, args.endpoints)).collect();
     let routes = vec![route_config(all())];
     let bytes = |v: &[Any]| v.iter().map(|a| a.value.len()).sum::<usize>();
