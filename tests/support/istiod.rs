@@ -55,6 +55,8 @@ pub struct Seen {
     pub has_node: bool,
     /// the node's id when present
     pub node_id: String,
+    /// when the server received it
+    pub at: std::time::Instant,
 }
 
 impl Seen {
@@ -77,6 +79,8 @@ pub struct Sent {
     pub names: Vec<String>,
     /// delta removals
     pub removed: Vec<String>,
+    /// when the server built it (just before handing it to the stream)
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -479,6 +483,7 @@ impl AggregatedDiscoveryService for Ads {
                     nonce: nonce.clone(),
                     names: chosen.iter().map(|(n, _)| n.clone()).collect(),
                     removed: vec![],
+                    at: std::time::Instant::now(),
                 });
                 Some(DiscoveryResponse {
                     version_info: version,
@@ -504,6 +509,7 @@ impl AggregatedDiscoveryService for Ads {
                             error: r.error_detail.as_ref().map(|e| e.message.clone()),
                             has_node: r.node.is_some(),
                             node_id: r.node.as_ref().map(|n| n.id.clone()).unwrap_or_default(),
+                            at: std::time::Instant::now(),
                         });
                         let names: BTreeSet<String> = r.resource_names.iter().cloned().collect();
                         let changed = subs.get(&r.type_url) != Some(&names);
@@ -590,6 +596,7 @@ impl AggregatedDiscoveryService for Ads {
                     nonce: nonce.clone(),
                     names: resources.iter().map(|r| r.name.clone()).collect(),
                     removed: removed.clone(),
+                    at: std::time::Instant::now(),
                 });
                 Some(DeltaDiscoveryResponse {
                     system_version_info: inner.version(),
@@ -616,6 +623,7 @@ impl AggregatedDiscoveryService for Ads {
                             error: r.error_detail.as_ref().map(|e| e.message.clone()),
                             has_node: r.node.is_some(),
                             node_id: r.node.as_ref().map(|n| n.id.clone()).unwrap_or_default(),
+                            at: std::time::Instant::now(),
                         });
                         if !r.response_nonce.is_empty()
                             && r.resource_names_subscribe.is_empty()
