@@ -133,11 +133,20 @@ fn publish(
         let _guard = rt.enter();
         shared.clusters.sync(&snap);
     }
-    // Envoy lists every counter from the start, at zero.
-    for name in snap.clusters.keys() {
-        shared.stats.cluster(name);
+    // Envoy lists every counter from the start, at zero (registered once per new resource).
+    let prev = shared.snapshot.load();
+    if !Arc::ptr_eq(&prev.clusters, &snap.clusters) {
+        for (name, c) in snap.clusters.iter() {
+            if !prev.clusters.get(name).is_some_and(|p| Arc::ptr_eq(p, c)) {
+                shared.stats.cluster(name);
+            }
+        }
     }
-    for l in &snap.listeners {
+    for l in snap
+        .listeners
+        .iter()
+        .filter(|l| !prev.listeners.iter().any(|p| Arc::ptr_eq(p, l)))
+    {
         for chain in l.config.chains.iter().chain(l.config.default_chain.iter()) {
             match &chain.kind {
                 config::ChainKind::Http(h) => drop(shared.stats.http(&h.stat_prefix)),
@@ -179,8 +188,8 @@ pub fn start(
         .context("building the admin runtime")?;
 
     let mut snap = loaded.snapshot;
-    let store = loaded.ads.as_ref().map(|_| xds::store::Store::new(&snap));
-    if let Some(store) = &store {
+    let mut store = loaded.ads.as_ref().map(|_| xds::store::Store::new(&snap));
+    if let Some(store) = &mut store {
         // From the start the snapshot says xDS is not yet initialized (`/ready`).
         snap = store.snapshot();
     }

@@ -118,8 +118,8 @@ pub struct ConfigSnapshot {
     pub bootstrap: Arc<Bootstrap>,
     /// Static listeners, in bootstrap order.
     pub listeners: Vec<Arc<ListenerEntry>>,
-    /// Clusters by name (static and active dynamic).
-    pub clusters: HashMap<ArcStr, Arc<ClusterEntry>>,
+    /// Clusters by name (static and active dynamic); shared between snapshots while unchanged.
+    pub clusters: Arc<HashMap<ArcStr, Arc<ClusterEntry>>>,
     /// RDS route configurations by name.
     pub routes: HashMap<ArcStr, Arc<RouteEntry>>,
     /// EDS assignments by cluster (service) name.

@@ -173,6 +173,8 @@ impl ClusterState {
 #[derive(Debug, Default)]
 pub struct ClusterManager {
     clusters: ArcSwap<HashMap<ArcStr, Arc<ClusterState>>>,
+    /// the snapshot cluster map last synced (an EDS-only update shares it)
+    synced: arc_swap::ArcSwapOption<HashMap<ArcStr, Arc<crate::snapshot::ClusterEntry>>>,
 }
 
 impl ClusterManager {
@@ -191,9 +193,35 @@ impl ClusterManager {
     /// that stay across an EDS update keep their counters (and, being the same address, their pooled
     /// connections).
     pub fn sync(&self, snap: &ConfigSnapshot) {
+        if self
+            .synced
+            .load()
+            .as_ref()
+            .is_some_and(|m| Arc::ptr_eq(m, &snap.clusters))
+        {
+            // Same clusters: only endpoint sets can have changed.
+            for state in self.clusters.load().values() {
+                let Some(s) = &state.config.eds_service else {
+                    continue;
+                };
+                let endpoints = snap
+                    .endpoints
+                    .get(s)
+                    .map(|e| e.endpoints.clone())
+                    .unwrap_or_else(|| Arc::from(Vec::new()));
+                let cur = state.set.load();
+                if !Arc::ptr_eq(&cur.endpoints, &endpoints) {
+                    state
+                        .set
+                        .store(Arc::new(EndpointSet::carry(&state.config, endpoints, &cur)));
+                }
+            }
+            return;
+        }
+        self.synced.store(Some(snap.clusters.clone()));
         let old = self.clusters.load_full();
         let mut next = HashMap::with_capacity(snap.clusters.len());
-        for (name, entry) in &snap.clusters {
+        for (name, entry) in snap.clusters.iter() {
             let cfg = entry.config.clone();
             let endpoints = match &cfg.eds_service {
                 Some(s) => snap

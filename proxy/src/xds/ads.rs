@@ -231,8 +231,6 @@ impl AdsClient {
 
     /// Runs forever: connect, stream, reconnect with jittered exponential backoff (0.5 s → 30 s).
     pub async fn run(mut self) {
-        // Translation consults the schemas for every resource: keep them while the stream lives.
-        let _schemas = crate::xds::pool::pool();
         self.settings.node.user_agent_name = "pingsail".into();
         self.settings.node.user_agent_version_type = Some(
             envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType::UserAgentVersion(

@@ -195,7 +195,7 @@ pub fn load(b: Bootstrap) -> Result<Loaded, BootstrapError> {
             version: 1,
             bootstrap: Arc::new(b),
             listeners,
-            clusters,
+            clusters: Arc::new(clusters),
             ..Default::default()
         },
         admin,

@@ -106,6 +106,10 @@ pub struct Store {
     resource_versions: HashMap<&'static str, HashMap<ArcStr, ArcStr>>,
     errors: HashMap<(&'static str, ArcStr), UpdateFailure>,
     initialized: bool,
+    /// active clusters as published, rebuilt only when clusters change (EDS-only updates share it)
+    cluster_map: Option<Arc<HashMap<ArcStr, Arc<ClusterEntry>>>>,
+    /// [`Store::wanted`] per type, until listeners or clusters change
+    wanted_cache: HashMap<&'static str, BTreeSet<ArcStr>>,
 }
 
 fn decode<M: Message + Default>(any: &Any, want: &str) -> Result<M, String> {
@@ -124,7 +128,7 @@ impl Store {
         Store {
             bootstrap: initial.bootstrap.clone(),
             static_listeners: initial.listeners.clone(),
-            static_clusters: initial.clusters.clone(),
+            static_clusters: (*initial.clusters).clone(),
             listeners: BTreeMap::new(),
             clusters: BTreeMap::new(),
             routes: HashMap::new(),
@@ -134,6 +138,8 @@ impl Store {
             resource_versions: HashMap::new(),
             errors: HashMap::new(),
             initialized: false,
+            cluster_map: None,
+            wanted_cache: HashMap::new(),
         }
     }
 
@@ -166,7 +172,22 @@ impl Store {
 
     /// Names this proxy needs of a non-wildcard type: route configurations named by listeners
     /// (static, active and warming), assignments named by EDS clusters.
-    pub fn wanted(&self, type_url: &str) -> BTreeSet<ArcStr> {
+    pub fn wanted(&mut self, type_url: &'static str) -> BTreeSet<ArcStr> {
+        if let Some(w) = self.wanted_cache.get(type_url) {
+            return w.clone();
+        }
+        let w = self.compute_wanted(type_url);
+        self.wanted_cache.insert(type_url, w.clone());
+        w
+    }
+
+    /// Listeners or clusters changed: derived views are stale.
+    fn touch(&mut self) {
+        self.cluster_map = None;
+        self.wanted_cache.clear();
+    }
+
+    fn compute_wanted(&self, type_url: &str) -> BTreeSet<ArcStr> {
         let mut out = BTreeSet::new();
         match type_url {
             ROUTE => {
@@ -249,6 +270,9 @@ impl Store {
                 changed = true;
             }
         }
+        if changed {
+            self.touch();
+        }
         changed
     }
 
@@ -320,6 +344,9 @@ impl Store {
             if let Some(m) = self.resource_versions.get_mut(u.type_url) {
                 m.remove(&name);
             }
+        }
+        if matches!(u.type_url, LISTENER | CLUSTER) {
+            self.touch();
         }
         self.promote(Instant::now());
         if errors.is_empty() {
@@ -512,6 +539,7 @@ impl Store {
     /// Takes a listener out after the data plane could not start it (e.g. its address cannot be
     /// bound), recording why.
     pub fn reject_listener(&mut self, name: &str, why: String) {
+        self.touch();
         if let Some(slot) = self.listeners.remove(name) {
             let entry = slot.active.or(slot.warming.map(|w| w.entry));
             let (resource, version) = match entry {
@@ -540,15 +568,23 @@ impl Store {
     }
 
     /// The configuration the data plane should run now.
-    pub fn snapshot(&self) -> ConfigSnapshot {
+    pub fn snapshot(&mut self) -> ConfigSnapshot {
         let mut listeners = self.static_listeners.clone();
         listeners.extend(self.listeners.values().filter_map(|s| s.active.clone()));
-        let mut clusters = self.static_clusters.clone();
-        for (n, s) in &self.clusters {
-            if let Some(a) = &s.active {
-                clusters.insert(n.clone(), a.clone());
+        let clusters = match &self.cluster_map {
+            Some(m) => m.clone(),
+            None => {
+                let mut clusters = self.static_clusters.clone();
+                for (n, s) in &self.clusters {
+                    if let Some(a) = &s.active {
+                        clusters.insert(n.clone(), a.clone());
+                    }
+                }
+                let m = Arc::new(clusters);
+                self.cluster_map = Some(m.clone());
+                m
             }
-        }
+        };
         let xds = XdsState {
             versions: self.versions.iter().map(|(k, v)| (*k, v.clone())).collect(),
             warming_listeners: self

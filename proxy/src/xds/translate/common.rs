@@ -109,6 +109,89 @@ pub fn only<M: Message + prost::Name>(
     allowed: &[&str],
     deferred: Deferred<'_>,
 ) -> Result<()> {
+    let full = M::full_name();
+    let Some(fields) = field_names(&full) else {
+        return only_dynamic(msg, path, allowed, deferred);
+    };
+    // The fields set are the field numbers on the wire (proto3: defaults are not encoded), checked in
+    // number order as a descriptor-based walk would.
+    let bytes = msg.encode_to_vec();
+    let mut set = wire_fields(&bytes).map_err(|e| TranslateError {
+        path: path.clone(),
+        kind: ErrorKind::Invalid(format!("internal: re-encoding {full}: {e}")),
+    })?;
+    set.sort_unstable();
+    set.dedup();
+    for number in set {
+        let name = match fields.binary_search_by_key(&number, |(n, _)| *n) {
+            Ok(i) => fields[i].1,
+            Err(_) => return err(&path.field(&format!("#{number}")), ErrorKind::NotSupported),
+        };
+        if allowed.contains(&name) {
+            continue;
+        }
+        if let Some((_, later)) = deferred.iter().find(|(f, _)| *f == name) {
+            return err(&path.field(name), ErrorKind::NotYet(later));
+        }
+        return err(&path.field(name), ErrorKind::NotSupported);
+    }
+    Ok(())
+}
+
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/field_names.rs"));
+}
+
+fn field_names(full: &str) -> Option<&'static [(u32, &'static str)]> {
+    let t = generated::FIELD_NAMES;
+    t.binary_search_by_key(&full, |(n, _)| n)
+        .ok()
+        .map(|i| t[i].1)
+}
+
+/// The field numbers present at the top level of an encoded message.
+fn wire_fields(mut b: &[u8]) -> std::result::Result<Vec<u32>, &'static str> {
+    fn varint(b: &mut &[u8]) -> std::result::Result<u64, &'static str> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&x, rest) = b.split_first().ok_or("truncated varint")?;
+            *b = rest;
+            v |= u64::from(x & 0x7f) << shift;
+            if x & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("varint too long")
+    }
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let key = varint(&mut b)?;
+        let skip = match key & 7 {
+            0 => {
+                varint(&mut b)?;
+                0
+            }
+            1 => 8,
+            2 => usize::try_from(varint(&mut b)?).map_err(|_| "length")?,
+            5 => 4,
+            _ => return Err("unsupported wire type"),
+        };
+        if b.len() < skip {
+            return Err("truncated field");
+        }
+        b = &b[skip..];
+        out.push(u32::try_from(key >> 3).map_err(|_| "field number")?);
+    }
+    Ok(out)
+}
+
+/// The descriptor-pool check, for messages outside the generated table (Istio's own types).
+fn only_dynamic<M: Message + prost::Name>(
+    msg: &M,
+    path: &Path,
+    allowed: &[&str],
+    deferred: Deferred<'_>,
+) -> Result<()> {
     let Some(desc) = pool().get_message_by_name(&M::full_name()) else {
         return invalid(
             path,
@@ -130,6 +213,19 @@ pub fn only<M: Message + prost::Name>(
         return err(&path.field(name), ErrorKind::NotSupported);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod field_table_tests {
+    use super::*;
+
+    #[test]
+    fn table_is_sorted_and_has_envoy_types() {
+        let t = generated::FIELD_NAMES;
+        assert!(t.windows(2).all(|w| w[0].0 < w[1].0));
+        let l = field_names("envoy.config.listener.v3.Listener");
+        assert!(l.is_some_and(|f| f.iter().any(|(n, name)| *n == 1 && *name == "name")));
+    }
 }
 
 /// Decodes an `Any` whose type URL must be `M`'s.

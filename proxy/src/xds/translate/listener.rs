@@ -309,6 +309,16 @@ fn unwrap_typed_struct(any: &Any, path: &Path) -> Result<(String, Any)> {
     let ts: TypedStruct = prost::Message::decode(any.value.as_slice())
         .or_else(|e| invalid(path, format!("bad TypedStruct: {e}")))?;
     let inner = type_name(&ts.type_url).to_string();
+    if ACCEPTED_NOT_ENFORCED.contains(&inner.as_str()) {
+        // Not enforced, so its content is not needed (and no schema has to be loaded for it).
+        return Ok((
+            inner,
+            Any {
+                type_url: ts.type_url.clone(),
+                value: vec![],
+            },
+        ));
+    }
     let json = match &ts.value {
         Some(s) => struct_to_json(s),
         None => serde_json::Value::Object(Default::default()),
