@@ -155,6 +155,8 @@ pub struct FilterChain {
     pub kind: ChainKind,
     /// Flips when this chain leaves the configuration: its connections drain.
     pub drain: Drain,
+    /// `transport_socket` with a `DownstreamTlsContext`: the chain terminates TLS.
+    pub tls: Option<Arc<crate::tls::DownstreamTls>>,
 }
 
 /// A drain signal shared by every connection of one filter chain. When a listener update removes or
@@ -326,6 +328,8 @@ pub struct Endpoint {
     pub weight: u32,
     /// `hostname` for auto_host_rewrite
     pub hostname: Option<ArcStr>,
+    /// `metadata.filter_metadata["envoy.transport_socket_match"]` string values (e.g. `tlsMode`)
+    pub socket_match: Vec<(ArcStr, ArcStr)>,
 }
 
 /// A validated cluster.
@@ -360,4 +364,23 @@ pub struct Cluster {
     /// `upstream_bind_config.source_address`: the local address upstream connections bind to
     /// (127.0.0.6 for Istio's inbound passthrough).
     pub bind_source: Option<std::net::IpAddr>,
+    /// `transport_socket` (TLS origination), when not plaintext.
+    pub tls: Option<Arc<crate::tls::UpstreamTls>>,
+    /// `transport_socket_matches`: (criteria, TLS or plaintext), first match wins, else `tls`.
+    pub tls_matches: Vec<(Vec<(ArcStr, ArcStr)>, Option<Arc<crate::tls::UpstreamTls>>)>,
+}
+
+impl Cluster {
+    /// The transport socket for an endpoint: (index for the tunnel, context).
+    pub fn tls_for(
+        &self,
+        ep_match: &[(ArcStr, ArcStr)],
+    ) -> (usize, Option<&Arc<crate::tls::UpstreamTls>>) {
+        for (i, (criteria, tls)) in self.tls_matches.iter().enumerate() {
+            if criteria.iter().all(|c| ep_match.contains(c)) {
+                return (i, tls.as_ref());
+            }
+        }
+        (usize::MAX, self.tls.as_ref())
+    }
 }

@@ -18,6 +18,7 @@ pub mod sniff;
 pub mod stats;
 pub mod tcp;
 pub mod testing;
+pub mod tls;
 pub mod xds;
 
 use anyhow::Context as _;
@@ -40,6 +41,12 @@ pub struct Shared {
     pub mirror_connector: Arc<pingora_core::connectors::http::Connector>,
     /// `--drain-time-s`: how long connections on a removed or changed filter chain may finish.
     pub drain_time: std::time::Duration,
+    /// TLS material by secret name (SDS, static)
+    pub secrets: Arc<tls::Secrets>,
+    /// the upstream TLS tunnel (HTTP path)
+    pub tunnel: std::sync::OnceLock<Arc<tls::tunnel::Tunnel>>,
+    /// the secret names the configuration uses (followed by the SDS client)
+    pub secret_names: watch::Sender<std::collections::BTreeSet<String>>,
 }
 
 /// The HTTP proxies the listeners hand connections to (one per downstream codec).
@@ -113,6 +120,34 @@ impl Drop for Running {
     }
 }
 
+/// Every named (SDS or static) secret the listeners and clusters reference.
+fn secret_names(snap: &snapshot::ConfigSnapshot) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut add = |c: &tls::Common| {
+        for s in c.cert.iter().chain(c.ca.iter()) {
+            if let tls::Source::Named(n) = s {
+                out.insert(n.to_string());
+            }
+        }
+    };
+    for l in &snap.listeners {
+        for ch in l.config.chains.iter().chain(l.config.default_chain.iter()) {
+            if let Some(t) = &ch.tls {
+                add(&t.common);
+            }
+        }
+    }
+    for c in snap.clusters.values() {
+        if let Some(t) = &c.config.tls {
+            add(&t.common);
+        }
+        for t in c.config.tls_matches.iter().filter_map(|(_, t)| t.as_ref()) {
+            add(&t.common);
+        }
+    }
+    out
+}
+
 fn std_bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     // std sets SO_REUSEADDR on Unix, as Envoy does for its listeners.
     let l = std::net::TcpListener::bind(addr)?;
@@ -155,6 +190,13 @@ fn publish(
         }
     }
     let listeners = snap.listeners.clone();
+    // The SDS client follows the secrets the configuration names.
+    let names = secret_names(&snap);
+    shared.secret_names.send_if_modified(|cur| {
+        let changed = *cur != names;
+        *cur = names;
+        changed
+    });
     let mut snap = snap;
     snap.index();
     shared.snapshot.publish(snap);
@@ -173,7 +215,14 @@ pub fn start(
         stats: stats::Stats::default(),
         mirror_connector: Arc::new(pingora_core::connectors::http::Connector::new(None)),
         drain_time: opts.drain_time,
+        secrets: Arc::new(tls::Secrets::default()),
+        tunnel: std::sync::OnceLock::new(),
+        secret_names: watch::Sender::new(Default::default()),
     });
+    for (name, m) in loaded.static_secrets {
+        shared.secrets.set(&name, Some(m));
+    }
+
     let data_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(opts.concurrency.max(1))
         .thread_name("pingsail-worker")
@@ -186,6 +235,20 @@ pub fn start(
         .enable_all()
         .build()
         .context("building the admin runtime")?;
+    {
+        let weak = Arc::downgrade(&shared);
+        let lookup: tls::tunnel::Lookup = Arc::new(move |cluster: &str, socket: &str| {
+            let shared = weak.upgrade()?;
+            let c = shared.clusters.get(cluster)?;
+            match socket.parse::<usize>() {
+                Ok(i) => c.config.tls_matches.get(i)?.1.clone(),
+                Err(_) => c.config.tls.clone(),
+            }
+        });
+        let tunnel = tls::tunnel::Tunnel::start(data_rt.handle(), shared.secrets.clone(), lookup)
+            .context("starting the upstream TLS tunnel")?;
+        let _ = shared.tunnel.set(tunnel);
+    }
 
     let mut snap = loaded.snapshot;
     let mut store = loaded.ads.as_ref().map(|_| xds::store::Store::new(&snap));
@@ -227,6 +290,14 @@ pub fn start(
         let publish: xds::ads::Publish =
             Arc::new(move |snap| publish(&shared2, &manager2, &rt, snap));
         admin_rt.spawn(xds::ads::AdsClient::new(settings, store, publish).run());
+    }
+    if let Some((cluster, node)) = loaded.sds {
+        admin_rt.spawn(xds::sds::run(
+            cluster,
+            node,
+            shared.secrets.clone(),
+            shared.secret_names.subscribe(),
+        ));
     }
     let (quit_tx, quit_rx) = watch::channel(false);
     let quit_tx = Arc::new(quit_tx);

@@ -527,6 +527,75 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
     let original_dst = (capture && dst != local).then_some(dst);
     let drain = chain.drain.watch();
     let forced = drained(drain.clone(), apps.shared.drain_time);
+    if let Some(tls) = &chain.tls {
+        let offered = if seen.tls {
+            seen.alpn.clone()
+        } else {
+            // No tls_inspector ran: read the ClientHello's ALPN ourselves.
+            peek_until(
+                &tcp,
+                sniff::MAX_CLIENT_HELLO,
+                |b, eof| match sniff::client_hello(b) {
+                    Look::More if !eof => None,
+                    Look::Done(Some(ch)) => Some(ch.alpn),
+                    _ => Some(Vec::new()),
+                },
+            )
+            .await
+        };
+        let Some(accepted) = accept_tls(&apps, tls, tcp, &listener, &offered).await else {
+            return;
+        };
+        let (alpn, peer_identity) = {
+            let conn = accepted.get_ref().1;
+            (
+                conn.alpn_protocol().map(|a| a.to_vec()),
+                conn.peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(crate::tls::spiffe_id)
+                    .map(arcstr::ArcStr::from),
+            )
+        };
+        match &chain.kind {
+            ChainKind::Tcp(t) => {
+                tokio::select! {
+                    _ = crate::tcp::proxy(&apps.shared, t.clone(), accepted, original_dst) => {}
+                    _ = forced => {}
+                }
+            }
+            ChainKind::Http(hcm) => {
+                let h2 = match hcm.codec {
+                    Codec::Http2 => true,
+                    Codec::Http1 => false,
+                    Codec::Auto => alpn.as_deref() == Some(b"h2"),
+                };
+                let facts = Arc::new(ConnFacts {
+                    hcm: hcm.clone(),
+                    stats: apps.shared.stats.http(&hcm.stat_prefix),
+                    remote,
+                    local: dst,
+                    original_dst,
+                    peer_identity,
+                    tls: true,
+                });
+                let header = match ResponseHeader::build(200, Some(0)) {
+                    Ok(h) => Box::new(h),
+                    Err(_) => return,
+                };
+                let stream = crate::tls::stream::TlsDownstream::new(
+                    accepted,
+                    ProxyDigest::new(header, Some(Box::new(facts))),
+                );
+                let stream: Stream = Box::new(stream);
+                let app = if h2 { &apps.h2 } else { &apps.h1 };
+                tokio::select! {
+                    _ = app.process_new(stream, &drain) => {}
+                    _ = forced => {}
+                }
+            }
+        }
+        return;
+    }
     match &chain.kind {
         ChainKind::Tcp(t) => {
             tokio::select! {
@@ -548,6 +617,8 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                 remote,
                 local: dst,
                 original_dst,
+                peer_identity: None,
+                tls: false,
             });
             let mut stream = L4Stream::from(tcp);
             let header = match ResponseHeader::build(200, Some(0)) {
@@ -563,6 +634,47 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
             }
         }
     }
+}
+
+/// The TLS handshake for a chain with a `DownstreamTlsContext`, with Envoy's checks: a client
+/// certificate verified against the trust roots (required if configured, or whenever SANs must be
+/// matched) and one of its SANs matching. `None`: refused (already logged).
+async fn accept_tls(
+    apps: &Apps,
+    tls: &crate::tls::DownstreamTls,
+    tcp: TcpStream,
+    listener: &Listener,
+    offered: &[String],
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let config = match tls.server_config(&apps.shared.secrets, offered) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(listener = %listener.name, "TLS not ready: {e}; closing");
+            return None;
+        }
+    };
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+    let stream = match pingora_timeout::timeout(Duration::from_secs(15), accept).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(listener = %listener.name, "TLS handshake failed: {e}");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(listener = %listener.name, "TLS handshake timed out");
+            return None;
+        }
+    };
+    let leaf = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first());
+    if !crate::tls::san_ok(&tls.common.san, leaf) {
+        tracing::debug!(listener = %listener.name, "client certificate SAN not allowed; closing");
+        return None;
+    }
+    Some(stream)
 }
 
 #[cfg(test)]
@@ -582,6 +694,7 @@ mod tests {
                 access_logs: vec![],
             })),
             drain: Default::default(),
+            tls: None,
         })
     }
 

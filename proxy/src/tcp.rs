@@ -8,12 +8,14 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 /// Proxies one downstream connection.
-pub async fn proxy(
+pub async fn proxy<D>(
     shared: &Arc<Shared>,
     cfg: Arc<TcpProxy>,
-    mut downstream: TcpStream,
+    mut downstream: D,
     original_dst: Option<SocketAddr>,
-) {
+) where
+    D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     shared.stats.tcp(&cfg.stat_prefix).cx_total.inc();
     let name = if cfg.clusters.len() == 1 {
         cfg.clusters[0].0.clone()
@@ -39,6 +41,29 @@ pub async fn proxy(
         tracing::debug!(cluster = %name, "tcp_proxy: no healthy upstream; closing");
         return;
     };
+    if let Some((_, tls)) = &picked.tls {
+        let mut upstream = match crate::tls::tunnel::connect_tls(
+            tls,
+            &shared.secrets,
+            picked.addr,
+            cluster.config.bind_source,
+            cluster.config.connect_timeout,
+            None,
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(cluster = %name, "tcp_proxy: TLS upstream: {e}");
+                stats.cx_connect_fail.inc();
+                return;
+            }
+        };
+        stats.rq_total.inc();
+        let _picked = picked;
+        let _ = copy_with_idle_timeout(&mut downstream, &mut upstream, cfg.idle_timeout).await;
+        return;
+    }
     let connect = connect(picked.addr, cluster.config.bind_source);
     let mut upstream = match pingora_timeout::timeout(cluster.config.connect_timeout, connect).await
     {
@@ -76,14 +101,18 @@ const MAX_BUF: usize = 64 * 1024;
 
 /// Copies both ways until both sides have closed, or nothing moved in either direction for
 /// `idle` (tcp_proxy `idle_timeout`, Envoy's default 1 h). A half-close is propagated with shutdown.
-async fn copy_with_idle_timeout(
-    a: &mut TcpStream,
-    b: &mut TcpStream,
+async fn copy_with_idle_timeout<A, B>(
+    a: &mut A,
+    b: &mut B,
     idle: Option<std::time::Duration>,
-) -> std::io::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut ar, mut aw) = a.split();
-    let (mut br, mut bw) = b.split();
+) -> std::io::Result<()>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
     let (mut buf_a, mut buf_b) = (vec![0u8; INITIAL_BUF], vec![0u8; INITIAL_BUF]);
     let (mut a_open, mut b_open) = (true, true);
     while a_open || b_open {
@@ -101,20 +130,31 @@ async fn copy_with_idle_timeout(
             None => step.await,
         };
         let n = r?;
-        let (buf, w, open) = if from_a {
-            (&mut buf_a, &mut bw, &mut a_open)
+        if from_a {
+            forward(&mut buf_a, n, &mut bw, &mut a_open).await?;
         } else {
-            (&mut buf_b, &mut aw, &mut b_open)
-        };
-        if n == 0 {
-            *open = false;
-            let _ = w.shutdown().await;
-            continue;
+            forward(&mut buf_b, n, &mut aw, &mut b_open).await?;
         }
-        w.write_all(&buf[..n]).await?;
-        if n == buf.len() && buf.len() < MAX_BUF {
-            buf.resize(buf.len() * 2, 0);
-        }
+    }
+    Ok(())
+}
+
+/// Writes what was read (or half-closes on EOF) and grows the buffer after a full read.
+async fn forward<W: tokio::io::AsyncWrite + Unpin>(
+    buf: &mut Vec<u8>,
+    n: usize,
+    w: &mut W,
+    open: &mut bool,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    if n == 0 {
+        *open = false;
+        let _ = w.shutdown().await;
+        return Ok(());
+    }
+    w.write_all(&buf[..n]).await?;
+    if n == buf.len() && buf.len() < MAX_BUF {
+        buf.resize(buf.len() * 2, 0);
     }
     Ok(())
 }

@@ -86,6 +86,9 @@ pub struct Picked {
     pub addr: SocketAddr,
     /// the endpoint's `hostname`, for auto_host_rewrite
     pub hostname: Option<ArcStr>,
+    /// the transport socket chosen for this endpoint (`transport_socket_matches`, else the
+    /// cluster's): its index for the TLS tunnel and the context
+    pub tls: Option<(usize, Arc<crate::tls::UpstreamTls>)>,
     active: Option<Arc<AtomicU32>>,
 }
 
@@ -111,6 +114,7 @@ impl ClusterState {
             return original_dst.map(|addr| Picked {
                 addr,
                 hostname: None,
+                tls: self.config.tls_for(&[]).1.map(|t| (usize::MAX, t.clone())),
                 active: None,
             });
         }
@@ -151,9 +155,11 @@ impl ClusterState {
         if let Some(a) = &active {
             a.fetch_add(1, Ordering::Relaxed);
         }
+        let (idx, tls) = self.config.tls_for(&ep.socket_match);
         Some(Picked {
             addr,
             hostname: ep.hostname.clone(),
+            tls: tls.map(|t| (idx, t.clone())),
             active,
         })
     }

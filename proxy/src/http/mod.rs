@@ -45,6 +45,10 @@ pub struct ConnFacts {
     pub local: SocketAddr,
     /// original destination (capture), if any
     pub original_dst: Option<SocketAddr>,
+    /// the downstream TLS peer's SPIFFE identity (mTLS), for RBAC principals and XFCC
+    pub peer_identity: Option<arcstr::ArcStr>,
+    /// the connection was TLS-terminated by us
+    pub tls: bool,
 }
 
 /// The `ProxyHttp` implementation.
@@ -851,21 +855,62 @@ impl ProxyHttp for Router {
             }
             set_authority(req, h)?;
         }
+        let tls_socket = picked.tls.as_ref().map(|(i, _)| *i);
         ctx.picked = Some(picked);
         ctx.upstream_host = Some(addr);
         ctx.tried.push(addr);
-        let mut peer = HttpPeer::new(addr, false, String::new());
         let cfg = &cluster.config;
+        let h2 = cfg.http2 || (cfg.use_downstream_protocol && session.as_downstream().is_http2());
+        let tunnel = tls_socket.and_then(|i| Some((i, self.shared.tunnel.get()?)));
+        let mut peer = match tunnel {
+            // TLS origination (mTLS in the mesh) goes through our tunnel; Pingora pools the tunnel
+            // connections, so TLS connections are reused like plaintext ones.
+            Some((socket, tunnel)) => {
+                let mut h = std::collections::BTreeMap::new();
+                h.insert(
+                    crate::tls::tunnel::H_CLUSTER.to_string(),
+                    cfg.name.as_bytes().to_vec(),
+                );
+                let socket = if socket == usize::MAX {
+                    "default".to_string()
+                } else {
+                    socket.to_string()
+                };
+                h.insert(
+                    crate::tls::tunnel::H_SOCKET.to_string(),
+                    socket.into_bytes(),
+                );
+                h.insert(
+                    crate::tls::tunnel::H_HTTP.to_string(),
+                    if h2 { b"2".to_vec() } else { b"1".to_vec() },
+                );
+                h.insert(
+                    crate::tls::tunnel::H_TIMEOUT.to_string(),
+                    cfg.connect_timeout.as_millis().to_string().into_bytes(),
+                );
+                if let Some(src) = cfg.bind_source {
+                    h.insert(
+                        crate::tls::tunnel::H_BIND.to_string(),
+                        src.to_string().into_bytes(),
+                    );
+                }
+                let path = tunnel.path().to_string_lossy().to_string();
+                HttpPeer::new_proxy(&path, addr.ip(), addr.port(), false, "", h)
+            }
+            None => {
+                let mut peer = HttpPeer::new(addr, false, String::new());
+                if let Some(src) = cfg.bind_source {
+                    let mut bind = pingora_core::connectors::l4::BindTo::default();
+                    bind.addr = Some(std::net::SocketAddr::new(src, 0).into());
+                    peer.options.bind_to = Some(bind);
+                }
+                peer
+            }
+        };
         // Envoy keeps one connection pool per cluster: two clusters on the same endpoint do not
         // share upstream connections.
         peer.group_key = xxhash_rust::xxh64::xxh64(cfg.name.as_bytes(), 0);
         peer.options.connection_timeout = Some(cfg.connect_timeout);
-        if let Some(src) = cfg.bind_source {
-            let mut bind = pingora_core::connectors::l4::BindTo::default();
-            bind.addr = Some(std::net::SocketAddr::new(src, 0).into());
-            peer.options.bind_to = Some(bind);
-        }
-        let h2 = cfg.http2 || (cfg.use_downstream_protocol && session.as_downstream().is_http2());
         if h2 {
             peer.options.set_http_version(2, 2);
         }

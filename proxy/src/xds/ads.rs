@@ -262,31 +262,9 @@ impl AdsClient {
     }
 
     async fn connect(&self) -> Result<Channel, StreamEnd> {
-        let timeout = self.settings.cluster.connect_timeout;
-        let err = |e: tonic::transport::Error| StreamEnd::Connect(format!("{e:?}"));
-        match self.settings.target() {
-            Some(Target::Tcp(addr)) => Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(err)?
-                .connect_timeout(timeout)
-                .connect()
-                .await
-                .map_err(err),
-            Some(Target::Unix(path)) => Endpoint::from_static("http://localhost")
-                .connect_timeout(timeout)
-                .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-                    let path = path.clone();
-                    async move {
-                        let s = tokio::net::UnixStream::connect(path).await?;
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                    }
-                }))
-                .await
-                .map_err(err),
-            None => Err(StreamEnd::Connect(format!(
-                "cluster '{}' has no endpoint",
-                self.settings.cluster.name
-            ))),
-        }
+        connect_cluster(&self.settings.cluster)
+            .await
+            .map_err(StreamEnd::Connect)
     }
 
     /// Applies a response and publishes; returns the NACK message, if any.
@@ -638,6 +616,35 @@ impl AdsClient {
             ..Default::default()
         });
     }
+}
+
+/// A gRPC channel to a control-plane cluster: its first pipe (Unix socket), else its first endpoint.
+pub async fn connect_cluster(cluster: &Cluster) -> Result<Channel, String> {
+    let timeout = cluster.connect_timeout;
+    let err = |e: tonic::transport::Error| format!("connecting to '{}': {e:?}", cluster.name);
+    if let Some(p) = cluster.pipes.first() {
+        let path = PathBuf::from(p.as_str());
+        return Endpoint::from_static("http://localhost")
+            .connect_timeout(timeout)
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                let path = path.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }))
+            .await
+            .map_err(err);
+    }
+    let Some(addr) = cluster.endpoints.iter().find_map(|e| e.addr) else {
+        return Err(format!("cluster '{}' has no endpoint", cluster.name));
+    };
+    Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(err)?
+        .connect_timeout(timeout)
+        .connect()
+        .await
+        .map_err(err)
 }
 
 /// Envoy NACKs with gRPC status INTERNAL (13).

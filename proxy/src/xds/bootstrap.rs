@@ -46,6 +46,13 @@ pub struct Loaded {
     pub admin: Option<SocketAddr>,
     /// `dynamic_resources`, if configured
     pub ads: Option<crate::xds::ads::AdsSettings>,
+    /// `static_resources.secrets`
+    pub static_secrets: Vec<(String, Arc<crate::tls::Material>)>,
+    /// the `sds-grpc` cluster (the agent's SDS socket), if the bootstrap has one
+    pub sds: Option<(
+        Arc<crate::config::Cluster>,
+        envoy_types::pb::envoy::config::core::v3::Node,
+    )>,
 }
 
 /// Reads and validates a bootstrap file.
@@ -111,16 +118,22 @@ pub fn load(b: Bootstrap) -> Result<Loaded, BootstrapError> {
     };
     let mut listeners = Vec::new();
     let mut clusters = HashMap::new();
+    let mut static_secrets = Vec::new();
     let now = SystemTime::now();
     if let Some(sr) = &b.static_resources {
         let p = root.field("static_resources");
         translate::only_pub(sr, &p, &["listeners", "clusters", "secrets"], &[])?;
-        if !sr.secrets.is_empty() {
-            return Err(TranslateError {
-                path: p.field("secrets"),
-                kind: ErrorKind::NotYet("mTLS issue"),
+        for (i, s) in sr.secrets.iter().enumerate() {
+            let sp = p.at("secrets", i);
+            if s.name.is_empty() {
+                return Err(TranslateError {
+                    path: sp.field("name"),
+                    kind: ErrorKind::Required,
+                }
+                .into());
             }
-            .into());
+            let m = translate::tls::secret(s, &sp)?;
+            static_secrets.push((s.name.clone(), Arc::new(m)));
         }
         let mut names = std::collections::HashSet::new();
         for (i, l) in sr.listeners.iter().enumerate() {
@@ -171,6 +184,9 @@ pub fn load(b: Bootstrap) -> Result<Loaded, BootstrapError> {
         }
     }
     validate_cluster_references(&listeners, &clusters)?;
+    let sds = clusters
+        .get("sds-grpc")
+        .map(|c| (c.config.clone(), b.node.clone().unwrap_or_default()));
     let ads = match ads_cfg {
         Some(partial) => {
             let cluster = clusters
@@ -200,6 +216,8 @@ pub fn load(b: Bootstrap) -> Result<Loaded, BootstrapError> {
         },
         admin,
         ads,
+        static_secrets,
+        sds,
     })
 }
 

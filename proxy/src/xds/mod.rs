@@ -7,5 +7,6 @@ pub mod bootstrap;
 pub mod json;
 pub mod pool;
 pub mod pool_roots;
+pub mod sds;
 pub mod store;
 pub mod translate;

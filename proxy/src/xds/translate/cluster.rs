@@ -59,6 +59,8 @@ fn translate_cluster_with(
         "maglev_lb_config",
         "eds_cluster_config",
         "upstream_bind_config",
+        "transport_socket",
+        "transport_socket_matches",
     ];
     if control_plane {
         allowed.extend_from_slice(CONTROL_PLANE_ONLY);
@@ -72,8 +74,6 @@ fn translate_cluster_with(
             ("outlier_detection", RESILIENCE),
             ("health_checks", RESILIENCE),
             ("max_requests_per_connection", RESILIENCE),
-            ("transport_socket", MTLS),
-            ("transport_socket_matches", MTLS),
             ("upstream_connection_options", RESILIENCE),
             ("per_connection_buffer_limit_bytes", RESILIENCE),
             ("cleanup_interval", RESILIENCE),
@@ -222,6 +222,30 @@ fn translate_cluster_with(
         )?;
         original_dst_use_header = o.use_http_header;
     }
+    let tls = match &cl.transport_socket {
+        Some(ts) => match super::tls::upstream(ts, &path.field("transport_socket"))? {
+            super::tls::Socket::Plain => None,
+            super::tls::Socket::Tls(t) => Some(t),
+        },
+        None => None,
+    };
+    let mut tls_matches = Vec::new();
+    for (i, m) in cl.transport_socket_matches.iter().enumerate() {
+        let p = path.at("transport_socket_matches", i);
+        only(m, &p, &["name", "match", "transport_socket"], &[])?;
+        let criteria = match &m.r#match {
+            Some(st) => struct_strings(st, &p.field("match"))?,
+            None => Vec::new(),
+        };
+        let t = match &m.transport_socket {
+            Some(ts) => match super::tls::upstream(ts, &p.field("transport_socket"))? {
+                super::tls::Socket::Plain => None,
+                super::tls::Socket::Tls(t) => Some(t),
+            },
+            None => return err(&p.field("transport_socket"), ErrorKind::Required),
+        };
+        tls_matches.push((criteria, t));
+    }
     let mut bind_source = None;
     if let Some(b) = &cl.upstream_bind_config {
         let p = path.field("upstream_bind_config");
@@ -306,6 +330,8 @@ fn translate_cluster_with(
         eds_service,
         pipes,
         bind_source,
+        tls,
+        tls_matches,
     })
 }
 
@@ -519,14 +545,44 @@ fn load_assignment(
             } else {
                 None
             };
+            let socket_match = match lbe
+                .metadata
+                .as_ref()
+                .and_then(|m| m.filter_metadata.get("envoy.transport_socket_match"))
+            {
+                Some(st) => struct_strings(st, &q.field("metadata"))?,
+                None => Vec::new(),
+            };
             out.push(Endpoint {
                 host: host.into(),
                 port,
                 addr: sock,
                 weight,
                 hostname,
+                socket_match,
             });
         }
     }
     Ok((out, pipes))
+}
+
+/// The string fields of a `Struct` (transport socket match criteria / endpoint metadata).
+fn struct_strings(
+    st: &envoy_types::pb::google::protobuf::Struct,
+    path: &Path,
+) -> Result<Vec<(arcstr::ArcStr, arcstr::ArcStr)>> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let mut out = Vec::new();
+    for (k, v) in &st.fields {
+        match &v.kind {
+            Some(Kind::StringValue(s)) => out.push((k.as_str().into(), s.as_str().into())),
+            _ => {
+                return invalid(
+                    &path.field(k),
+                    "only string values are supported in transport socket matching",
+                );
+            }
+        }
+    }
+    Ok(out)
 }

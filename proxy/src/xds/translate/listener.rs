@@ -155,12 +155,22 @@ fn filter_chain(fc: &l::FilterChain, path: &Path) -> Result<FilterChain> {
     only(
         fc,
         path,
-        &["filter_chain_match", "filters", "name", "metadata"],
         &[
-            ("transport_socket", MTLS),
-            ("transport_socket_connect_timeout", MTLS),
+            "filter_chain_match",
+            "filters",
+            "name",
+            "metadata",
+            "transport_socket",
         ],
+        &[("transport_socket_connect_timeout", MTLS)],
     )?;
+    let tls = match &fc.transport_socket {
+        Some(ts) => match super::tls::downstream(ts, &path.field("transport_socket"))? {
+            super::tls::Socket::Plain => None,
+            super::tls::Socket::Tls(t) => Some(t),
+        },
+        None => None,
+    };
     let mut matcher = ChainMatch::default();
     if let Some(m) = &fc.filter_chain_match {
         let p = path.field("filter_chain_match");
@@ -286,6 +296,7 @@ fn filter_chain(fc: &l::FilterChain, path: &Path) -> Result<FilterChain> {
         matcher,
         kind,
         drain: Default::default(),
+        tls,
     })
 }
 

@@ -6,6 +6,7 @@ mod cluster;
 mod common;
 mod listener;
 mod route;
+pub mod tls;
 
 pub use cluster::{translate_cluster, translate_control_plane_cluster, translate_load_assignment};
 pub use common::ErrorKind;

@@ -1,0 +1,128 @@
+// SPDX-License-Identifier: Apache-2.0
+//! A TLS-terminated downstream connection as a Pingora stream: our accept loop does the handshake
+//! (with the chain's context), Pingora's HTTP server then reads plaintext from it.
+
+use async_trait::async_trait;
+use pingora_core::protocols::raw_connect::ProxyDigest;
+use pingora_core::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
+    TimingDigest, UniqueID, UniqueIDType,
+};
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+/// A server-side TLS stream with the connection's facts.
+pub struct TlsDownstream {
+    inner: TlsStream<TcpStream>,
+    fd: i32,
+    proxy_digest: Option<Arc<ProxyDigest>>,
+    socket_digest: Arc<SocketDigest>,
+}
+
+impl std::fmt::Debug for TlsDownstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsDownstream")
+            .field("fd", &self.fd)
+            .finish()
+    }
+}
+
+impl TlsDownstream {
+    /// Wraps a completed handshake; `digest` carries the per-connection facts.
+    pub fn new(inner: TlsStream<TcpStream>, digest: ProxyDigest) -> Self {
+        let fd = inner.get_ref().0.as_raw_fd();
+        TlsDownstream {
+            inner,
+            fd,
+            proxy_digest: Some(Arc::new(digest)),
+            socket_digest: Arc::new(SocketDigest::from_raw_fd(fd)),
+        }
+    }
+}
+
+impl AsyncRead for TlsDownstream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsDownstream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for TlsDownstream {
+    async fn shutdown(&mut self) {
+        let _ = AsyncWriteExt::shutdown(&mut self.inner).await;
+    }
+}
+
+impl UniqueID for TlsDownstream {
+    fn id(&self) -> UniqueIDType {
+        self.fd
+    }
+}
+
+// TLS facts reach the filters through the proxy digest (ConnFacts); Pingora's own TLS digest is
+// OpenSSL/rustls-connector specific and not needed.
+impl Ssl for TlsDownstream {}
+
+impl GetTimingDigest for TlsDownstream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        Vec::new()
+    }
+}
+
+impl GetProxyDigest for TlsDownstream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.proxy_digest.clone()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.proxy_digest = Some(Arc::new(digest));
+    }
+}
+
+impl GetSocketDigest for TlsDownstream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        Some(self.socket_digest.clone())
+    }
+}
+
+#[async_trait]
+impl Peek for TlsDownstream {}

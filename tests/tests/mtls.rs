@@ -1,0 +1,503 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Istio-shaped mutual TLS between sidecars, in every pairing of Envoy and pingsail: certificates
+//! from a test PKI served by the agent's SDS server (`default` + `ROOTCA` on a Unix socket, the
+//! bootstrap's `sds-grpc` cluster), SPIFFE SAN checks both ways, HTTP/1.1 and TCP; refused
+//! identities; TLS connection reuse counted on the server side.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
+use anyhow::Result;
+use pingsail_agent::sds::{Server, ServerHandle, WorkloadSecret, secret_channel};
+use pingsail_agent::testing::TestPki;
+use pingsail_tests::client::{self, Request};
+use pingsail_tests::echo::EchoServer;
+use pingsail_tests::envoy::Envoy;
+use pingsail_tests::net::{TempDir, random_loopback_ip};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
+const T: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Envoy,
+    Pingsail,
+}
+
+enum Proxy {
+    Envoy(Envoy),
+    Pingsail(#[allow(dead_code)] pingsail_proxy::testing::Running),
+}
+
+impl Proxy {
+    async fn start(side: Side, bootstrap: &str) -> Result<Self> {
+        Ok(match side {
+            Side::Envoy => Proxy::Envoy(Envoy::start(bootstrap).await?),
+            Side::Pingsail => Proxy::Pingsail(pingsail_proxy::testing::start(bootstrap).await?),
+        })
+    }
+
+    async fn stat(&self, suffix: &str) -> u64 {
+        let Proxy::Envoy(e) = self else {
+            return 0;
+        };
+        let Ok(r) = client::send(e.admin(), &Request::get("/stats").header("host", "a")).await
+        else {
+            return 0;
+        };
+        r.body_text()
+            .lines()
+            .filter_map(|l| l.split_once(": "))
+            .filter(|(k, _)| k.ends_with(suffix))
+            .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+            .sum()
+    }
+}
+
+async fn sds(dir: &Path, name: &str, secret: WorkloadSecret) -> (ServerHandle, std::path::PathBuf) {
+    let sock = dir.join(format!("{name}.sock"));
+    let (tx, rx) = secret_channel();
+    tx.send_replace(Some(Arc::new(secret)));
+    drop(tx);
+    (Server::start(&sock, rx).await.unwrap(), sock)
+}
+
+const SDS: &str = r#"{ api_config_source: { api_type: GRPC, grpc_services: [ { envoy_grpc: { cluster_name: sds-grpc } } ], set_node_on_first_message_only: true, transport_api_version: V3 }, initial_fetch_timeout: 0s, resource_api_version: V3 }"#;
+
+fn common_tls(indent: usize, san: &str, alpn: &[&str]) -> String {
+    let i0 = " ".repeat(indent);
+    let i1 = " ".repeat(indent + 2);
+    let i2 = " ".repeat(indent + 4);
+    format!(
+        r#"
+{i0}common_tls_context:
+{i1}tls_params: {{ tls_minimum_protocol_version: TLSv1_2, tls_maximum_protocol_version: TLSv1_3 }}
+{i1}alpn_protocols: {alpn:?}
+{i1}tls_certificate_sds_secret_configs: [ {{ name: default, sds_config: {SDS} }} ]
+{i1}combined_validation_context:
+{i2}default_validation_context: {{ match_subject_alt_names: [ {san} ] }}
+{i2}validation_context_sds_secret_config: {{ name: ROOTCA, sds_config: {SDS} }}"#
+    )
+}
+
+fn sds_cluster(sock: &Path) -> String {
+    format!(
+        r#"
+  - name: sds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    load_assignment:
+      cluster_name: sds-grpc
+      endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ pipe: {{ path: "{}" }} }} }} }} ] }} ]"#,
+        sock.display()
+    )
+}
+
+fn static_cluster(name: &str, a: SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+  - name: "{name}"
+    type: STATIC
+    connect_timeout: 2s
+    load_assignment:
+      cluster_name: "{name}"
+      endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }} }} ] }} ]{extra}"#,
+        a.ip(),
+        a.port()
+    )
+}
+
+fn hcm(cluster: &str) -> String {
+    format!(
+        r#"
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: http
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [ {{ match: {{ prefix: / }}, route: {{ cluster: "{cluster}" }} }} ]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}"#
+    )
+}
+
+fn tcp(cluster: &str) -> String {
+    format!(
+        r#"
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: tcp
+          cluster: "{cluster}""#
+    )
+}
+
+fn admin(ip: Ipv4Addr) -> String {
+    format!(
+        "admin: {{ address: {{ socket_address: {{ address: {ip}, port_value: 15000 }} }} }}\nnode: {{ id: sidecar~{ip}~pod.default~default.svc.cluster.local, cluster: test }}"
+    )
+}
+
+/// The server sidecar: HTTP on :18443 and TCP on :18444, both requiring a client certificate from
+/// the mesh (SAN prefix `spiffe://cluster.local/`), to the local echo servers.
+fn server_bootstrap(
+    sock: &Path,
+    ip: Ipv4Addr,
+    http_echo: SocketAddr,
+    tcp_echo: SocketAddr,
+) -> String {
+    let down = |alpn: &[&str]| {
+        format!(
+            r#"
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true{}"#,
+            common_tls(10, r#"{ prefix: "spiffe://cluster.local/" }"#, alpn)
+        )
+    };
+    format!(
+        r#"
+{admin}
+static_resources:
+  listeners:
+  - name: inbound_http
+    address: {{ socket_address: {{ address: {ip}, port_value: 18443 }} }}
+    filter_chains:
+    - filters:{h}{dh}
+  - name: inbound_tcp
+    address: {{ socket_address: {{ address: {ip}, port_value: 18444 }} }}
+    filter_chains:
+    - filters:{t}{dt}
+  clusters:{sdsc}{c1}{c2}
+"#,
+        admin = admin(ip),
+        h = hcm("app_http"),
+        dh = down(&["h2", "http/1.1"]),
+        t = tcp("app_tcp"),
+        dt = down(&["istio-peer-exchange", "h2", "http/1.1"]),
+        sdsc = sds_cluster(sock),
+        c1 = static_cluster("app_http", http_echo, ""),
+        c2 = static_cluster("app_tcp", tcp_echo, ""),
+    )
+}
+
+/// The client sidecar: plaintext HTTP on :18080 and TCP on :18081, originating mTLS to the server
+/// and expecting `expected_san`.
+fn client_bootstrap(sock: &Path, ip: Ipv4Addr, server: Ipv4Addr, expected_san: &str) -> String {
+    let up = |sni: &str| {
+        format!(
+            r#"
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: {sni}{}"#,
+            common_tls(
+                8,
+                &format!(r#"{{ exact: "{expected_san}" }}"#),
+                &["istio-peer-exchange", "istio"]
+            )
+        )
+    };
+    format!(
+        r#"
+{admin}
+static_resources:
+  listeners:
+  - name: outbound_http
+    address: {{ socket_address: {{ address: {ip}, port_value: 18080 }} }}
+    filter_chains:
+    - filters:{h}
+  - name: outbound_tcp
+    address: {{ socket_address: {{ address: {ip}, port_value: 18081 }} }}
+    filter_chains:
+    - filters:{t}
+  clusters:{sdsc}{c1}{c2}
+"#,
+        admin = admin(ip),
+        h = hcm("outbound|80||server"),
+        t = tcp("outbound|9000||server"),
+        sdsc = sds_cluster(sock),
+        c1 = static_cluster(
+            "outbound|80||server",
+            SocketAddr::from((server, 18443)),
+            &up("outbound_.80_._.server.default.svc.cluster.local")
+        ),
+        c2 = static_cluster(
+            "outbound|9000||server",
+            SocketAddr::from((server, 18444)),
+            &up("outbound_.9000_._.server.default.svc.cluster.local")
+        ),
+    )
+}
+
+async fn tcp_echo() -> Result<SocketAddr> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let a = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(a)
+}
+
+async fn tcp_roundtrip(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return vec![];
+    };
+    if s.write_all(msg).await.is_err() {
+        return vec![];
+    }
+    let mut got = vec![0u8; msg.len()];
+    match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await {
+        Ok(Ok(_)) => got,
+        _ => vec![],
+    }
+}
+
+struct Pair {
+    client: Proxy,
+    server: Proxy,
+    client_ip: Ipv4Addr,
+    _sds: Vec<ServerHandle>,
+    _dir: TempDir,
+    _echo: EchoServer,
+}
+
+async fn pair(
+    client_side: Side,
+    server_side: Side,
+    expected_san: &str,
+    foreign_client: bool,
+) -> Result<Pair> {
+    let pki = TestPki::new("cluster.local", true).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let dir = TempDir::new("pingsail-mtls")?;
+    let server_secret = pki
+        .workload_secret(SERVER_ID, Duration::from_secs(3600))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let client_secret = if foreign_client {
+        // A certificate from another CA, while still trusting the real root.
+        let other = TestPki::new("cluster.local", false).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let s = other
+            .workload_secret(CLIENT_ID, Duration::from_secs(3600))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        WorkloadSecret {
+            root_cert_pem: pki.root_pem().to_owned().into(),
+            ..s
+        }
+    } else {
+        pki.workload_secret(CLIENT_ID, Duration::from_secs(3600))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+    };
+    let (s1, server_sock) = sds(dir.path(), "server", server_secret).await;
+    let (s2, client_sock) = sds(dir.path(), "client", client_secret).await;
+    let echo = EchoServer::start("app").await?;
+    let tcp = tcp_echo().await?;
+    let (server_ip, client_ip) = (random_loopback_ip(), random_loopback_ip());
+    let server = Proxy::start(
+        server_side,
+        &server_bootstrap(&server_sock, server_ip, echo.addr(), tcp),
+    )
+    .await?;
+    let client = Proxy::start(
+        client_side,
+        &client_bootstrap(&client_sock, client_ip, server_ip, expected_san),
+    )
+    .await?;
+    Ok(Pair {
+        client,
+        server,
+        client_ip,
+        _sds: vec![s1, s2],
+        _dir: dir,
+        _echo: echo,
+    })
+}
+
+impl Pair {
+    async fn http(&self) -> Option<client::Response> {
+        client::send(
+            SocketAddr::from((self.client_ip, 18080)),
+            &Request::get("/x").header("host", "server"),
+        )
+        .await
+        .ok()
+    }
+
+    /// Waits until the secrets have arrived and a request passes (or `T`).
+    async fn http_ok(&self) -> Option<client::Response> {
+        let deadline = tokio::time::Instant::now() + T;
+        loop {
+            if let Some(r) = self.http().await
+                && r.status == 200
+            {
+                return Some(r);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return self.http().await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn tcp_ok(&self) -> bool {
+        let deadline = tokio::time::Instant::now() + T;
+        loop {
+            if tcp_roundtrip(SocketAddr::from((self.client_ip, 18081)), b"ping").await == b"ping" {
+                return true;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn interop(client: Side, server: Side) -> Result<()> {
+    let p = pair(client, server, SERVER_ID, false).await?;
+    let r = p.http_ok().await;
+    assert_eq!(
+        r.as_ref().map(|r| r.status),
+        Some(200),
+        "{client:?} -> {server:?}: {:?}",
+        r.map(|r| r.body_text())
+    );
+    assert!(p.tcp_ok().await, "{client:?} -> {server:?}: TCP over mTLS");
+    if server == Side::Envoy {
+        // The server really terminated TLS for these.
+        assert!(p.server.stat("ssl.handshake").await >= 2);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn envoy_client_to_pingsail_server() -> Result<()> {
+    interop(Side::Envoy, Side::Pingsail).await
+}
+
+#[tokio::test]
+async fn pingsail_client_to_envoy_server() -> Result<()> {
+    interop(Side::Pingsail, Side::Envoy).await
+}
+
+#[tokio::test]
+async fn pingsail_to_pingsail() -> Result<()> {
+    interop(Side::Pingsail, Side::Pingsail).await
+}
+
+#[tokio::test]
+async fn envoy_to_envoy_baseline() -> Result<()> {
+    interop(Side::Envoy, Side::Envoy).await
+}
+
+/// A client expecting another identity refuses the server, on both implementations.
+async fn wrong_san(client: Side) -> Result<()> {
+    let p = pair(
+        client,
+        Side::Envoy,
+        "spiffe://cluster.local/ns/default/sa/other",
+        false,
+    )
+    .await?;
+    // Give SDS time to deliver (a refusal before that proves nothing): the server counts nothing
+    // verified, the client gets no 200 and no TCP echo.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..5 {
+        let r = p.http().await;
+        assert_ne!(
+            r.as_ref().map(|r| r.status),
+            Some(200),
+            "{client:?}: wrong SAN accepted"
+        );
+        assert!(
+            tcp_roundtrip(SocketAddr::from((p.client_ip, 18081)), b"ping")
+                .await
+                .is_empty(),
+            "{client:?}: bytes passed to a server with the wrong identity"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn wrong_san_refused_by_envoy_client() -> Result<()> {
+    wrong_san(Side::Envoy).await
+}
+
+#[tokio::test]
+async fn wrong_san_refused_by_pingsail_client() -> Result<()> {
+    wrong_san(Side::Pingsail).await
+}
+
+/// A client certificate from another CA is refused by the server, on both implementations.
+async fn foreign_client(server: Side) -> Result<()> {
+    let p = pair(Side::Envoy, server, SERVER_ID, true).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..5 {
+        let r = p.http().await;
+        assert_ne!(
+            r.as_ref().map(|r| r.status),
+            Some(200),
+            "{server:?}: foreign CA accepted"
+        );
+    }
+    if server == Side::Envoy {
+        assert!(
+            p.client.stat("ssl.handshake").await == 0
+                || p.server.stat("ssl.fail_verify_error").await >= 1
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn foreign_ca_refused_by_envoy_server() -> Result<()> {
+    foreign_client(Side::Envoy).await
+}
+
+#[tokio::test]
+async fn foreign_ca_refused_by_pingsail_server() -> Result<()> {
+    foreign_client(Side::Pingsail).await
+}
+
+/// Sequential HTTP/1.1 requests from the pingsail client reuse one mTLS connection: the server
+/// (Envoy, whose counters we read) sees one handshake.
+#[tokio::test]
+async fn pingsail_reuses_mtls_connections() -> Result<()> {
+    let p = pair(Side::Pingsail, Side::Envoy, SERVER_ID, false).await?;
+    assert_eq!(p.http_ok().await.map(|r| r.status), Some(200));
+    let before = p.server.stat("ssl.handshake").await;
+    for _ in 0..20 {
+        assert_eq!(p.http().await.map(|r| r.status), Some(200));
+    }
+    let after = p.server.stat("ssl.handshake").await;
+    assert_eq!(
+        after, before,
+        "20 sequential requests opened new TLS connections"
+    );
+    assert!(before <= 2, "{before} handshakes for the first request");
+    Ok(())
+}
