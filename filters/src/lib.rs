@@ -8,6 +8,8 @@
 pub mod cors;
 pub mod headers;
 pub mod matcher;
+pub mod metadata;
+pub mod rbac;
 pub mod retry;
 pub mod route;
 
