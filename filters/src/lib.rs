@@ -7,6 +7,7 @@
 
 pub mod cors;
 pub mod headers;
+pub mod jwt;
 pub mod matcher;
 pub mod metadata;
 pub mod rbac;
