@@ -260,8 +260,8 @@ pub enum RuleRequirement {
 pub enum PerRoute {
     /// `disabled: true`
     Disabled,
-    /// `requirement_name` (index into `requirement_map`)
-    Requirement(usize),
+    /// `requirement_name`; a name missing from `requirement_map` means no verification (as Envoy).
+    Requirement(String),
 }
 
 /// A compiled `JwtAuthentication`.
@@ -313,7 +313,13 @@ impl JwtConfig {
     ) -> Option<&'a Requirement> {
         match per_route {
             Some(PerRoute::Disabled) => return None,
-            Some(PerRoute::Requirement(i)) => return self.requirement_map.get(*i).map(|(_, r)| r),
+            Some(PerRoute::Requirement(n)) => {
+                return self
+                    .requirement_map
+                    .iter()
+                    .find(|(x, _)| x == n)
+                    .map(|(_, r)| r);
+            }
             None => {}
         }
         let (_, r) = self.rules.iter().find(|(m, _)| m.matches(view))?;

@@ -48,6 +48,8 @@ pub struct FilterChain {
     pub matcher: ChainMatch,
     /// The terminal network filter.
     pub kind: ChainKind,
+    /// `envoy.filters.network.rbac` filters before the terminal filter, in order.
+    pub network_rbac: Vec<Arc<crate::authz::NetworkRbac>>,
 }
 
 /// The terminal network filter of a chain.
@@ -125,6 +127,8 @@ pub struct HttpConnectionManager {
     pub websocket: Option<bool>,
     /// The CORS filter is in the chain.
     pub cors_filter: bool,
+    /// jwt_authn and rbac HTTP filters, in chain order (they run before CORS and the router).
+    pub authz: Vec<crate::authz::HttpAuthz>,
     /// `access_log`
     pub access_logs: Vec<Arc<crate::access_log::AccessLog>>,
 }

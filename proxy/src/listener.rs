@@ -200,6 +200,15 @@ async fn handle(
         tracing::debug!(listener = %listener.name, %remote, "no matching filter chain; closing");
         return;
     };
+    let conn = crate::authz::ConnView {
+        remote,
+        local,
+        sni: "",
+        peer_principal: None,
+    };
+    if !crate::authz::network_allows(&chain.network_rbac, &apps.shared.stats, conn) {
+        return;
+    }
     match &chain.kind {
         ChainKind::Tcp(t) => crate::tcp::proxy(&apps.shared, t.clone(), tcp, None).await,
         ChainKind::Http(hcm) => {
@@ -214,6 +223,7 @@ async fn handle(
                 remote,
                 local,
                 original_dst: None,
+                peer_principal: None,
             });
             let mut stream = L4Stream::from(tcp);
             let header = match ResponseHeader::build(200, Some(0)) {
@@ -253,6 +263,7 @@ mod tests {
                 idle_timeout: None,
                 access_logs: vec![],
             })),
+            network_rbac: vec![],
         })
     }
 

@@ -4,7 +4,9 @@
 
 mod cluster;
 mod common;
+mod jwt;
 mod listener;
+mod rbac;
 mod route;
 
 pub use cluster::translate_cluster;

@@ -75,6 +75,25 @@ pub fn network_rbac(r: &net_rbac::Rbac, path: &Path) -> Result<(RbacConfig, Stri
         ],
         &[("delay_deny", "authorization issue")],
     )?;
+    for (field, e) in [("rules", &r.rules), ("shadow_rules", &r.shadow_rules)] {
+        if let Some(e) = e {
+            for (name, p) in &e.policies {
+                let pp = path.field(field).field("policies").field(name);
+                if let Some(kind) = p.permissions.iter().find_map(http_only_permission) {
+                    return invalid(
+                        &pp.field("permissions"),
+                        format!("Found {kind} rule, not supported by RBAC network filter"),
+                    );
+                }
+                if let Some(kind) = p.principals.iter().find_map(http_only_principal) {
+                    return invalid(
+                        &pp.field("principals"),
+                        format!("Found {kind} rule, not supported by RBAC network filter"),
+                    );
+                }
+            }
+        }
+    }
     use net_rbac::rbac::EnforcementType as E;
     if E::try_from(r.enforcement_type) != Ok(E::OneTimeOnFirstByte) {
         return err(&path.field("enforcement_type"), ErrorKind::NotSupported);
@@ -88,6 +107,30 @@ pub fn network_rbac(r: &net_rbac::Rbac, path: &Path) -> Result<(RbacConfig, Stri
         },
         r.stat_prefix.clone(),
     ))
+}
+
+/// The first HTTP-only rule in a permission tree (Envoy refuses them in the network filter).
+fn http_only_permission(p: &pb::Permission) -> Option<&'static str> {
+    use pb::permission::Rule as R;
+    match &p.rule {
+        Some(R::Header(_)) => Some("header"),
+        Some(R::UrlPath(_)) => Some("url_path"),
+        Some(R::AndRules(s)) | Some(R::OrRules(s)) => s.rules.iter().find_map(http_only_permission),
+        Some(R::NotRule(r)) => http_only_permission(r),
+        _ => None,
+    }
+}
+
+/// The first HTTP-only identifier in a principal tree.
+fn http_only_principal(p: &pb::Principal) -> Option<&'static str> {
+    use pb::principal::Identifier as I;
+    match &p.identifier {
+        Some(I::Header(_)) => Some("header"),
+        Some(I::UrlPath(_)) => Some("url_path"),
+        Some(I::AndIds(s)) | Some(I::OrIds(s)) => s.ids.iter().find_map(http_only_principal),
+        Some(I::NotId(r)) => http_only_principal(r),
+        _ => None,
+    }
 }
 
 fn engine(r: Option<&pb::Rbac>, path: &Path) -> Result<Option<Engine>> {
@@ -104,10 +147,16 @@ fn engine(r: Option<&pb::Rbac>, path: &Path) -> Result<Option<Engine>> {
         let pp = path.field("policies").field(name);
         only(p, &pp, &["permissions", "principals"], &[])?;
         if p.permissions.is_empty() {
-            return invalid(&pp.field("permissions"), "at least one permission is required");
+            return invalid(
+                &pp.field("permissions"),
+                "at least one permission is required",
+            );
         }
         if p.principals.is_empty() {
-            return invalid(&pp.field("principals"), "at least one principal is required");
+            return invalid(
+                &pp.field("principals"),
+                "at least one principal is required",
+            );
         }
         let permissions = p
             .permissions
@@ -159,7 +208,9 @@ fn permission(p: &pb::Permission, path: &Path, depth: usize) -> Result<Permissio
         Some(R::Any(false)) => return invalid(&path.field("any"), "must be true"),
         Some(R::Header(h)) => Permission::Header(header_matcher(h, &path.field("header"))?),
         Some(R::UrlPath(u)) => Permission::UrlPath(path_matcher(u, &path.field("url_path"))?),
-        Some(R::DestinationIp(c)) => Permission::DestinationIp(cidr(c, &path.field("destination_ip"))?),
+        Some(R::DestinationIp(c)) => {
+            Permission::DestinationIp(cidr(c, &path.field("destination_ip"))?)
+        }
         Some(R::DestinationPort(port)) => Permission::DestinationPort(*port),
         Some(R::DestinationPortRange(r)) => {
             let rp = path.field("destination_port_range");
@@ -175,7 +226,9 @@ fn permission(p: &pb::Permission, path: &Path, depth: usize) -> Result<Permissio
             &path.field("requested_server_name"),
         )?),
         Some(R::Matcher(_)) => return err(&path.field("matcher"), ErrorKind::NotSupported),
-        Some(R::UriTemplate(_)) => return err(&path.field("uri_template"), ErrorKind::NotSupported),
+        Some(R::UriTemplate(_)) => {
+            return err(&path.field("uri_template"), ErrorKind::NotSupported);
+        }
         Some(R::SourcedMetadata(_)) => {
             return err(&path.field("sourced_metadata"), ErrorKind::NotSupported);
         }
@@ -198,7 +251,9 @@ fn principal(p: &pb::Principal, path: &Path, depth: usize) -> Result<Principal> 
     Ok(match &p.identifier {
         Some(I::AndIds(s)) => Principal::And(set(s, "and_ids")?),
         Some(I::OrIds(s)) => Principal::Or(set(s, "or_ids")?),
-        Some(I::NotId(r)) => Principal::Not(Box::new(principal(r, &path.field("not_id"), depth + 1)?)),
+        Some(I::NotId(r)) => {
+            Principal::Not(Box::new(principal(r, &path.field("not_id"), depth + 1)?))
+        }
         Some(I::Any(true)) => Principal::Any,
         Some(I::Any(false)) => return invalid(&path.field("any"), "must be true"),
         Some(I::Authenticated(a)) => {
@@ -258,7 +313,12 @@ fn cidr(c: &core::CidrRange, path: &Path) -> Result<Cidr> {
     })?;
     let len = c.prefix_len.as_ref().map_or(0, |v| v.value);
     Cidr::new(ip, len).map_or_else(
-        || invalid(&path.field("prefix_len"), format!("prefix length {len} too long")),
+        || {
+            invalid(
+                &path.field("prefix_len"),
+                format!("prefix length {len} too long"),
+            )
+        },
         Ok,
     )
 }

@@ -1,0 +1,212 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Runs the connection manager's jwt_authn and rbac filters on a request, in chain order, after
+//! route selection (per-route configs need the route) and before CORS and the router.
+
+use super::error::Failure;
+use super::{ConnFacts, RequestCtx, Router, authority, forwarded, is_grpc};
+use crate::authz::{HttpAuthz, HttpJwt, HttpRbac, PEER_PRINCIPAL_KEY};
+use http::{HeaderName, HeaderValue};
+use pingora_error::Result;
+use pingora_proxy::Session;
+use pingsail_filters::jwt::{self, TokenSource};
+use pingsail_filters::metadata::Value;
+use pingsail_filters::rbac::{Input, PerRoute};
+use pingsail_filters::route::{PerFilterAuthz, RequestView, RouteTable};
+
+/// Dynamic metadata namespace of the HTTP RBAC filter.
+const RBAC_NAMESPACE: &str = "envoy.filters.http.rbac";
+
+fn view<'a>(req: &'a pingora_http::RequestHeader) -> RequestView<'a> {
+    RequestView {
+        path: std::str::from_utf8(req.raw_path()).unwrap_or("/"),
+        method: req.method.as_str(),
+        authority: authority(req),
+        scheme: "http",
+        headers: &req.headers,
+        is_grpc: is_grpc(req),
+        random: 0,
+    }
+}
+
+fn is_cors_preflight(req: &pingora_http::RequestHeader) -> bool {
+    req.method == http::Method::OPTIONS
+        && req.headers.contains_key(http::header::ORIGIN)
+        && req
+            .headers
+            .contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+}
+
+impl Router {
+    /// Runs the authorization filters. `Ok(true)` = a local reply was sent.
+    pub(super) async fn authorize(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        facts: &ConnFacts,
+        table: &RouteTable,
+        vidx: usize,
+        ridx: Option<usize>,
+    ) -> Result<bool> {
+        let vh = table.vhosts.get(vidx);
+        let route = ridx.and_then(|i| vh?.routes.get(i));
+        let levels: [Option<&PerFilterAuthz>; 2] = [route.map(|r| &r.authz), vh.map(|v| &v.authz)];
+        for f in &facts.hcm.authz {
+            let denied = match f {
+                HttpAuthz::Jwt(j) => {
+                    let per_route = levels.iter().flatten().find_map(|l| l.jwt(&j.name));
+                    self.run_jwt(session, ctx, j, per_route).await?
+                }
+                HttpAuthz::Rbac(r) => {
+                    let per_route = levels.iter().flatten().find_map(|l| l.rbac(&r.name));
+                    self.run_rbac(session, ctx, facts, r, per_route).await?
+                }
+            };
+            if denied {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    async fn run_jwt(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        j: &HttpJwt,
+        per_route: Option<&jwt::PerRoute>,
+    ) -> Result<bool> {
+        let cfg = &j.config;
+        let outcome = {
+            let req = session.req_header();
+            let v = view(req);
+            let Some(requirement) = cfg.requirement(per_route, &v) else {
+                return Ok(false);
+            };
+            if cfg.bypass_cors_preflight && is_cors_preflight(req) {
+                return Ok(false);
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let src = TokenSource {
+                headers: &req.headers,
+                query: req.uri.query(),
+                now,
+            };
+            cfg.check(requirement, &src)
+        };
+        let verified = match outcome {
+            Ok(v) => v,
+            Err(f) => {
+                let req = session.req_header();
+                let mut realm = format!("Bearer realm=\"http://{}", authority(req));
+                realm.push_str(&String::from_utf8_lossy(req.raw_path()));
+                realm.push('"');
+                if f != jwt::Failure::Missing {
+                    realm.push_str(", error=\"invalid_token\"");
+                }
+                let hv = HeaderValue::from_str(&realm)
+                    .unwrap_or_else(|_| HeaderValue::from_static("Bearer"));
+                ctx.failure = Some(Failure::JwtDenied);
+                self.local_reply(
+                    session,
+                    ctx,
+                    f.status(),
+                    f.message().as_bytes(),
+                    &[(http::header::WWW_AUTHENTICATE, hv)],
+                )
+                .await?;
+                return Ok(true);
+            }
+        };
+        for v in &verified {
+            let Some(p) = cfg.providers.get(v.provider) else {
+                continue;
+            };
+            let req = session.req_header_mut();
+            if !p.forward
+                && let jwt::Location::Header(name, _) = &v.location
+            {
+                req.remove_header(name);
+            }
+            if let Some(h) = &p.forward_payload_header {
+                let value = jwt::forwarded_payload(v, p.pad_forward_payload_header);
+                req.insert_header(h.clone(), value)?;
+            }
+            for (h, claim) in &p.claim_to_headers {
+                if let Some(value) = jwt::claim_header_value(&v.payload, claim)
+                    && let Ok(value) = HeaderValue::from_str(&value)
+                {
+                    req.insert_header(HeaderName::clone(h), value)?;
+                }
+            }
+            if let Some(key) = &p.payload_in_metadata {
+                let payload = jwt::payload_struct(&v.payload, &p.space_delimited_claims);
+                ctx.metadata
+                    .set(jwt::METADATA_NAMESPACE, key, Value::Struct(payload));
+            }
+        }
+        Ok(false)
+    }
+
+    async fn run_rbac(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        facts: &ConnFacts,
+        r: &HttpRbac,
+        per_route: Option<&PerRoute>,
+    ) -> Result<bool> {
+        let config = match per_route {
+            Some(PerRoute::Disabled) => return Ok(false),
+            Some(PerRoute::Override(c)) => c.as_ref(),
+            None => r.config.as_ref(),
+        };
+        let (allowed, policy) = {
+            let req = session.req_header();
+            let v = view(req);
+            let peer = facts.peer_principal.as_deref();
+            let fs: [(&str, &str); 1];
+            let filter_state: &[(&str, &str)] = match peer {
+                Some(p) => {
+                    fs = [(PEER_PRINCIPAL_KEY, p)];
+                    &fs
+                }
+                None => &[],
+            };
+            let input = Input {
+                headers: &v,
+                local: facts.local,
+                direct_remote: facts.remote,
+                remote: forwarded::final_remote(
+                    &req.headers,
+                    facts.remote.ip(),
+                    facts.hcm.use_remote_address,
+                    facts.hcm.xff_num_trusted_hops,
+                ),
+                sni: "",
+                peer_principal: peer,
+                filter_state,
+                metadata: &ctx.metadata,
+            };
+            let d = config.decide(&input);
+            r.stats.count(&self.shared.stats, &d);
+            let mut md = std::mem::take(&mut ctx.metadata);
+            // Recording allocates (keys, ids): only when there is something to record.
+            if d.shadow.is_some() || d.enforced.is_some_and(|v| v.policy.is_some()) {
+                config.record(&d, RBAC_NAMESPACE, &mut md);
+            }
+            let out = (
+                d.allowed,
+                d.enforced.and_then(|v| v.policy).map(str::to_owned),
+            );
+            ctx.metadata = md;
+            out
+        };
+        if allowed {
+            return Ok(false);
+        }
+        tracing::debug!(policy = ?policy, "RBAC denied the request");
+        self.fail(session, ctx, Failure::RbacDenied).await
+    }
+}
