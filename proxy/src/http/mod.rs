@@ -404,6 +404,13 @@ impl ProxyHttp for Router {
             if line.contains(&b'#') {
                 return self.fail(session, ctx, Failure::InvalidUrl).await;
             }
+            match path::check_target(line) {
+                path::Target::Ok => {}
+                path::Target::Invalid => return self.fail(session, ctx, Failure::BadRequest).await,
+                // Envoy's connection manager only routes paths starting with '/': `*` gets a 404
+                // before any filter runs.
+                path::Target::Asterisk => return self.fail(session, ctx, Failure::NoRoute).await,
+            }
         }
         // Absolute-form target (`GET http://host/path`): route on its authority and path.
         if let Some((auth, path)) = path::split_absolute_form(session.req_header().raw_path()) {
