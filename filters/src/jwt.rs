@@ -463,12 +463,10 @@ fn extract(locations: &[Location], src: &TokenSource<'_>) -> Option<(String, Loc
     None
 }
 
-/// Envoy takes the run of base64url characters and dots after the prefix.
+/// The token after the prefix: leading spaces skipped, up to the next space or comma.
 fn token_chars(v: &str) -> Option<String> {
-    let is_tok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '=');
-    let start = v.find(is_tok)?;
-    let rest = &v[start..];
-    let end = rest.find(|c: char| !is_tok(c)).unwrap_or(rest.len());
+    let rest = v.trim_start();
+    let end = rest.find([' ', ',', '\t']).unwrap_or(rest.len());
     Some(rest[..end].to_owned())
 }
 
@@ -518,6 +516,9 @@ fn parse(token: &str) -> Result<Parsed<'_>, Failure> {
     else {
         return Err(Failure::BadFormat);
     };
+    if h.is_empty() || p.is_empty() || s.is_empty() {
+        return Err(Failure::BadFormat);
+    }
     let header = b64(h).ok_or(Failure::HeaderBadBase64)?;
     let header: serde_json::Value =
         serde_json::from_slice(&header).map_err(|_| Failure::HeaderBadJson)?;
@@ -677,6 +678,26 @@ pub fn claim_header_value(
             .or_else(|| n.as_f64().map(|f| f.to_string())),
         _ => None,
     }
+}
+
+/// The query without the parameter `name`, re-serialised the way Envoy's jwt_authn does it when
+/// it removes a token: parameters decoded, sorted by name, written as `k=v` without re-encoding
+/// (so `%26` comes out as a raw `&`). `None` when nothing is left.
+pub fn query_without(query: &str, name: &str) -> Option<String> {
+    let mut params: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        params
+            .entry(percent_decode(k))
+            .or_default()
+            .push(percent_decode(v));
+    }
+    params.remove(name);
+    let out: Vec<String> = params
+        .iter()
+        .flat_map(|(k, vs)| vs.iter().map(move |v| format!("{k}={v}")))
+        .collect();
+    (!out.is_empty()).then(|| out.join("&"))
 }
 
 /// `forward_payload_header` value: the payload segment, padded on request.

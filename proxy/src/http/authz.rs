@@ -124,10 +124,24 @@ impl Router {
                 continue;
             };
             let req = session.req_header_mut();
-            if !p.forward
-                && let jwt::Location::Header(name, _) = &v.location
-            {
-                req.remove_header(name);
+            if !p.forward {
+                match &v.location {
+                    jwt::Location::Header(name, _) => {
+                        req.remove_header(name);
+                    }
+                    jwt::Location::Param(name) => {
+                        let raw = String::from_utf8_lossy(req.raw_path()).into_owned();
+                        if let Some((path, query)) = raw.split_once('?') {
+                            let new = match jwt::query_without(query, name) {
+                                Some(q) => format!("{path}?{q}"),
+                                None => path.to_owned(),
+                            };
+                            req.set_raw_path(new.as_bytes())?;
+                        }
+                    }
+                    // Envoy leaves cookies alone.
+                    jwt::Location::Cookie(_) => {}
+                }
             }
             if let Some(h) = &p.forward_payload_header {
                 let value = jwt::forwarded_payload(v, p.pad_forward_payload_header);
