@@ -408,3 +408,176 @@ fn value_matcher(v: &m::ValueMatcher, path: &Path, depth: usize) -> Result<Value
         None => return err(path, ErrorKind::Required),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use pingsail_filters::metadata::{DynamicMetadata, Value};
+    use pingsail_filters::rbac::Input;
+    use pingsail_filters::route::RequestView;
+    use prost::Message as _;
+
+    const DUMP: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/reference/istio/configdumps/istioctl-authz/sidecar-listeners-configdump.json"
+    );
+
+    /// Every RBAC filter config (name, type, JSON) in the reference sidecar dump.
+    fn rbac_configs() -> Vec<(String, serde_json::Value)> {
+        fn walk(v: &serde_json::Value, out: &mut Vec<(String, serde_json::Value)>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    let name = m.get("name").and_then(|n| n.as_str()).unwrap_or("");
+                    if name == "envoy.filters.http.rbac" || name == "envoy.filters.network.rbac" {
+                        let mut tc = m["typed_config"].clone();
+                        tc.as_object_mut().unwrap().remove("@type");
+                        out.push((name.to_owned(), tc));
+                        return;
+                    }
+                    m.values().for_each(|x| walk(x, out));
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+                _ => {}
+            }
+        }
+        let dump: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(DUMP).unwrap()).unwrap();
+        let mut out = Vec::new();
+        walk(&dump, &mut out);
+        out
+    }
+
+    fn decode<M: prost::Message + Default>(full: &str, json: &serde_json::Value) -> M {
+        let d = crate::xds::json::dynamic_from_json(full, json).unwrap();
+        M::decode(d.encode_to_vec().as_slice()).unwrap()
+    }
+
+    fn input<'a>(
+        view: &'a RequestView<'a>,
+        peer: Option<&'a str>,
+        fs: &'a [(&'a str, &'a str)],
+        md: &'a DynamicMetadata,
+    ) -> Input<'a, RequestView<'a>> {
+        Input {
+            headers: view,
+            local: "10.244.0.7:8080".parse().unwrap(),
+            direct_remote: "10.244.0.9:41000".parse().unwrap(),
+            remote: "10.244.0.9".parse().unwrap(),
+            sni: "",
+            peer_principal: peer,
+            filter_state: fs,
+            metadata: md,
+        }
+    }
+
+    /// The AuthorizationPolicies istiod compiled into the reference sidecar load, and enforce what
+    /// they say: `httpbin` allows GET /info* and POST /data only to the sleep service account
+    /// with a Google-issued JWT; TCP chains get `rules: {}` (deny all); the ext-authz policy is a
+    /// DENY shadow that only tags requests.
+    #[test]
+    fn reference_dump_policies_load_and_enforce() {
+        let configs = rbac_configs();
+        assert_eq!(configs.len(), 13, "{configs:#?}");
+        let mut http = Vec::new();
+        for (name, json) in &configs {
+            let p = Path::root(name.as_str());
+            if name == "envoy.filters.http.rbac" {
+                let r: http_rbac::Rbac = decode("envoy.extensions.filters.http.rbac.v3.RBAC", json);
+                http.push(http_rbac(&r, &p).unwrap());
+            } else {
+                let r: net_rbac::Rbac =
+                    decode("envoy.extensions.filters.network.rbac.v3.RBAC", json);
+                let (cfg, prefix) = network_rbac(&r, &p).unwrap();
+                assert_eq!(prefix, "tcp.");
+                let md = DynamicMetadata::default();
+                let view_headers = http::HeaderMap::new();
+                let v = RequestView {
+                    path: "/",
+                    method: "GET",
+                    authority: "",
+                    scheme: "http",
+                    headers: &view_headers,
+                    is_grpc: false,
+                    random: 0,
+                };
+                let sleep = "spiffe://cluster.local/ns/default/sa/sleep";
+                let fs = [("io.istio.peer_principal", sleep)];
+                assert!(!cfg.decide(&input(&v, Some(sleep), &fs, &md)).allowed);
+            }
+        }
+        let enforced = http.iter().find(|c| c.rules.is_some()).unwrap();
+        let shadow = http.iter().find(|c| c.shadow.is_some()).unwrap();
+
+        let headers = http::HeaderMap::new();
+        let view = |method: &'static str, path: &'static str| RequestView {
+            path,
+            method,
+            authority: "httpbin:8000",
+            scheme: "http",
+            headers: &headers,
+            is_grpc: false,
+            random: 0,
+        };
+        let sleep = "spiffe://cluster.local/ns/default/sa/sleep";
+        let fs = [("io.istio.peer_principal", sleep)];
+        let mut md = DynamicMetadata::default();
+        let mut claims = pingsail_filters::metadata::Struct::new();
+        claims.insert(
+            "iss".into(),
+            Value::List(vec![Value::String("https://accounts.google.com".into())]),
+        );
+        md.set("istio_authn", "request.auth.claims", Value::Struct(claims));
+        let none = DynamicMetadata::default();
+
+        let get_info = view("GET", "/info/x?y=1");
+        let allowed = enforced.decide(&input(&get_info, Some(sleep), &fs, &md));
+        assert!(allowed.allowed);
+        assert_eq!(
+            allowed.enforced.and_then(|v| v.policy),
+            Some("ns[default]-policy[httpbin]-rule[0]")
+        );
+        // Plaintext (no peer identity), no JWT, wrong method or path: denied.
+        assert!(!enforced.decide(&input(&get_info, None, &[], &md)).allowed);
+        assert!(
+            !enforced
+                .decide(&input(&get_info, Some(sleep), &fs, &none))
+                .allowed
+        );
+        let post_info = view("POST", "/info");
+        assert!(
+            !enforced
+                .decide(&input(&post_info, Some(sleep), &fs, &md))
+                .allowed
+        );
+        let post_data = view("POST", "/data");
+        assert!(
+            enforced
+                .decide(&input(&post_data, Some(sleep), &fs, &md))
+                .allowed
+        );
+        let other = "spiffe://cluster.local/ns/prod/sa/web";
+        let other_fs = [("io.istio.peer_principal", other)];
+        assert!(
+            !enforced
+                .decide(&input(&get_info, Some(other), &other_fs, &md))
+                .allowed
+        );
+
+        // The CUSTOM (ext_authz) shadow policy never blocks; it tags matching requests.
+        let d = shadow.decide(&input(&get_info, Some(sleep), &fs, &md));
+        assert!(d.allowed);
+        assert_eq!(d.shadow.map(|v| v.allowed), Some(false));
+        let mut out = DynamicMetadata::default();
+        shadow.record(&d, "envoy.filters.http.rbac", &mut out);
+        assert_eq!(
+            out.lookup(
+                "envoy.filters.http.rbac",
+                &["istio_ext_authz_shadow_effective_policy_id"]
+            ),
+            Some(&Value::String(
+                "istio-ext-authz-ns[default]-policy[ext-authz]-rule[0]".into()
+            ))
+        );
+    }
+}
