@@ -53,15 +53,25 @@ pub struct RbacStats {
 }
 
 impl RbacStats {
-    /// Counters under `prefix` (ending in '.', or empty) + `rbac.`.
+    /// Counters named as Envoy 1.40 names them (checked against its `/stats`):
+    /// `<prefix>.rbac.[<rules_prefix>.]allowed` and
+    /// `<prefix>.rbac.[<shadow_prefix>.]shadow_allowed`.
     pub fn new(prefix: &str, rules_prefix: &str, shadow_prefix: &str) -> RbacStats {
-        let base = format!("{prefix}rbac.");
+        let join = |p: &str| {
+            if p.is_empty() || p.ends_with('.') {
+                p.to_owned()
+            } else {
+                format!("{p}.")
+            }
+        };
+        let base = format!("{}rbac.", join(prefix));
+        let (rules, shadow) = (join(rules_prefix), join(shadow_prefix));
         RbacStats {
             names: [
-                format!("{base}{rules_prefix}allowed"),
-                format!("{base}{rules_prefix}denied"),
-                format!("{base}{shadow_prefix}shadow_allowed"),
-                format!("{base}{shadow_prefix}shadow_denied"),
+                format!("{base}{rules}allowed"),
+                format!("{base}{rules}denied"),
+                format!("{base}{shadow}shadow_allowed"),
+                format!("{base}{shadow}shadow_denied"),
             ],
             resolved: OnceLock::new(),
         }
@@ -114,6 +124,25 @@ pub struct NetworkRbac {
     pub config: RbacConfig,
     /// Its counters (`<stat_prefix>rbac.*`).
     pub stats: RbacStats,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_names_as_envoy() {
+        let s = RbacStats::new("http.inbound_x.", "myrules_", "istio_dry_run_allow_");
+        assert_eq!(s.names[0], "http.inbound_x.rbac.myrules_.allowed");
+        assert_eq!(
+            s.names[3],
+            "http.inbound_x.rbac.istio_dry_run_allow_.shadow_denied"
+        );
+        let s = RbacStats::new("tcp.", "", "");
+        assert_eq!(s.names[1], "tcp.rbac.denied");
+        assert_eq!(s.names[2], "tcp.rbac.shadow_allowed");
+        assert_eq!(RbacStats::new("tcp", "", "").names[0], "tcp.rbac.allowed");
+    }
 }
 
 /// What the network filter sees of a connection.
