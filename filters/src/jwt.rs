@@ -47,6 +47,8 @@ pub enum Failure {
     AudienceNotAllowed,
     /// No key in the JWKS fits the token's `kid` / `alg`.
     KidAlgMismatch,
+    /// The remote JWKS could not be fetched.
+    JwksFetchFailed,
     /// The signature does not verify.
     VerificationFails,
 }
@@ -79,6 +81,7 @@ impl Failure {
             Failure::UnknownIssuer => "Jwt issuer is not configured",
             Failure::AudienceNotAllowed => "Audiences in Jwt are not allowed",
             Failure::KidAlgMismatch => "Jwks doesn't have key to match kid or alg from Jwt",
+            Failure::JwksFetchFailed => "Jwks remote fetch is failed",
             Failure::VerificationFails => "Jwt verification fails",
         }
     }
@@ -188,6 +191,77 @@ pub fn parse_jwks(doc: &str) -> Result<Vec<Key>, String> {
     Ok(out)
 }
 
+/// A provider's key source.
+#[derive(Debug, Clone)]
+pub enum Jwks {
+    /// `local_jwks`
+    Local(Vec<Key>),
+    /// `remote_jwks`, fetched by the proxy and cached here.
+    Remote(std::sync::Arc<RemoteJwks>),
+}
+
+/// `remote_jwks`: where to fetch, and the cached keys.
+#[derive(Debug)]
+pub struct RemoteJwks {
+    /// `http_uri.uri`
+    pub uri: String,
+    /// `http_uri.cluster`
+    pub cluster: String,
+    /// `http_uri.timeout`
+    pub timeout: std::time::Duration,
+    /// `cache_duration` (default 10 min)
+    pub cache_duration: std::time::Duration,
+    /// `retry_policy.num_retries` (0 without a retry policy)
+    pub num_retries: u32,
+    cache: parking_lot::RwLock<Option<(std::time::Instant, std::sync::Arc<Vec<Key>>)>>,
+}
+
+impl RemoteJwks {
+    /// A source with an empty cache.
+    pub fn new(
+        uri: String,
+        cluster: String,
+        timeout: std::time::Duration,
+        cache_duration: std::time::Duration,
+        num_retries: u32,
+    ) -> RemoteJwks {
+        RemoteJwks {
+            uri,
+            cluster,
+            timeout,
+            cache_duration,
+            num_retries,
+            cache: parking_lot::RwLock::new(None),
+        }
+    }
+
+    /// Keys fetched less than `cache_duration` ago.
+    pub fn keys(&self, now: std::time::Instant) -> Option<std::sync::Arc<Vec<Key>>> {
+        let c = self.cache.read();
+        let (at, keys) = c.as_ref()?;
+        (now.saturating_duration_since(*at) < self.cache_duration).then(|| keys.clone())
+    }
+
+    /// Caches a fetched JWKS document; `Err` if it is not a JWKS.
+    pub fn store(&self, doc: &str, now: std::time::Instant) -> Result<(), String> {
+        let keys = parse_jwks(doc)?;
+        *self.cache.write() = Some((now, std::sync::Arc::new(keys)));
+        Ok(())
+    }
+
+    /// The path-and-query of `uri` and its authority.
+    pub fn target(&self) -> (&str, &str) {
+        let rest = self
+            .uri
+            .split_once("://")
+            .map_or(self.uri.as_str(), |(_, r)| r);
+        match rest.find('/') {
+            Some(i) => (&rest[i..], &rest[..i]),
+            None => ("/", rest),
+        }
+    }
+}
+
 /// A compiled `JwtProvider`.
 #[derive(Debug, Clone)]
 pub struct Provider {
@@ -197,8 +271,8 @@ pub struct Provider {
     pub issuer: String,
     /// `audiences` (empty = any)
     pub audiences: Vec<String>,
-    /// The JWKS keys.
-    pub keys: Vec<Key>,
+    /// Where the keys come from.
+    pub jwks: Jwks,
     /// Token locations (the defaults when none are configured).
     pub locations: Vec<Location>,
     /// `forward`
@@ -601,7 +675,17 @@ fn verify(
     }
     // Key and signature.
     let family = family_of(t.alg);
-    let candidates = p.keys.iter().filter(|k| {
+    let remote_keys;
+    let keys: &[Key] = match &p.jwks {
+        Jwks::Local(k) => k,
+        Jwks::Remote(r) => {
+            remote_keys = r
+                .keys(std::time::Instant::now())
+                .ok_or(Failure::JwksFetchFailed)?;
+            &remote_keys
+        }
+    };
+    let candidates = keys.iter().filter(|k| {
         k.family == family
             && k.alg.is_none_or(|a| a == t.alg)
             && (t.kid.is_none() || k.kid.is_none() || k.kid == t.kid)

@@ -94,6 +94,42 @@ fn claims(sub: &str, extra: Value) -> Value {
     c
 }
 
+/// A JWKS endpoint for `remote_jwks`: answers every request on every connection with `doc`.
+async fn serve_jwks(doc: String) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let doc = doc.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{doc}",
+                            doc.len()
+                        );
+                        if s.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_authn() {
     let (e256, e384, edk, rsak) = (ec("ec256", false), ec("ec384", true), ed("ed"), rsa("rsa"));
@@ -181,9 +217,14 @@ async fn jwt_authn() {
         format!("{}.bm9wZQ.c2ln", b64u(br#"{"alg":"ES256","kid":"ec256"}"#)),
     );
 
+    let jwks_port = serve_jwks(jwks.clone()).await;
+
     let path = scenario_path("jwt_authn.tmpl");
     let mut text = std::fs::read_to_string(&path).unwrap();
-    text = text.replace("{{jwks}}", &jwks).replace("{{jwks2}}", &jwks2);
+    text = text
+        .replace("{{jwks}}", &jwks)
+        .replace("{{jwks2}}", &jwks2)
+        .replace("{{jwks_port}}", &jwks_port.to_string());
     for (name, token) in &t {
         text = text.replace(&format!("{{{{token.{name}}}}}"), token);
     }

@@ -76,7 +76,7 @@ fn provider(signers: &[&Signer]) -> Provider {
         name: "origins-0".into(),
         issuer: "https://issuer.example".into(),
         audiences: vec![],
-        keys: parse_jwks(&jwks.to_string()).unwrap(),
+        jwks: Jwks::Local(parse_jwks(&jwks.to_string()).unwrap()),
         locations: Provider::default_locations(),
         forward: false,
         forward_payload_header: None,
@@ -303,4 +303,32 @@ fn custom_locations() {
         check(&cfg, &Requirement::Provider(0), &bearer(&t), None).unwrap_err(),
         Failure::Missing
     );
+}
+
+#[test]
+fn remote_jwks_cache() {
+    let ec = es256();
+    let r = std::sync::Arc::new(RemoteJwks::new(
+        "http://jwks.example:8080/keys?x=1".into(),
+        "outbound|8080||jwks.example".into(),
+        std::time::Duration::from_secs(5),
+        std::time::Duration::from_secs(300),
+        0,
+    ));
+    assert_eq!(r.target(), ("/keys?x=1", "jwks.example:8080"));
+    let mut p = provider(&[&ec]);
+    p.jwks = Jwks::Remote(r.clone());
+    let cfg = config(p);
+    let token = ec.mint(good_claims());
+    let req = Requirement::Provider(0);
+    assert_eq!(
+        check(&cfg, &req, &bearer(&token), None).unwrap_err(),
+        Failure::JwksFetchFailed
+    );
+    let doc = serde_json::json!({"keys": [ec.jwk.clone()]}).to_string();
+    r.store(&doc, std::time::Instant::now()).unwrap();
+    assert!(check(&cfg, &req, &bearer(&token), None).is_ok());
+    let later = std::time::Instant::now() + std::time::Duration::from_secs(301);
+    assert!(r.keys(later).is_none(), "expired after cache_duration");
+    assert!(r.store("not json", later).is_err());
 }

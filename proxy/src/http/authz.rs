@@ -6,12 +6,17 @@ use super::error::Failure;
 use super::{ConnFacts, RequestCtx, Router, authority, forwarded, is_grpc};
 use crate::authz::{HttpAuthz, HttpJwt, HttpRbac, PEER_PRINCIPAL_KEY};
 use http::{HeaderName, HeaderValue};
+use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::Result;
 use pingora_proxy::Session;
-use pingsail_filters::jwt::{self, TokenSource};
+use pingsail_filters::jwt::{self, RemoteJwks, TokenSource};
 use pingsail_filters::metadata::Value;
 use pingsail_filters::rbac::{Input, PerRoute};
 use pingsail_filters::route::{PerFilterAuthz, RequestView, RouteTable};
+use std::time::Instant;
+
+/// Largest JWKS document we accept.
+const MAX_JWKS_BYTES: usize = 1 << 20;
 
 /// Dynamic metadata namespace of the HTTP RBAC filter.
 const RBAC_NAMESPACE: &str = "envoy.filters.http.rbac";
@@ -76,6 +81,14 @@ impl Router {
         per_route: Option<&jwt::PerRoute>,
     ) -> Result<bool> {
         let cfg = &j.config;
+        // Remote JWKS: fetch (through its cluster) when nothing fresh is cached.
+        for p in &cfg.providers {
+            if let jwt::Jwks::Remote(r) = &p.jwks
+                && r.keys(Instant::now()).is_none()
+            {
+                self.fetch_jwks(r).await;
+            }
+        }
         let outcome = {
             let req = session.req_header();
             let v = view(req);
@@ -161,6 +174,49 @@ impl Router {
             }
         }
         Ok(false)
+    }
+
+    /// Fetches a remote JWKS through its cluster (plain HTTP/1.1 GET, `http_uri.timeout` per
+    /// attempt, `retry_policy.num_retries` retries) and caches it; on failure nothing is cached
+    /// and tokens of that provider fail with `Jwks remote fetch is failed`.
+    async fn fetch_jwks(&self, r: &RemoteJwks) {
+        let Some(cluster) = self.shared.clusters.get(&r.cluster) else {
+            tracing::debug!(cluster = %r.cluster, "jwt_authn: JWKS cluster not found");
+            return;
+        };
+        let (path, host) = r.target();
+        for _ in 0..=r.num_retries {
+            let attempt = async {
+                let picked = cluster.pick(None, &[], 1, None)?;
+                let mut peer = HttpPeer::new(picked.addr, false, String::new());
+                peer.options.connection_timeout = Some(cluster.config.connect_timeout);
+                let connector = &self.shared.mirror_connector;
+                let (mut session, _) = connector.get_http_session(&peer).await.ok()?;
+                let mut req =
+                    pingora_http::RequestHeader::build("GET", path.as_bytes(), None).ok()?;
+                req.insert_header(http::header::HOST, host).ok()?;
+                session.write_request_header(Box::new(req)).await.ok()?;
+                session.finish_request_body().await.ok()?;
+                session.read_response_header().await.ok()?;
+                let ok = session.response_header().is_some_and(|h| h.status == 200);
+                let mut body = Vec::new();
+                while let Ok(Some(chunk)) = session.read_response_body().await {
+                    if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                        return None;
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                connector.release_http_session(session, &peer, None).await;
+                ok.then_some(body)
+            };
+            if let Ok(Some(body)) = pingora_timeout::timeout(r.timeout, attempt).await
+                && r.store(&String::from_utf8_lossy(&body), Instant::now())
+                    .is_ok()
+            {
+                return;
+            }
+        }
+        tracing::debug!(uri = %r.uri, "jwt_authn: JWKS fetch failed");
     }
 
     async fn run_rbac(

@@ -6,11 +6,12 @@ use super::route::route_match;
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3 as pb;
 use pingsail_filters::jwt::{
-    JwtConfig, Location, PerRoute, Provider, Requirement, RuleRequirement, parse_jwks,
+    Jwks, JwtConfig, Location, PerRoute, Provider, RemoteJwks, Requirement, RuleRequirement,
+    parse_jwks,
 };
+use std::sync::Arc;
+use std::time::Duration;
 
-const REMOTE_JWKS: &str =
-    "remote JWKS fetching: authorization issue (istiod inlines JWKS by default)";
 const MAX_DEPTH: usize = 32;
 
 /// Translates the filter configuration.
@@ -197,19 +198,22 @@ fn provider(name: &str, p: &pb::JwtProvider, path: &Path) -> Result<Provider> {
             "claim_to_headers",
             "clear_route_cache",
             "local_jwks",
+            "remote_jwks",
         ],
-        &[("remote_jwks", REMOTE_JWKS)],
+        &[],
     )?;
     use pb::jwt_provider::JwksSourceSpecifier as J;
     let jwks = match &p.jwks_source_specifier {
-        Some(J::LocalJwks(ds)) => data_source(ds, &path.field("local_jwks"))?,
-        Some(J::RemoteJwks(_)) => {
-            return err(&path.field("remote_jwks"), ErrorKind::NotYet(REMOTE_JWKS));
+        Some(J::LocalJwks(ds)) => {
+            let doc = data_source(ds, &path.field("local_jwks"))?;
+            // Envoy accepts a provider whose JWKS does not parse (every token then fails).
+            Jwks::Local(parse_jwks(&doc).unwrap_or_default())
+        }
+        Some(J::RemoteJwks(r)) => {
+            Jwks::Remote(Arc::new(remote_jwks(r, &path.field("remote_jwks"))?))
         }
         None => return err(&path.field("local_jwks"), ErrorKind::Required),
     };
-    // Envoy accepts a provider whose JWKS does not parse (every token then fails); so do we.
-    let keys = parse_jwks(&jwks).unwrap_or_default();
     let mut locations = Vec::new();
     for (i, h) in p.from_headers.iter().enumerate() {
         let hp = path.at("from_headers", i);
@@ -253,7 +257,7 @@ fn provider(name: &str, p: &pb::JwtProvider, path: &Path) -> Result<Provider> {
         name: name.to_owned(),
         issuer: p.issuer.clone(),
         audiences: p.audiences.clone(),
-        keys,
+        jwks,
         locations,
         forward: p.forward,
         forward_payload_header: match p.forward_payload_header.as_str() {
@@ -272,6 +276,70 @@ fn provider(name: &str, p: &pb::JwtProvider, path: &Path) -> Result<Provider> {
         },
         require_expiration: p.require_expiration,
     })
+}
+
+fn remote_jwks(r: &pb::RemoteJwks, path: &Path) -> Result<RemoteJwks> {
+    only(
+        r,
+        path,
+        &["http_uri", "cache_duration", "async_fetch", "retry_policy"],
+        &[],
+    )?;
+    let Some(u) = &r.http_uri else {
+        return err(&path.field("http_uri"), ErrorKind::Required);
+    };
+    let up = path.field("http_uri");
+    only(u, &up, &["uri", "cluster", "timeout"], &[])?;
+    use core::http_uri::HttpUpstreamType as U;
+    let cluster = match &u.http_upstream_type {
+        Some(U::Cluster(c)) if !c.is_empty() => c.clone(),
+        _ => return err(&up.field("cluster"), ErrorKind::Required),
+    };
+    if !(u.uri.starts_with("http://") || u.uri.starts_with("https://")) {
+        return invalid(&up.field("uri"), format!("not an http(s) URI: '{}'", u.uri));
+    }
+    if u.uri.starts_with("https://") {
+        return err(
+            &up.field("uri"),
+            ErrorKind::NotYet("TLS to upstreams: mTLS issue"),
+        );
+    }
+    let timeout = match &u.timeout {
+        Some(t) => duration(t, &up.field("timeout"))?,
+        None => return err(&up.field("timeout"), ErrorKind::Required),
+    };
+    let cache_duration = match &r.cache_duration {
+        Some(d) => duration(d, &path.field("cache_duration"))?,
+        None => Duration::from_secs(600),
+    };
+    if let Some(a) = &r.async_fetch {
+        // Fetching on first use instead of at start-up: the request waits for the fetch.
+        only(
+            a,
+            &path.field("async_fetch"),
+            &["fast_listener", "failed_refetch_duration"],
+            &[],
+        )?;
+    }
+    let num_retries = match &r.retry_policy {
+        Some(rp) => {
+            only(
+                rp,
+                &path.field("retry_policy"),
+                &["num_retries", "retry_back_off"],
+                &[],
+            )?;
+            rp.num_retries.as_ref().map_or(1, |n| n.value)
+        }
+        None => 0,
+    };
+    Ok(RemoteJwks::new(
+        u.uri.clone(),
+        cluster,
+        timeout,
+        cache_duration,
+        num_retries,
+    ))
 }
 
 fn data_source(ds: &core::DataSource, path: &Path) -> Result<String> {
