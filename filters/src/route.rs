@@ -372,12 +372,21 @@ pub struct PerFilterAuthz {
     pub rbac: Vec<(ArcStr, crate::rbac::PerRoute)>,
     /// jwt_authn `PerRouteConfig` by filter name.
     pub jwt: Vec<(ArcStr, crate::jwt::PerRoute)>,
+    /// ext_authz filters disabled by `ExtAuthzPerRoute.disabled`, by filter name.
+    pub ext_authz_disabled: Vec<ArcStr>,
 }
 
 impl PerFilterAuthz {
     /// The RBAC override for the filter named `name`.
     pub fn rbac(&self, name: &str) -> Option<&crate::rbac::PerRoute> {
         self.rbac.iter().find(|(n, _)| n == name).map(|(_, p)| p)
+    }
+    /// Whether the ext_authz filter named `name` is disabled here (`None`: not configured here).
+    pub fn ext_authz_disabled(&self, name: &str) -> Option<bool> {
+        self.ext_authz_disabled
+            .iter()
+            .any(|n| n == name)
+            .then_some(true)
     }
     /// The jwt_authn override for the filter named `name`.
     pub fn jwt(&self, name: &str) -> Option<&crate::jwt::PerRoute> {

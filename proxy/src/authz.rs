@@ -21,6 +21,39 @@ pub enum HttpAuthz {
     Jwt(Arc<HttpJwt>),
     /// `envoy.filters.http.rbac`
     Rbac(Arc<HttpRbac>),
+    /// `envoy.filters.http.ext_authz` with an HTTP authorization service
+    ExtAuthz(Arc<HttpExtAuthz>),
+}
+
+/// `envoy.filters.http.ext_authz` (`http_service`) as configured.
+#[derive(Debug)]
+pub struct HttpExtAuthz {
+    /// The filter's name (per-route configs are keyed by it).
+    pub name: ArcStr,
+    /// `server_uri.cluster`
+    pub cluster: String,
+    /// `server_uri.timeout`
+    pub timeout: std::time::Duration,
+    /// `path_prefix`
+    pub path_prefix: String,
+    /// `authorization_request.allowed_headers` (`None`: every request header)
+    pub allowed_headers: Option<Vec<pingsail_filters::matcher::StringMatcher>>,
+    /// `authorization_request.headers_to_add`
+    pub headers_to_add: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// `authorization_response.allowed_upstream_headers`
+    pub upstream_headers: Vec<pingsail_filters::matcher::StringMatcher>,
+    /// `authorization_response.allowed_upstream_headers_to_append`
+    pub upstream_headers_append: Vec<pingsail_filters::matcher::StringMatcher>,
+    /// `authorization_response.allowed_client_headers` (`None`: every response header)
+    pub client_headers: Option<Vec<pingsail_filters::matcher::StringMatcher>>,
+    /// `failure_mode_allow`
+    pub failure_mode_allow: bool,
+    /// `failure_mode_allow_header_add`
+    pub failure_mode_allow_header_add: bool,
+    /// `status_on_error` (default 403)
+    pub status_on_error: u16,
+    /// `filter_enabled_metadata`
+    pub enabled_metadata: Option<pingsail_filters::metadata::MetadataMatcher>,
 }
 
 /// `envoy.filters.http.jwt_authn` as configured.

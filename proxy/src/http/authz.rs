@@ -4,7 +4,7 @@
 
 use super::error::Failure;
 use super::{ConnFacts, RequestCtx, Router, authority, forwarded, is_grpc};
-use crate::authz::{HttpAuthz, HttpJwt, HttpRbac, PEER_PRINCIPAL_KEY};
+use crate::authz::{HttpAuthz, HttpExtAuthz, HttpJwt, HttpRbac, PEER_PRINCIPAL_KEY};
 use http::{HeaderName, HeaderValue};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::Result;
@@ -64,6 +64,14 @@ impl Router {
                 HttpAuthz::Rbac(r) => {
                     let per_route = levels.iter().flatten().find_map(|l| l.rbac(&r.name));
                     self.run_rbac(session, ctx, facts, r, per_route).await?
+                }
+                HttpAuthz::ExtAuthz(e) => {
+                    let disabled = levels
+                        .iter()
+                        .flatten()
+                        .find_map(|l| l.ext_authz_disabled(&e.name))
+                        .unwrap_or(false);
+                    !disabled && self.run_ext_authz(session, ctx, e).await?
                 }
             };
             if denied {
@@ -217,6 +225,137 @@ impl Router {
             }
         }
         tracing::debug!(uri = %r.uri, "jwt_authn: JWKS fetch failed");
+    }
+
+    /// Asks the HTTP authorization service. `Ok(true)` = a local reply was sent.
+    async fn run_ext_authz(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        e: &HttpExtAuthz,
+    ) -> Result<bool> {
+        if let Some(m) = &e.enabled_metadata
+            && !m.matches(&ctx.metadata)
+        {
+            return Ok(false);
+        }
+        let check = {
+            let req = session.req_header();
+            let mut path = e.path_prefix.clone();
+            path.push_str(&String::from_utf8_lossy(req.raw_path()));
+            let mut out =
+                pingora_http::RequestHeader::build(req.method.as_str(), path.as_bytes(), None)?;
+            for (name, value) in req.headers.iter() {
+                let always = name == http::header::HOST || name == http::header::AUTHORIZATION;
+                let allowed = always
+                    || e.allowed_headers
+                        .as_ref()
+                        .is_none_or(|l| l.iter().any(|m| m.matches(name.as_str())));
+                if allowed
+                    && name != http::header::CONTENT_LENGTH
+                    && name != http::header::TRANSFER_ENCODING
+                {
+                    out.append_header(name.clone(), value.clone())?;
+                }
+            }
+            out.insert_header(http::header::CONTENT_LENGTH, "0")?;
+            // Envoy's async HTTP client marks the call as internal and announces its timeout.
+            out.insert_header("x-envoy-internal", "true")?;
+            out.insert_header(
+                "x-envoy-expected-rq-timeout-ms",
+                e.timeout.as_millis().to_string(),
+            )?;
+            for (n, v) in &e.headers_to_add {
+                out.insert_header(n.clone(), v.clone())?;
+            }
+            out
+        };
+        let answer = self.call_authz(e, check).await;
+        let Some((status, headers, body)) = answer.filter(|(s, _, _)| *s < 500) else {
+            if e.failure_mode_allow {
+                if e.failure_mode_allow_header_add {
+                    session
+                        .req_header_mut()
+                        .insert_header("x-envoy-auth-failure-mode-allowed", "true")?;
+                }
+                return Ok(false);
+            }
+            ctx.failure = Some(Failure::ExtAuthzDenied);
+            self.local_reply(session, ctx, e.status_on_error, b"", &[])
+                .await?;
+            return Ok(true);
+        };
+        let matches = |l: &[pingsail_filters::matcher::StringMatcher], n: &HeaderName| {
+            l.iter().any(|m| m.matches(n.as_str()))
+        };
+        if status == 200 {
+            let req = session.req_header_mut();
+            for (n, v) in headers.iter() {
+                if matches(&e.upstream_headers, n) {
+                    req.insert_header(n.clone(), v.clone())?;
+                } else if matches(&e.upstream_headers_append, n) {
+                    req.append_header(n.clone(), v.clone())?;
+                }
+            }
+            return Ok(false);
+        }
+        let extra: Vec<(HeaderName, HeaderValue)> = headers
+            .iter()
+            .filter(|(n, _)| {
+                !matches!(
+                    n.as_str(),
+                    "content-length"
+                        | "transfer-encoding"
+                        | "connection"
+                        | "date"
+                        | "server"
+                        | "content-type"
+                        | "keep-alive"
+                ) && e.client_headers.as_ref().is_none_or(|l| matches(l, n))
+            })
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        ctx.failure = Some(Failure::ExtAuthzDenied);
+        self.local_reply(session, ctx, status, &body, &extra)
+            .await?;
+        Ok(true)
+    }
+
+    /// One exchange with the authorization service: status, headers, body; `None` on a
+    /// transport failure or timeout.
+    async fn call_authz(
+        &self,
+        e: &HttpExtAuthz,
+        check: pingora_http::RequestHeader,
+    ) -> Option<(u16, http::HeaderMap, Vec<u8>)> {
+        let cluster = self.shared.clusters.get(&e.cluster)?;
+        let exchange = async {
+            let picked = cluster.pick(None, &[], 1, None)?;
+            let mut peer = HttpPeer::new(picked.addr, false, String::new());
+            peer.options.connection_timeout = Some(cluster.config.connect_timeout);
+            let connector = &self.shared.mirror_connector;
+            let (mut s, _) = connector.get_http_session(&peer).await.ok()?;
+            s.write_request_header(Box::new(check)).await.ok()?;
+            s.finish_request_body().await.ok()?;
+            s.read_response_header().await.ok()?;
+            let (status, headers) = {
+                let h = s.response_header()?;
+                (h.status.as_u16(), h.headers.clone())
+            };
+            let mut body = Vec::new();
+            while let Ok(Some(chunk)) = s.read_response_body().await {
+                if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                    return None;
+                }
+                body.extend_from_slice(&chunk);
+            }
+            connector.release_http_session(s, &peer, None).await;
+            Some((status, headers, body))
+        };
+        pingora_timeout::timeout(e.timeout, exchange)
+            .await
+            .ok()
+            .flatten()
     }
 
     async fn run_rbac(

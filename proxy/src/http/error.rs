@@ -46,6 +46,9 @@ pub enum Failure {
     RbacDenied,
     /// jwt_authn refused the request (its reply is written by the filter: status and body vary).
     JwtDenied,
+    /// ext_authz denied the request or the authorization service failed (reply written by the
+    /// filter).
+    ExtAuthzDenied,
 }
 
 impl Failure {
@@ -71,6 +74,7 @@ impl Failure {
             Failure::StreamIdleTimeoutUpstream => 504,
             Failure::RbacDenied => 403,
             Failure::JwtDenied => 401,
+            Failure::ExtAuthzDenied => 403,
         }
     }
 
@@ -105,6 +109,7 @@ impl Failure {
             Failure::RequestTimeout => "request timeout",
             Failure::RbacDenied => "RBAC: access denied",
             Failure::JwtDenied => "Jwt verification fails",
+            Failure::ExtAuthzDenied => "",
         }
     }
 
@@ -129,6 +134,7 @@ impl Failure {
             Failure::StreamIdleTimeout | Failure::StreamIdleTimeoutUpstream => "SI",
             Failure::RequestTimeout => "DT",
             Failure::RbacDenied | Failure::JwtDenied => "-",
+            Failure::ExtAuthzDenied => "UAEX",
         }
     }
 
@@ -163,6 +169,7 @@ impl Failure {
             // Envoy names the matched policy: rbac_access_denied_matched_policy[<id>].
             Failure::RbacDenied => "rbac_access_denied_matched_policy",
             Failure::JwtDenied => "jwt_authn_access_denied",
+            Failure::ExtAuthzDenied => "ext_authz_denied",
         }
     }
 

@@ -36,6 +36,7 @@ pub const ROOTS: &[&str] = &[
     "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
     "envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig",
     "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+    "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
     "envoy.extensions.filters.http.wasm.v3.Wasm",
     "envoy.extensions.filters.http.set_filter_state.v3.Config",
     "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",

@@ -24,7 +24,6 @@ use std::time::Duration;
 
 const CAPTURE: &str = "capture issue";
 const MTLS: &str = "mTLS issue";
-const AUTHZ: &str = "authorization issue";
 const RESILIENCE: &str = "resilience issue";
 const TELEMETRY: &str = "telemetry issue";
 
@@ -496,7 +495,10 @@ fn http_connection_manager(
                 )));
             }
             "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz" => {
-                return err(&tp, ErrorKind::NotYet(AUTHZ));
+                let e = unpack(&any, &tp)?;
+                authz.push(crate::authz::HttpAuthz::ExtAuthz(Arc::new(
+                    super::ext_authz::ext_authz(&e, &f.name, &tp)?,
+                )));
             }
             u if ACCEPTED_NOT_ENFORCED.contains(&u) => {}
             other => return err(&tp, ErrorKind::UnknownType(other.to_string())),

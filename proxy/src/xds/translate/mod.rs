@@ -4,6 +4,7 @@
 
 mod cluster;
 mod common;
+mod ext_authz;
 mod jwt;
 mod listener;
 mod rbac;

@@ -160,6 +160,12 @@ fn per_filter(
                     super::rbac::http_rbac_per_route(&r, &p)?,
                 ));
             }
+            "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute" => {
+                let r = unpack(any, &p)?;
+                if super::ext_authz::ext_authz_per_route(&r, &p)? {
+                    authz.ext_authz_disabled.push(name.as_str().into());
+                }
+            }
             "envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig" => {
                 let r = unpack(any, &p)?;
                 authz
