@@ -291,6 +291,35 @@ pub struct Provider {
     pub clock_skew: u64,
     /// `require_expiration`
     pub require_expiration: bool,
+    /// Tokens whose signature verified (Envoy's JWT cache, default 100 entries): the signature is
+    /// not checked again; issuer, time and audience checks still run on every request.
+    pub verified: std::sync::Arc<VerifiedCache>,
+}
+
+/// A bounded set of tokens (whole strings, not hashes) whose signature verified.
+#[derive(Debug, Default)]
+pub struct VerifiedCache(parking_lot::RwLock<std::collections::HashSet<Box<str>>>);
+
+/// Entries kept before the cache is emptied and refilled.
+const VERIFIED_CACHE_SIZE: usize = 100;
+
+impl VerifiedCache {
+    fn contains(&self, token: &str) -> bool {
+        self.0.read().contains(token)
+    }
+
+    fn insert(&self, token: &str) {
+        let mut set = self.0.write();
+        if set.len() >= VERIFIED_CACHE_SIZE {
+            set.clear();
+        }
+        set.insert(token.into());
+    }
+
+    /// Forgets everything (the keys changed).
+    pub fn clear(&self) {
+        self.0.write().clear();
+    }
 }
 
 impl Provider {
@@ -674,6 +703,9 @@ fn verify(
         }
     }
     // Key and signature.
+    if p.verified.contains(token) {
+        return Ok((t.payload_b64.to_owned(), t.payload));
+    }
     let family = family_of(t.alg);
     let remote_keys;
     let keys: &[Key] = match &p.jwks {
@@ -696,6 +728,7 @@ fn verify(
         if jsonwebtoken::crypto::verify(t.signature, t.signing_input.as_bytes(), &k.key, t.alg)
             .unwrap_or(false)
         {
+            p.verified.insert(token);
             return Ok((t.payload_b64.to_owned(), t.payload));
         }
     }

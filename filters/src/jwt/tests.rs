@@ -86,6 +86,7 @@ fn provider(signers: &[&Signer]) -> Provider {
         claim_to_headers: vec![],
         clock_skew: 60,
         require_expiration: false,
+        verified: Default::default(),
     }
 }
 
@@ -328,6 +329,26 @@ fn remote_jwks_cache() {
     let doc = serde_json::json!({"keys": [ec.jwk.clone()]}).to_string();
     r.store(&doc, std::time::Instant::now()).unwrap();
     assert!(check(&cfg, &req, &bearer(&token), None).is_ok());
+    // A cached token still goes through the time checks.
+    let mut expired = good_claims();
+    expired["exp"] = (NOW - 1000).into();
+    let old = ec.mint(expired);
+    assert_eq!(
+        cfg.check(
+            &req,
+            &TokenSource {
+                headers: &bearer(&old),
+                query: None,
+                now: NOW - 2000
+            }
+        )
+        .map(|v| v.len()),
+        Ok(1)
+    );
+    assert_eq!(
+        check(&cfg, &req, &bearer(&old), None).unwrap_err(),
+        Failure::Expired
+    );
     let later = std::time::Instant::now() + std::time::Duration::from_secs(301);
     assert!(r.keys(later).is_none(), "expired after cache_duration");
     assert!(r.store("not json", later).is_err());

@@ -95,6 +95,8 @@ impl Router {
                 && r.keys(Instant::now()).is_none()
             {
                 self.fetch_jwks(r).await;
+                // New keys: tokens verified with the old ones are checked again.
+                p.verified.clear();
             }
         }
         let outcome = {
