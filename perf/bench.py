@@ -129,15 +129,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+def http_get(url: str, timeout: float = 2.0, headers: list[str] | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url)
+    for h in headers or []:
+        k, v = h.split(":", 1)
+        req.add_header(k.strip(), v.strip())
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
 
 
-def wait_ready(p: subprocess.Popen, admin_port: int, listen_port: int, limit: float = 30.0) -> None:
+def wait_ready(p: subprocess.Popen, admin_port: int, listen_port: int, limit: float = 30.0,
+               headers: list[str] | None = None) -> None:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if p.poll() is not None:
@@ -145,7 +150,7 @@ def wait_ready(p: subprocess.Popen, admin_port: int, listen_port: int, limit: fl
         try:
             st, _ = http_get(f"http://127.0.0.1:{admin_port}/ready", timeout=1.0)
             if st == 200:
-                st, body = http_get(f"http://127.0.0.1:{listen_port}/", timeout=2.0)
+                st, body = http_get(f"http://127.0.0.1:{listen_port}/", timeout=2.0, headers=headers)
                 if st == 200:
                     return
         except OSError:
@@ -261,10 +266,19 @@ def proxy_cmd(name: str, bootstrap: Path, args) -> list[str]:
             "-l", "warning", "-c", str(bootstrap)]
 
 
-def phase_fixed(args, port: int, pid: int, nginx_pid: int, duration: float) -> dict:
+def variant_headers(variant: str) -> list[str]:
+    """Request headers a variant needs (the `authz` variant sends a JWT)."""
+    if variant == "authz":
+        return [f"authorization: Bearer {(PERF / 'authz-token.txt').read_text().strip()}"]
+    return []
+
+
+def phase_fixed(args, port: int, pid: int, nginx_pid: int, duration: float,
+                headers: list[str] | None = None) -> dict:
     c0, n0, g0, t0 = proc_cpu(pid), proc_cpu(nginx_pid), cpu_children(), time.monotonic()
+    extra = [a for h in (headers or []) for a in ("--header", h)]
     rc, out, _ = run_child([str(args.loadgen_bin), f"127.0.0.1:{port}", "--rate", str(args.rate),
-                            "--conns", str(args.conns), "--duration", str(duration)],
+                            "--conns", str(args.conns), "--duration", str(duration), *extra],
                            args.gen_cpus, timeout=duration + 60)
     wall = time.monotonic() - t0
     c1, n1, g1 = proc_cpu(pid), proc_cpu(nginx_pid), cpu_children()
@@ -281,9 +295,11 @@ def phase_fixed(args, port: int, pid: int, nginx_pid: int, duration: float) -> d
     return r
 
 
-def phase_wrk(args, port: int, pid: int, nginx_pid: int, duration: float) -> dict:
+def phase_wrk(args, port: int, pid: int, nginx_pid: int, duration: float,
+              headers: list[str] | None = None) -> dict:
     c0, n0, g0, t0 = proc_cpu(pid), proc_cpu(nginx_pid), cpu_children(), time.monotonic()
-    rc, out, _ = run_child(["wrk", "-t1", f"-c{args.conns}", f"-d{int(duration)}s", "--timeout", "5s",
+    extra = [a for h in (headers or []) for a in ("-H", h)]
+    rc, out, _ = run_child(["wrk", "-t1", f"-c{args.conns}", f"-d{int(duration)}s", "--timeout", "5s", *extra,
                             "-s", str(PERF / "wrk-report.lua"), f"http://127.0.0.1:{port}/"],
                            args.gen_cpus, timeout=duration + 60)
     wall = time.monotonic() - t0
@@ -312,21 +328,23 @@ def one_run(args, tmp: Path, name: str, variant: str, upstream_port: int, nginx_
     res["quiet_start"] = wait_quiet(args)
     p = start(proxy_cmd(name, bootstrap, args), logf, args.proxy_cpus)
     try:
-        wait_ready(p, ap, lp)
+        hdrs = variant_headers(variant)
+        wait_ready(p, ap, lp, headers=hdrs)
         pid = real_pid(p)
         # Response sanity: status and body size through the proxy.
-        st, body = http_get(f"http://127.0.0.1:{lp}/")
+        st, body = http_get(f"http://127.0.0.1:{lp}/", headers=hdrs)
         if st != 200 or len(body) != args.body_size:
             raise RuntimeError(f"{name}: bad response {st} len={len(body)}")
         time.sleep(args.settle)
         res["idle_rss_mib"] = round(proc_mem(pid)["VmRSS"], 2)
         # Warm-up (not measured): fills connection pools, caches.
         run_child([str(args.loadgen_bin), f"127.0.0.1:{lp}", "--rate", str(args.rate), "--conns",
-                   str(args.conns), "--duration", str(args.warmup)], args.gen_cpus, timeout=args.warmup + 30)
+                   str(args.conns), "--duration", str(args.warmup),
+                   *[a for h in hdrs for a in ("--header", h)]], args.gen_cpus, timeout=args.warmup + 30)
         res["quiet_fixed"] = wait_quiet(args)
-        res["fixed"] = phase_fixed(args, lp, pid, nginx_pid, args.fixed_duration)
+        res["fixed"] = phase_fixed(args, lp, pid, nginx_pid, args.fixed_duration, hdrs)
         res["quiet_wrk"] = wait_quiet(args)
-        res["wrk"] = phase_wrk(args, lp, pid, nginx_pid, args.wrk_duration)
+        res["wrk"] = phase_wrk(args, lp, pid, nginx_pid, args.wrk_duration, hdrs)
         res["peak_rss_mib"] = round(proc_mem(pid)["VmHWM"], 2)
         if p.poll() is not None:
             raise RuntimeError(f"{name} died during the run")

@@ -7,7 +7,10 @@
 
 pub mod cors;
 pub mod headers;
+pub mod jwt;
 pub mod matcher;
+pub mod metadata;
+pub mod rbac;
 pub mod retry;
 pub mod route;
 

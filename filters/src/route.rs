@@ -178,6 +178,8 @@ pub struct VirtualHost {
     pub retry_policy: Option<Arc<RetryPolicy>>,
     /// CORS policy (`typed_per_filter_config` for `envoy.filters.http.cors`, or the legacy field).
     pub cors: Option<Arc<CorsPolicy>>,
+    /// Per-route configs of the authorization filters (`typed_per_filter_config`).
+    pub authz: PerFilterAuthz,
     /// `include_request_attempt_count`: `x-envoy-attempt-count` on upstream requests.
     pub attempt_count_in_request: bool,
     /// `include_attempt_count_in_response`: `x-envoy-attempt-count` on responses.
@@ -358,6 +360,38 @@ pub struct Route {
     pub response_headers: HeaderOps,
     /// Per-route CORS policy, overriding the virtual host's.
     pub cors: Option<Arc<CorsPolicy>>,
+    /// Per-route configs of the authorization filters (`typed_per_filter_config`).
+    pub authz: PerFilterAuthz,
+}
+
+/// `typed_per_filter_config` entries of the authorization filters, keyed by filter name (a route's
+/// entry wins over its virtual host's).
+#[derive(Debug, Default, Clone)]
+pub struct PerFilterAuthz {
+    /// `RBACPerRoute` by filter name.
+    pub rbac: Vec<(ArcStr, crate::rbac::PerRoute)>,
+    /// jwt_authn `PerRouteConfig` by filter name.
+    pub jwt: Vec<(ArcStr, crate::jwt::PerRoute)>,
+    /// ext_authz filters disabled by `ExtAuthzPerRoute.disabled`, by filter name.
+    pub ext_authz_disabled: Vec<ArcStr>,
+}
+
+impl PerFilterAuthz {
+    /// The RBAC override for the filter named `name`.
+    pub fn rbac(&self, name: &str) -> Option<&crate::rbac::PerRoute> {
+        self.rbac.iter().find(|(n, _)| n == name).map(|(_, p)| p)
+    }
+    /// Whether the ext_authz filter named `name` is disabled here (`None`: not configured here).
+    pub fn ext_authz_disabled(&self, name: &str) -> Option<bool> {
+        self.ext_authz_disabled
+            .iter()
+            .any(|n| n == name)
+            .then_some(true)
+    }
+    /// The jwt_authn override for the filter named `name`.
+    pub fn jwt(&self, name: &str) -> Option<&crate::jwt::PerRoute> {
+        self.jwt.iter().find(|(n, _)| n == name).map(|(_, p)| p)
+    }
 }
 
 /// What a route does.

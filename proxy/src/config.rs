@@ -157,6 +157,8 @@ pub struct FilterChain {
     pub drain: Drain,
     /// `transport_socket` with a `DownstreamTlsContext`: the chain terminates TLS.
     pub tls: Option<Arc<crate::tls::DownstreamTls>>,
+    /// `envoy.filters.network.rbac` filters before the terminal filter, in order.
+    pub network_rbac: Vec<Arc<crate::authz::NetworkRbac>>,
 }
 
 /// A drain signal shared by every connection of one filter chain. When a listener update removes or
@@ -268,6 +270,8 @@ pub struct HttpConnectionManager {
     pub websocket: Option<bool>,
     /// The CORS filter is in the chain.
     pub cors_filter: bool,
+    /// jwt_authn and rbac HTTP filters, in chain order (they run before CORS and the router).
+    pub authz: Vec<crate::authz::HttpAuthz>,
     /// `access_log`
     pub access_logs: Vec<Arc<crate::access_log::AccessLog>>,
 }

@@ -7,6 +7,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod authz;
 pub mod cli;
 pub mod cluster;
 pub mod config;

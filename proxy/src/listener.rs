@@ -546,7 +546,7 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
         let Some(accepted) = accept_tls(&apps, tls, tcp, &listener, &offered).await else {
             return;
         };
-        let (alpn, peer_identity) = {
+        let (alpn, peer_principal) = {
             let conn = accepted.get_ref().1;
             (
                 conn.alpn_protocol().map(|a| a.to_vec()),
@@ -556,6 +556,15 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                     .map(arcstr::ArcStr::from),
             )
         };
+        let conn = crate::authz::ConnView {
+            remote,
+            local: dst,
+            sni: seen.server_name.as_deref().unwrap_or(""),
+            peer_principal: peer_principal.as_deref(),
+        };
+        if !crate::authz::network_allows(&chain.network_rbac, &apps.shared.stats, conn) {
+            return;
+        }
         match &chain.kind {
             ChainKind::Tcp(t) => {
                 tokio::select! {
@@ -575,7 +584,7 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                     remote,
                     local: dst,
                     original_dst,
-                    peer_identity,
+                    peer_principal,
                     tls: true,
                 });
                 let header = match ResponseHeader::build(200, Some(0)) {
@@ -594,6 +603,15 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                 }
             }
         }
+        return;
+    }
+    let conn = crate::authz::ConnView {
+        remote,
+        local: dst,
+        sni: "",
+        peer_principal: None,
+    };
+    if !crate::authz::network_allows(&chain.network_rbac, &apps.shared.stats, conn) {
         return;
     }
     match &chain.kind {
@@ -617,7 +635,7 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                 remote,
                 local: dst,
                 original_dst,
-                peer_identity: None,
+                peer_principal: None,
                 tls: false,
             });
             let mut stream = L4Stream::from(tcp);
@@ -695,6 +713,7 @@ mod tests {
             })),
             drain: Default::default(),
             tls: None,
+            network_rbac: vec![],
         })
     }
 

@@ -68,6 +68,8 @@ pub struct Stats {
     http: RwLock<BTreeMap<ArcStr, Arc<HttpStats>>>,
     cluster: RwLock<BTreeMap<ArcStr, Arc<ClusterStats>>>,
     tcp: RwLock<BTreeMap<ArcStr, Arc<TcpStats>>>,
+    /// Counters of filters with configurable names (RBAC …), by full name.
+    named: RwLock<BTreeMap<ArcStr, Arc<Counter>>>,
 }
 
 fn get_or_insert<T: Default>(map: &RwLock<BTreeMap<ArcStr, Arc<T>>>, key: &ArcStr) -> Arc<T> {
@@ -94,6 +96,11 @@ impl Stats {
     /// tcp_proxy counters.
     pub fn tcp(&self, prefix: &ArcStr) -> Arc<TcpStats> {
         get_or_insert(&self.tcp, prefix)
+    }
+
+    /// A counter by its full Envoy name (resolve once, keep the `Arc`).
+    pub fn counter(&self, name: &str) -> Arc<Counter> {
+        get_or_insert(&self.named, &ArcStr::from(name))
     }
 
     /// All counters as (name, value), sorted by name, in Envoy's naming.
@@ -128,6 +135,9 @@ impl Stats {
         }
         for (p, s) in self.tcp.read().iter() {
             out.push((format!("tcp.{p}.downstream_cx_total"), s.cx_total.get()));
+        }
+        for (n, c) in self.named.read().iter() {
+            out.push((n.to_string(), c.get()));
         }
         out.sort();
         out

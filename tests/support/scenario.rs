@@ -591,7 +591,12 @@ pub fn scenario_path(name: &str) -> std::path::PathBuf {
 /// Runs `tests/scenarios/{name}.yaml` with A = Envoy and B from `PINGSAIL_DIFF_B`; fails with
 /// the mismatch table if anything differs.
 pub async fn run_named(name: &str) -> Result<()> {
-    let scenario = Scenario::load(&scenario_path(name))?;
+    run_scenario(name, Scenario::load(&scenario_path(name))?).await
+}
+
+/// Runs an already loaded scenario (e.g. one whose file is a template filled in by the test)
+/// with A = Envoy and B from `PINGSAIL_DIFF_B`; fails with the mismatch table if anything differs.
+pub async fn run_scenario(name: &str, scenario: Scenario) -> Result<()> {
     let (a, b) = (ProxyUnderTest::Envoy, ProxyUnderTest::side_b_from_env()?);
     let mut mismatches = scenario.run(name, a, b).await?;
     if b == ProxyUnderTest::Pingsail {

@@ -26,6 +26,8 @@ scenario!(header_mutations);
 scenario!(cors);
 scenario!(clusters);
 scenario!(tcp_proxy);
+scenario!(rbac);
+scenario!(path_bypass);
 
 /// The harness must not pass vacuously: on real Envoy vs Envoy, comparing a random header by
 /// value and asserting a wrong upstream must both be reported.

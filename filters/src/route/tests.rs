@@ -11,6 +11,7 @@ fn vh(name: &str, domains: &[&str]) -> VirtualHost {
         response_headers: HeaderOps::default(),
         retry_policy: None,
         cors: None,
+        authz: PerFilterAuthz::default(),
         attempt_count_in_request: false,
         attempt_count_in_response: false,
     }

@@ -25,6 +25,8 @@ struct Args {
     duration: f64,
     path: String,
     host: String,
+    /// Extra request header lines (`--header "name: value"`, repeatable), each ending in CRLF.
+    headers: String,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -36,6 +38,7 @@ fn parse_args() -> Result<Args, String> {
         duration: 20.0,
         path: "/".into(),
         host: "bench.local".into(),
+        headers: String::new(),
     };
     while let Some(s) = it.next() {
         let mut val = || it.next().ok_or_else(|| format!("{s} needs a value"));
@@ -45,6 +48,10 @@ fn parse_args() -> Result<Args, String> {
             "--duration" => a.duration = val()?.parse().map_err(|e| format!("--duration: {e}"))?,
             "--path" => a.path = val()?,
             "--host" => a.host = val()?,
+            "--header" => {
+                a.headers.push_str(&val()?);
+                a.headers.push_str("\r\n");
+            }
             _ if a.addr.is_empty() && !s.starts_with('-') => a.addr = s,
             _ => return Err(format!("unknown argument {s}")),
         }
@@ -171,8 +178,8 @@ async fn connect(addr: &str) -> std::io::Result<TcpStream> {
 async fn run_conn(a: std::sync::Arc<Args>, idx: usize, t0: Instant, end: Instant) -> ConnResult {
     let mut r = ConnResult::default();
     let req = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: pingsail-loadgen\r\n\r\n",
-        a.path, a.host
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: pingsail-loadgen\r\n{}\r\n",
+        a.path, a.host, a.headers
     );
     let interval = Duration::from_secs_f64(a.conns as f64 / a.rate);
     let offset = Duration::from_secs_f64(idx as f64 / a.rate);

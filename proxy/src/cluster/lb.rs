@@ -287,6 +287,7 @@ mod tests {
             addr: None,
             weight: w,
             hostname: None,
+            socket_match: Vec::new(),
         }
     }
 

@@ -42,6 +42,13 @@ pub enum Failure {
     RequestTimeout,
     /// The stream idle timeout expired while waiting for the upstream (request complete): 504.
     StreamIdleTimeoutUpstream,
+    /// An RBAC filter denied the request.
+    RbacDenied,
+    /// jwt_authn refused the request (its reply is written by the filter: status and body vary).
+    JwtDenied,
+    /// ext_authz denied the request or the authorization service failed (reply written by the
+    /// filter).
+    ExtAuthzDenied,
 }
 
 impl Failure {
@@ -65,6 +72,9 @@ impl Failure {
             Failure::UpgradeFailed => 403,
             Failure::StreamIdleTimeout | Failure::RequestTimeout => 408,
             Failure::StreamIdleTimeoutUpstream => 504,
+            Failure::RbacDenied => 403,
+            Failure::JwtDenied => 401,
+            Failure::ExtAuthzDenied => 403,
         }
     }
 
@@ -97,6 +107,9 @@ impl Failure {
             Failure::UpgradeFailed => "",
             Failure::StreamIdleTimeout | Failure::StreamIdleTimeoutUpstream => "stream timeout",
             Failure::RequestTimeout => "request timeout",
+            Failure::RbacDenied => "RBAC: access denied",
+            Failure::JwtDenied => "Jwt verification fails",
+            Failure::ExtAuthzDenied => "",
         }
     }
 
@@ -120,6 +133,8 @@ impl Failure {
             Failure::InvalidPath => "-",
             Failure::StreamIdleTimeout | Failure::StreamIdleTimeoutUpstream => "SI",
             Failure::RequestTimeout => "DT",
+            Failure::RbacDenied | Failure::JwtDenied => "-",
+            Failure::ExtAuthzDenied => "UAEX",
         }
     }
 
@@ -151,6 +166,10 @@ impl Failure {
                 "stream_idle_timeout"
             }
             Failure::RequestTimeout => "request_overall_timeout",
+            // Envoy names the matched policy: rbac_access_denied_matched_policy[<id>].
+            Failure::RbacDenied => "rbac_access_denied_matched_policy",
+            Failure::JwtDenied => "jwt_authn_access_denied",
+            Failure::ExtAuthzDenied => "ext_authz_denied",
         }
     }
 

@@ -89,6 +89,25 @@ pub fn mutation(
     }
 }
 
+/// The client address the connection manager settles on (Envoy's final remote address), read
+/// from the request headers after [`mutation`] was applied: the peer with `use_remote_address`
+/// (or the trusted XFF entry with `xff_num_trusted_hops`), else the XFF entry `trusted_hops` from
+/// the right, else the peer.
+pub fn final_remote(
+    headers: &HeaderMap,
+    remote: IpAddr,
+    use_remote_address: bool,
+    trusted_hops: u32,
+) -> IpAddr {
+    let xff = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    match (use_remote_address, trusted_hops) {
+        (true, 0) => remote,
+        // The mutation appended one entry: skip it as well.
+        (true, n) => xff.and_then(|v| last_xff_address(v, n)).unwrap_or(remote),
+        (false, n) => xff.and_then(|v| last_xff_address(v, n)).unwrap_or(remote),
+    }
+}
+
 /// Removes the client-settable `x-envoy-*` headers of an external request (plus the edge-only
 /// ones for an edge request) through `remove` (the proxy's header type is not a `HeaderMap`).
 pub fn strip_internal(edge: bool, mut remove: impl FnMut(&HeaderName)) {

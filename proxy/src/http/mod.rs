@@ -2,6 +2,7 @@
 //! The Pingora `ProxyHttp` implementation: maps Pingora's phases onto route selection and the filters,
 //! and turns every failure into Envoy's local reply in one place ([`Router::fail_to_proxy`]).
 
+mod authz;
 pub mod error;
 mod forwarded;
 pub mod mirror;
@@ -45,8 +46,8 @@ pub struct ConnFacts {
     pub local: SocketAddr,
     /// original destination (capture), if any
     pub original_dst: Option<SocketAddr>,
-    /// the downstream TLS peer's SPIFFE identity (mTLS), for RBAC principals and XFCC
-    pub peer_identity: Option<arcstr::ArcStr>,
+    /// The verified peer identity (SPIFFE URI SAN) of an mTLS connection; `None` on plaintext.
+    pub peer_principal: Option<ArcStr>,
     /// the connection was TLS-terminated by us
     pub tls: bool,
 }
@@ -96,6 +97,8 @@ pub struct RequestCtx {
     read_timeout_kind: Option<Failure>,
     /// HCM `request_timeout` deadline for receiving the whole request.
     request_deadline: Option<Instant>,
+    /// Dynamic metadata written by filters (jwt_authn payloads, RBAC results).
+    metadata: pingsail_filters::metadata::DynamicMetadata,
 }
 
 fn new_ctx() -> RequestCtx {
@@ -127,6 +130,7 @@ fn new_ctx() -> RequestCtx {
         mirrors: Vec::new(),
         read_timeout_kind: None,
         request_deadline: None,
+        metadata: Default::default(),
     }
 }
 
@@ -402,6 +406,13 @@ impl ProxyHttp for Router {
             if line.contains(&b'#') {
                 return self.fail(session, ctx, Failure::InvalidUrl).await;
             }
+            match path::check_target(line) {
+                path::Target::Ok => {}
+                path::Target::Invalid => return self.fail(session, ctx, Failure::BadRequest).await,
+                // Envoy's connection manager only routes paths starting with '/': `*` gets a 404
+                // before any filter runs.
+                path::Target::Asterisk => return self.fail(session, ctx, Failure::NoRoute).await,
+            }
         }
         // Absolute-form target (`GET http://host/path`): route on its authority and path.
         if let Some((auth, path)) = path::split_absolute_form(session.req_header().raw_path()) {
@@ -487,6 +498,14 @@ impl ProxyHttp for Router {
             let req = session.req_header();
             let host = authority(req);
             let Some(vh) = table.virtual_host(host) else {
+                // No virtual host: the authorization filters still run before the router.
+                if !hcm.authz.is_empty()
+                    && self
+                        .authorize(session, ctx, &facts, &table, usize::MAX, None)
+                        .await?
+                {
+                    return Ok(true);
+                }
                 return self.fail(session, ctx, Failure::NoRoute).await;
             };
             let vidx = table
@@ -516,6 +535,14 @@ impl ProxyHttp for Router {
         };
         ctx.table = Some(table.clone());
         ctx.vhost = vidx;
+        // jwt_authn and rbac run before the router (so before "no route") and CORS.
+        if !hcm.authz.is_empty()
+            && self
+                .authorize(session, ctx, &facts, &table, vidx, ridx)
+                .await?
+        {
+            return Ok(true);
+        }
         let Some(ridx) = ridx else {
             return self.fail(session, ctx, Failure::NoRoute).await;
         };

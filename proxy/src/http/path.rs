@@ -41,9 +41,11 @@ pub fn normalize(
         }
     }
     if normalize {
-        p = decode_unreserved(&p);
-        p = p.replace('\\', "/");
-        p = remove_dot_segments(&p);
+        // Chromium's canonicaliser fails on an encoded NUL: Envoy answers 400.
+        if p.as_bytes().windows(3).any(|w| w == b"%00") {
+            return Err(());
+        }
+        p = canonicalize(&p.replace('\\', "/"));
     }
     if merge {
         while p.contains("//") {
@@ -64,6 +66,41 @@ pub fn normalize(
         Ok(Normalized::Redirect(out))
     } else {
         Ok(Normalized::Changed(out))
+    }
+}
+
+/// What the HTTP/1 request line's target is, as Envoy's codec and connection manager see it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Target {
+    /// origin-form or absolute-form (or CONNECT's authority-form)
+    Ok,
+    /// a byte Envoy's codec refuses (controls, space, DEL, non-ASCII) or a relative target: 400
+    Invalid,
+    /// `*`: 404 from the connection manager
+    Asterisk,
+}
+
+/// Classifies the target of a raw request line (`METHOD SP target SP version`).
+pub fn check_target(line: &[u8]) -> Target {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let Some(first) = line.iter().position(|b| *b == b' ') else {
+        return Target::Ok;
+    };
+    let Some(last) = line.iter().rposition(|b| *b == b' ') else {
+        return Target::Ok;
+    };
+    if last <= first {
+        return Target::Ok;
+    }
+    let (method, target) = (&line[..first], &line[first + 1..last]);
+    if target.iter().any(|b| *b < 0x21 || *b >= 0x7f) {
+        return Target::Invalid;
+    }
+    match target.first() {
+        Some(b'/') => Target::Ok,
+        _ if target == b"*" => Target::Asterisk,
+        _ if method == b"CONNECT" || split_absolute_form(target).is_some() => Target::Ok,
+        _ => Target::Invalid,
     }
 }
 
@@ -119,32 +156,83 @@ fn unescape_slashes(p: &str) -> String {
     out
 }
 
-/// Decodes percent-encoded unreserved characters (RFC 3986 §6.2.2.2), as Envoy's normaliser does.
-fn decode_unreserved(p: &str) -> String {
+/// Envoy's canonicaliser (Chromium's URL path rules) on a path whose backslashes are already
+/// slashes: percent-encoded unreserved characters are decoded, other escapes keep their case,
+/// `"<>`{}|^` are escaped, and dot segments are removed (RFC 3986 §5.2.4). A segment of literal
+/// dots followed by ';' (`..;x`) counts as a dot segment and loses the rest of the segment, which
+/// is not the case when a dot is encoded (`%2e%2e;` stays).
+fn canonicalize(p: &str) -> String {
+    #[derive(PartialEq)]
+    enum Kind {
+        Normal,
+        Current,
+        Up,
+    }
+    let mut out: Vec<String> = Vec::new();
+    let mut last_was_dot = false;
+    for seg in p.split('/').skip(1) {
+        let decoded = decode_segment(seg);
+        let kind = if decoded == "." || seg.starts_with(".;") {
+            Kind::Current
+        } else if decoded == ".." || seg.starts_with("..;") {
+            Kind::Up
+        } else {
+            Kind::Normal
+        };
+        last_was_dot = kind != Kind::Normal;
+        match kind {
+            Kind::Current => {}
+            Kind::Up => {
+                out.pop();
+            }
+            Kind::Normal => out.push(decoded),
+        }
+    }
+    let mut s = String::with_capacity(p.len());
+    for seg in &out {
+        s.push('/');
+        s.push_str(seg);
+    }
+    if last_was_dot || s.is_empty() {
+        s.push('/');
+    }
+    s
+}
+
+/// Decodes percent-encoded unreserved characters (RFC 3986 §6.2.2.2) and escapes the characters
+/// Chromium's path canonicaliser escapes; other escapes are kept as written.
+fn decode_segment(p: &str) -> String {
     let b = p.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%'
+        let c = b[i];
+        if c == b'%'
             && i + 2 < b.len()
             && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
         {
-            let c = h * 16 + l;
-            if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
-                out.push(c);
+            let d = h * 16 + l;
+            if d.is_ascii_alphanumeric() || matches!(d, b'-' | b'.' | b'_' | b'~') {
+                out.push(d);
             } else {
-                out.push(b'%');
-                out.push(b[i + 1].to_ascii_uppercase());
-                out.push(b[i + 2].to_ascii_uppercase());
+                out.extend_from_slice(&b[i..i + 3]);
             }
             i += 3;
             continue;
         }
-        out.push(b[i]);
+        if matches!(c, b'"' | b'<' | b'>' | b'`' | b'{' | b'}' | b'|' | b'^') {
+            out.push(b'%');
+            out.push(HEX[usize::from(c >> 4)]);
+            out.push(HEX[usize::from(c & 0xf)]);
+        } else {
+            out.push(c);
+        }
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
 fn hex(c: u8) -> Option<u8> {
     match c {
@@ -155,36 +243,23 @@ fn hex(c: u8) -> Option<u8> {
     }
 }
 
-/// RFC 3986 §5.2.4.
-fn remove_dot_segments(p: &str) -> String {
-    let mut out: Vec<&str> = Vec::new();
-    let trailing = p.ends_with("/.") || p.ends_with("/..") || p.ends_with('/');
-    for seg in p.split('/').skip(1) {
-        match seg {
-            "." => {}
-            ".." => {
-                out.pop();
-            }
-            s => out.push(s),
-        }
-    }
-    let mut s = String::with_capacity(p.len());
-    for seg in &out {
-        s.push('/');
-        s.push_str(seg);
-    }
-    if trailing && !s.ends_with('/') {
-        s.push('/');
-    }
-    if s.is_empty() {
-        s.push('/');
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_targets() {
+        assert_eq!(check_target(b"GET /a HTTP/1.1\r"), Target::Ok);
+        assert_eq!(check_target(b"GET http://h/a HTTP/1.1\r"), Target::Ok);
+        assert_eq!(check_target(b"OPTIONS * HTTP/1.1\r"), Target::Asterisk);
+        assert_eq!(check_target(b"GET admin HTTP/1.1\r"), Target::Invalid);
+        assert_eq!(check_target(b"GET /a\x7fb HTTP/1.1\r"), Target::Invalid);
+        assert_eq!(
+            check_target("GET /\u{e9} HTTP/1.1\r".as_bytes()),
+            Target::Invalid
+        );
+        assert_eq!(check_target(b"CONNECT h:443 HTTP/1.1\r"), Target::Ok);
+    }
 
     #[test]
     fn absolute_form() {
@@ -209,6 +284,23 @@ mod tests {
         );
         assert_eq!(n("/a/b?x=/../"), Ok(Normalized::Same));
         assert_eq!(n("/%61b"), Ok(Normalized::Changed("/ab".into())));
+        // Seen on Envoy 1.40 (path_bypass / scratch scenarios).
+        assert_eq!(n("/a/..;x/b"), Ok(Normalized::Changed("/b".into())));
+        assert_eq!(n("/a/.;/b"), Ok(Normalized::Changed("/a/b".into())));
+        assert_eq!(
+            n("/a/%2e%2e;/b"),
+            Ok(Normalized::Changed("/a/..;/b".into()))
+        );
+        assert_eq!(n("/a/..;/../b"), Ok(Normalized::Changed("/b".into())));
+        assert_eq!(n("/a/b/..;"), Ok(Normalized::Changed("/a/".into())));
+        assert_eq!(n("/a/...;/b"), Ok(Normalized::Same));
+        assert_eq!(
+            n("/%7e%41%3b%2a"),
+            Ok(Normalized::Changed("/~A%3b%2a".into()))
+        );
+        assert_eq!(n("/a\"<b>"), Ok(Normalized::Changed("/a%22%3Cb%3E".into())));
+        assert_eq!(n("/a/%%41"), Ok(Normalized::Changed("/a/%A".into())));
+        assert_eq!(n("/admin%00"), Err(()));
         assert_eq!(
             normalize("/a//b", false, true, EscapedSlashes::Keep),
             Ok(Normalized::Changed("/a/b".into()))

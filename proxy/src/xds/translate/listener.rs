@@ -24,7 +24,6 @@ use std::time::Duration;
 
 const CAPTURE: &str = "capture issue";
 const MTLS: &str = "mTLS issue";
-const AUTHZ: &str = "authorization issue";
 const RESILIENCE: &str = "resilience issue";
 const TELEMETRY: &str = "telemetry issue";
 
@@ -36,13 +35,13 @@ const ACCEPTED_NOT_ENFORCED: &[&str] = &[
     "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
     "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
     "io.istio.http.peer_metadata.Config",
+    // istio_authn: exposes the mTLS peer identity as filter state `io.istio.peer_principal`; the
+    // RBAC input always carries it (None on plaintext).
+    "io.istio.network.authn.Config",
 ];
 
 /// Istio extensions without a schema here whose behaviour belongs to a later issue.
-const LATER_TYPES: &[(&str, &str)] = &[
-    ("io.istio.network.authn.Config", MTLS),
-    ("istio.set_internal_dst_address.v1.Config", CAPTURE),
-];
+const LATER_TYPES: &[(&str, &str)] = &[("istio.set_internal_dst_address.v1.Config", CAPTURE)];
 
 /// Translates a listener.
 pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Listener> {
@@ -249,6 +248,7 @@ fn filter_chain(fc: &l::FilterChain, path: &Path) -> Result<FilterChain> {
         }
     }
     let mut terminal = None;
+    let mut network_rbac = Vec::new();
     let n = fc.filters.len();
     for (i, f) in fc.filters.iter().enumerate() {
         let p = path.at("filters", i);
@@ -273,7 +273,14 @@ fn filter_chain(fc: &l::FilterChain, path: &Path) -> Result<FilterChain> {
                 terminal = Some(ChainKind::Tcp(Arc::new(tcp_proxy(&t, &tp)?)));
             }
             "envoy.extensions.filters.network.rbac.v3.RBAC" => {
-                return err(&tp, ErrorKind::NotYet(AUTHZ));
+                let r = unpack(&any, &tp)?;
+                let (config, stat_prefix) = super::rbac::network_rbac(&r, &tp)?;
+                let stats = crate::authz::RbacStats::new(
+                    &stat_prefix,
+                    &config.rules_stat_prefix,
+                    &config.shadow_stat_prefix,
+                );
+                network_rbac.push(Arc::new(crate::authz::NetworkRbac { config, stats }));
             }
             u if ACCEPTED_NOT_ENFORCED.contains(&u) => {}
             other => return err(&tp, ErrorKind::UnknownType(other.to_string())),
@@ -297,6 +304,7 @@ fn filter_chain(fc: &l::FilterChain, path: &Path) -> Result<FilterChain> {
         kind,
         drain: Default::default(),
         tls,
+        network_rbac,
     })
 }
 
@@ -478,6 +486,8 @@ fn http_connection_manager(
         None => return err(&path.field("route_config"), ErrorKind::Required),
     };
     let mut cors_filter = false;
+    let mut authz = Vec::new();
+    let http_stat_prefix = format!("http.{}.", h.stat_prefix);
     let n = h.http_filters.len();
     for (i, f) in h.http_filters.iter().enumerate() {
         let p = path.at("http_filters", i);
@@ -543,10 +553,36 @@ fn http_connection_manager(
                     &[],
                 )?;
             }
-            "envoy.extensions.filters.http.rbac.v3.RBAC"
-            | "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
-            | "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz" => {
-                return err(&tp, ErrorKind::NotYet(AUTHZ));
+            "envoy.extensions.filters.http.rbac.v3.RBAC" => {
+                let r = unpack(&any, &tp)?;
+                let config = super::rbac::http_rbac(&r, &tp)?;
+                let stats = crate::authz::RbacStats::new(
+                    &http_stat_prefix,
+                    &config.rules_stat_prefix,
+                    &config.shadow_stat_prefix,
+                );
+                authz.push(crate::authz::HttpAuthz::Rbac(Arc::new(
+                    crate::authz::HttpRbac {
+                        name: f.name.as_str().into(),
+                        config: Arc::new(config),
+                        stats,
+                    },
+                )));
+            }
+            "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication" => {
+                let j = unpack(&any, &tp)?;
+                authz.push(crate::authz::HttpAuthz::Jwt(Arc::new(
+                    crate::authz::HttpJwt {
+                        name: f.name.as_str().into(),
+                        config: super::jwt::jwt_authn(&j, &tp)?,
+                    },
+                )));
+            }
+            "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz" => {
+                let e = unpack(&any, &tp)?;
+                authz.push(crate::authz::HttpAuthz::ExtAuthz(Arc::new(
+                    super::ext_authz::ext_authz(&e, &f.name, &tp)?,
+                )));
             }
             u if ACCEPTED_NOT_ENFORCED.contains(&u) => {}
             other => return err(&tp, ErrorKind::UnknownType(other.to_string())),
@@ -700,6 +736,7 @@ fn http_connection_manager(
         accept_http_10,
         websocket,
         cors_filter,
+        authz,
         access_logs: translate_access_logs(&h.access_log, &path.field("access_log"))?,
     })
 }

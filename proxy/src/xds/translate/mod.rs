@@ -4,7 +4,10 @@
 
 mod cluster;
 mod common;
+mod ext_authz;
+mod jwt;
 mod listener;
+mod rbac;
 mod route;
 pub mod tls;
 

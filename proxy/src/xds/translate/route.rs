@@ -98,7 +98,7 @@ fn virtual_host(vh: &r::VirtualHost, path: &Path) -> Result<VirtualHost> {
         Some(p) => Some(Arc::new(retry_policy(p, &path.field("retry_policy"))?)),
         None => None,
     };
-    let cors = per_filter_cors(
+    let (cors, authz) = per_filter(
         &vh.typed_per_filter_config,
         &path.field("typed_per_filter_config"),
     )?;
@@ -126,18 +126,24 @@ fn virtual_host(vh: &r::VirtualHost, path: &Path) -> Result<VirtualHost> {
         )?,
         retry_policy,
         cors,
+        authz,
         attempt_count_in_request: vh.include_request_attempt_count,
         attempt_count_in_response: vh.include_attempt_count_in_response,
     })
 }
 
-/// Per-filter configs: CORS is honoured; fault/RBAC per-route belong to later issues.
-fn per_filter_cors(
+/// Per-filter configs: CORS, RBACPerRoute and jwt_authn PerRouteConfig are honoured; fault
+/// per-route belongs to a later issue.
+fn per_filter(
     map: &std::collections::HashMap<String, envoy_types::pb::google::protobuf::Any>,
     path: &Path,
-) -> Result<Option<Arc<CorsPolicy>>> {
+) -> Result<(Option<Arc<CorsPolicy>>, PerFilterAuthz)> {
     let mut cors = None;
-    for (name, any) in map {
+    let mut authz = PerFilterAuthz::default();
+    let mut names: Vec<&String> = map.keys().collect();
+    names.sort();
+    for name in names {
+        let any = &map[name];
         let p = path.field(name);
         match type_name(&any.type_url) {
             "envoy.extensions.filters.http.cors.v3.CorsPolicy" => {
@@ -148,12 +154,28 @@ fn per_filter_cors(
                 return err(&p, ErrorKind::NotYet(RESILIENCE));
             }
             "envoy.extensions.filters.http.rbac.v3.RBACPerRoute" => {
-                return err(&p, ErrorKind::NotYet(AUTHZ));
+                let r = unpack(any, &p)?;
+                authz.rbac.push((
+                    name.as_str().into(),
+                    super::rbac::http_rbac_per_route(&r, &p)?,
+                ));
+            }
+            "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute" => {
+                let r = unpack(any, &p)?;
+                if super::ext_authz::ext_authz_per_route(&r, &p)? {
+                    authz.ext_authz_disabled.push(name.as_str().into());
+                }
+            }
+            "envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig" => {
+                let r = unpack(any, &p)?;
+                authz
+                    .jwt
+                    .push((name.as_str().into(), super::jwt::jwt_per_route(&r, &p)?));
             }
             other => return err(&p, ErrorKind::UnknownType(other.to_string())),
         }
     }
-    Ok(cors)
+    Ok((cors, authz))
 }
 
 fn cors_policy(c: &cors_pb::CorsPolicy, path: &Path) -> Result<CorsPolicy> {
@@ -243,6 +265,10 @@ fn route(rt: &r::Route, path: &Path, vh_retry: Option<&Arc<RetryPolicy>>) -> Res
         }
         None => return err(&path.field("route"), ErrorKind::Required),
     };
+    let (cors, authz) = per_filter(
+        &rt.typed_per_filter_config,
+        &path.field("typed_per_filter_config"),
+    )?;
     Ok(Route {
         name: rt.name.as_str().into(),
         matcher,
@@ -261,14 +287,12 @@ fn route(rt: &r::Route, path: &Path, vh_retry: Option<&Arc<RetryPolicy>>) -> Res
             "response_headers_to_add",
             "response_headers_to_remove",
         )?,
-        cors: per_filter_cors(
-            &rt.typed_per_filter_config,
-            &path.field("typed_per_filter_config"),
-        )?,
+        cors,
+        authz,
     })
 }
 
-fn route_match(m: &r::RouteMatch, path: &Path) -> Result<RouteMatch> {
+pub(super) fn route_match(m: &r::RouteMatch, path: &Path) -> Result<RouteMatch> {
     only(
         m,
         path,
@@ -368,7 +392,7 @@ fn route_match(m: &r::RouteMatch, path: &Path) -> Result<RouteMatch> {
     })
 }
 
-fn header_matcher(h: &r::HeaderMatcher, path: &Path) -> Result<HeaderMatcher> {
+pub(super) fn header_matcher(h: &r::HeaderMatcher, path: &Path) -> Result<HeaderMatcher> {
     only(
         h,
         path,
