@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -105,8 +105,10 @@ pub struct Running {
     pub state: Arc<State>,
 }
 
-fn mtime(p: &str) -> Option<SystemTime> {
-    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+/// What we compare to notice a change: the file's bytes (mtimes can repeat within a clock tick,
+/// and Kubernetes swaps Secret volumes through symlinks).
+fn fingerprint(p: &str) -> Option<Vec<u8>> {
+    std::fs::read(p).ok()
 }
 
 /// Binds and starts serving; returns once the socket is listening.
@@ -115,6 +117,10 @@ pub async fn start(
     opts: ServeOptions,
     settings: Settings,
 ) -> anyhow::Result<Running> {
+    // Fingerprints of what is loaded now, taken before anything can change the files.
+    let seen = (fingerprint(&opts.tls_cert), fingerprint(&opts.tls_key));
+    let cfg_seen: Vec<Option<Vec<u8>>> =
+        config_files(&opts).iter().map(|f| fingerprint(f)).collect();
     let cert = load_certified_key(&opts.tls_cert, &opts.tls_key)?;
     let resolver = Arc::new(ReloadingCert {
         current: ArcSwap::from_pointee(cert),
@@ -133,7 +139,7 @@ pub async fn start(
         metrics: Metrics::default(),
         allow_on_error: opts.allow_on_error,
     });
-    tokio::spawn(watch(opts, resolver, state.clone()));
+    tokio::spawn(watch(opts, seen, cfg_seen, resolver, state.clone()));
     let st = state.clone();
     tokio::spawn(async move {
         loop {
@@ -188,8 +194,25 @@ pub async fn start_monitoring(listen: SocketAddr, state: Arc<State>) -> anyhow::
     Ok(addr)
 }
 
+fn config_files(opts: &ServeOptions) -> Vec<String> {
+    [
+        opts.source_files.0.clone(),
+        opts.source_files.1.clone(),
+        opts.source_files.2.clone(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
 /// Polls the certificate and config files and swaps in new versions when they change.
-async fn watch(opts: ServeOptions, resolver: Arc<ReloadingCert>, state: Arc<State>) {
+async fn watch(
+    opts: ServeOptions,
+    mut tls_seen: (Option<Vec<u8>>, Option<Vec<u8>>),
+    mut cfg_seen: Vec<Option<Vec<u8>>>,
+    resolver: Arc<ReloadingCert>,
+    state: Arc<State>,
+) {
     let files: Vec<String> = [
         opts.source_files.0.clone(),
         opts.source_files.1.clone(),
@@ -198,11 +221,9 @@ async fn watch(opts: ServeOptions, resolver: Arc<ReloadingCert>, state: Arc<Stat
     .into_iter()
     .flatten()
     .collect();
-    let mut tls_seen = (mtime(&opts.tls_cert), mtime(&opts.tls_key));
-    let mut cfg_seen: Vec<Option<SystemTime>> = files.iter().map(|f| mtime(f)).collect();
     loop {
         tokio::time::sleep(opts.reload_interval).await;
-        let now = (mtime(&opts.tls_cert), mtime(&opts.tls_key));
+        let now = (fingerprint(&opts.tls_cert), fingerprint(&opts.tls_key));
         if now != tls_seen {
             match load_certified_key(&opts.tls_cert, &opts.tls_key) {
                 Ok(ck) => {
@@ -216,7 +237,7 @@ async fn watch(opts: ServeOptions, resolver: Arc<ReloadingCert>, state: Arc<Stat
                 }
             }
         }
-        let now_cfg: Vec<Option<SystemTime>> = files.iter().map(|f| mtime(f)).collect();
+        let now_cfg: Vec<Option<Vec<u8>>> = files.iter().map(|f| fingerprint(f)).collect();
         if now_cfg != cfg_seen {
             let read = |p: &Option<String>| p.as_ref().map(|p| config::read_file(p)).transpose();
             let rebuilt = (|| -> Result<Settings, config::ConfigError> {
