@@ -173,6 +173,9 @@ fn write(out: &mut String, v: &Value, t: Ty) {
             for k in ord {
                 if let Some(x) = m.get(*k) {
                     emit(out, k, x);
+                } else if t == Ty::Grpc && *k == "service" {
+                    // `GRPCAction.Service` is a pointer without omitempty: Go writes null.
+                    emit(out, k, &Value::Null);
                 } else if t == Ty::Container && *k == "resources" {
                     // ResourceRequirements is not a pointer: Go always writes it.
                     emit(out, k, &Value::Object(serde_json::Map::new()));
