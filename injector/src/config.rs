@@ -182,12 +182,6 @@ impl InjectConfig {
                 }
             }
         }
-        if let Some(p) = values
-            .pointer("/global/proxy/autoInject")
-            .and_then(Value::as_str)
-        {
-            self.policy = p.to_string();
-        }
         self.compile()
     }
 
