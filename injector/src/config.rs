@@ -13,14 +13,15 @@ use crate::gotmpl::{Template, TemplateError};
 use crate::inject::Settings;
 use crate::meshcfg;
 
-pub const DEFAULT_CONFIG: &str = include_str!("../../conf/injector/config.yaml");
-pub const DEFAULT_VALUES: &str = include_str!("../../conf/injector/values.json");
-pub const DEFAULT_MESH: &str = include_str!("../../conf/injector/mesh.yaml");
-pub const SIDECAR_TEMPLATE: &str = include_str!("../../conf/injector/templates/sidecar.yaml");
-pub const GATEWAY_TEMPLATE: &str = include_str!("../../conf/injector/templates/gateway.yaml");
-pub const GRPC_AGENT_TEMPLATE: &str = include_str!("../../conf/injector/templates/grpc-agent.yaml");
+pub const DEFAULT_CONFIG: &str = include_str!("../../conf/injector/chart/files/config.yaml");
+pub const DEFAULT_VALUES: &str = include_str!("../../conf/injector/chart/files/values.json");
+pub const DEFAULT_MESH: &str = include_str!("../../conf/injector/chart/files/mesh.yaml");
+pub const SIDECAR_TEMPLATE: &str = include_str!("../../conf/injector/chart/files/sidecar.yaml");
+pub const GATEWAY_TEMPLATE: &str = include_str!("../../conf/injector/chart/files/gateway.yaml");
+pub const GRPC_AGENT_TEMPLATE: &str =
+    include_str!("../../conf/injector/chart/files/grpc-agent.yaml");
 pub const GRPC_SIMPLE_TEMPLATE: &str =
-    include_str!("../../conf/injector/templates/grpc-simple.yaml");
+    include_str!("../../conf/injector/chart/files/grpc-simple.yaml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

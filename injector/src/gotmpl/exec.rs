@@ -186,6 +186,15 @@ impl Exec<'_> {
             return funcs::call(name, vals);
         }
         if cmd.len() > 1 {
+            // Helm's `.Files.Get "path"`: a field chain given one argument indexes the map it
+            // names. (Go would reject it as a non-function; only chart rendering relies on it.)
+            if cmd.len() == 2 && last.is_none() {
+                let table = self.operand(first, dot)?;
+                let key = self.operand(&cmd[1], dot)?;
+                if let V::Map(m, _) = &table {
+                    return Ok(m.get(&key.to_go_string()).cloned().unwrap_or(V::str("")));
+                }
+            }
             return Err("can't give arguments to a non-function".into());
         }
         let v = self.operand(first, dot)?;
