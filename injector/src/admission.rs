@@ -137,6 +137,9 @@ pub fn review(
             pod_name,
         });
     }
+    if settings.openshift {
+        inject::reset_openshift_sidecar_user(&mut pod);
+    }
     let deploy = inject::deploy_meta_from_pod(&pod);
     let r = Request {
         pod,

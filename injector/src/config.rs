@@ -208,6 +208,7 @@ pub struct Sources {
     pub revision: String,
     pub native_sidecars: Option<bool>,
     pub compliance_policy: String,
+    pub openshift: bool,
 }
 
 pub fn parse_values(src: &str) -> Result<Value, ConfigError> {
@@ -242,6 +243,7 @@ pub fn build_settings(src: &Sources) -> Result<Settings, ConfigError> {
         revision: src.revision.clone(),
         native_sidecars: native,
         compliance_policy: src.compliance_policy.clone(),
+        openshift: src.openshift,
     })
 }
 

@@ -66,6 +66,8 @@ pub struct Settings {
     pub revision: String,
     pub native_sidecars: bool,
     pub compliance_policy: String,
+    /// OpenShift platform mode (Istio's `PLATFORM=openshift`).
+    pub openshift: bool,
 }
 
 /// Identity of the workload owning the pod, as Istio derives it.
@@ -622,6 +624,43 @@ fn go_omitempty(c: &mut Value) {
                 }
             }
         }
+    }
+}
+
+/// OpenShift assigns one UID to every container; a user `istio-proxy` whose `runAsUser` equals the
+/// app's would make traffic capture fail, so (like Istio on OpenShift) that UID/GID is dropped.
+pub fn reset_openshift_sidecar_user(pod: &mut Value) {
+    let mut all = containers(pod, "containers");
+    all.extend(containers(pod, "initContainers"));
+    let mut sidecar_user = 0;
+    let mut app_user = 0;
+    let mut has_sc = false;
+    for c in &all {
+        let uid = c
+            .pointer("/securityContext/runAsUser")
+            .and_then(Value::as_i64);
+        match name_of(c) {
+            PROXY_CONTAINER => {
+                has_sc = c.get("securityContext").is_some_and(Value::is_object);
+                if let Some(u) = uid {
+                    sidecar_user = u;
+                }
+            }
+            INIT_CONTAINER | VALIDATION_CONTAINER => {}
+            _ => {
+                if let Some(u) = uid {
+                    app_user = u;
+                }
+            }
+        }
+    }
+    if has_sc && sidecar_user == app_user {
+        with_container_mut(pod, PROXY_CONTAINER, |c| {
+            if let Some(sc) = c.get_mut("securityContext").and_then(Value::as_object_mut) {
+                sc.remove("runAsUser");
+                sc.remove("runAsGroup");
+            }
+        });
     }
 }
 

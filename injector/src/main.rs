@@ -39,6 +39,9 @@ struct ConfigArgs {
     /// `ENABLE_NATIVE_SIDECARS` value under `pilot.env` in values, else true.
     #[arg(long)]
     native_sidecars: Option<bool>,
+    /// Platform quirks to apply: `openshift` (like istiod's PLATFORM=openshift).
+    #[arg(long, env = "PLATFORM")]
+    platform: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -85,6 +88,7 @@ fn sources(cfg: &ConfigArgs) -> Result<Sources, config::ConfigError> {
         revision: cfg.revision.clone(),
         native_sidecars: cfg.native_sidecars,
         compliance_policy: std::env::var("COMPLIANCE_POLICY").unwrap_or_default(),
+        openshift: cfg.platform.as_deref() == Some("openshift"),
     })
 }
 

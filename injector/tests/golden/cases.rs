@@ -18,6 +18,7 @@ pub struct Case {
     pub mesh: Option<MeshTweak>,
     pub native_disabled: bool,
     pub fips: bool,
+    pub openshift: bool,
     pub skip_webhook: bool,
     pub skip_kube_inject: bool,
     pub expected_error: Option<&'static str>,
@@ -102,6 +103,7 @@ pub fn explicit_cases() -> Vec<Case> {
     let openshift = |input: &'static str| Case {
         flags: vec!["components.cni.enabled=true"],
         skip_kube_inject: true,
+        openshift: true,
         ..c(input, &format!("{input}.injected"))
     };
     let bad = |input: &'static str, err: &'static str| Case {

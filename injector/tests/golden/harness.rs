@@ -122,6 +122,7 @@ pub fn settings_for(case: &Case) -> Settings {
     let src = Sources {
         values: Some(values.to_string()),
         native_sidecars: Some(!case.native_disabled),
+        openshift: case.openshift,
         compliance_policy: if case.fips {
             "fips-140-3".into()
         } else {
