@@ -338,3 +338,83 @@ fn binary_kube_inject_and_serve() {
     child.wait().unwrap();
     assert_eq!(r.status, 200);
 }
+
+#[tokio::test]
+async fn mesh_config_is_reloaded_when_its_file_changes() {
+    let certs = support::make_certs();
+    let mesh_path = certs.dir.path().join("mesh").to_string_lossy().to_string();
+    std::fs::write(
+        &mesh_path,
+        "defaultConfig:\n  discoveryAddress: istiod.istio-system.svc:15012\n",
+    )
+    .unwrap();
+    let src = Sources {
+        mesh: Some(std::fs::read_to_string(&mesh_path).unwrap()),
+        ..Default::default()
+    };
+    let opts = pingsail_injector::server::ServeOptions {
+        tls_cert: certs.cert_path.clone(),
+        tls_key: certs.key_path.clone(),
+        sources: Sources::default(),
+        source_files: (None, None, Some(mesh_path.clone())),
+        allow_on_error: false,
+        reload_interval: Duration::from_millis(100),
+    };
+    let running = pingsail_injector::server::start(
+        "127.0.0.1:0".parse().unwrap(),
+        opts,
+        config::build_settings(&src).unwrap(),
+    )
+    .await
+    .unwrap();
+    let client = support::connector(&certs.cert_der);
+    let proxy_config = |resp: &Value| -> String {
+        let out = apply(&pod(), resp);
+        let proxy = out["spec"]["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "istio-proxy")
+            .unwrap()
+            .clone();
+        proxy["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "PROXY_CONFIG")
+            .unwrap()["value"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let post = || {
+        support::request_with(
+            &client,
+            running.addr,
+            "POST",
+            "/inject",
+            "application/json",
+            review(pod()),
+        )
+    };
+    let first: Value = serde_json::from_slice(&post().await.body).unwrap();
+    assert_eq!(proxy_config(&first["response"]).trim(), "{}");
+    std::fs::write(&mesh_path, "defaultConfig:\n  drainDuration: 23s\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r: Value = serde_json::from_slice(&post().await.body).unwrap();
+        if proxy_config(&r["response"]).contains("\"drainDuration\":\"23s\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mesh config change never picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A broken file keeps the last good configuration.
+    std::fs::write(&mesh_path, "defaultConfig: [not, a, map\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r: Value = serde_json::from_slice(&post().await.body).unwrap();
+    assert!(proxy_config(&r["response"]).contains("23s"));
+}
