@@ -82,9 +82,27 @@ fn review_body() -> Vec<u8> {
     .unwrap()
 }
 
+/// CPU cost of one admission in-process (no TLS/HTTP), single thread.
+fn in_process_cost(body: &[u8]) -> Duration {
+    let settings = pingsail_injector::config::build_settings(&Default::default()).unwrap();
+    for _ in 0..50 {
+        pingsail_injector::admission::review(&settings, body, "/inject", false).unwrap();
+    }
+    let n = 500;
+    let t = Instant::now();
+    for _ in 0..n {
+        pingsail_injector::admission::review(&settings, body, "/inject", false).unwrap();
+    }
+    t.elapsed() / n
+}
+
 #[tokio::main]
 async fn main() {
     let o = opts();
+    println!(
+        "in-process cost per admission: {:.1} us",
+        in_process_cost(&review_body()).as_secs_f64() * 1e6
+    );
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cert = dir.path().join("tls.crt");

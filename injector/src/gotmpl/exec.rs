@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Executor: walks the node tree against a [`V`] and writes text.
 
+use std::borrow::Cow;
+
 use super::Template;
 use super::funcs;
 use super::parse::{Node, Operand, Pipeline};
@@ -206,12 +208,12 @@ impl Exec<'_> {
 
     fn operand(&mut self, op: &Operand, dot: &V) -> Result<V, String> {
         Ok(match op {
-            Operand::Field(names) => chain(dot.clone(), names),
+            Operand::Field(names) => chain(Cow::Borrowed(dot), names).into_owned(),
             Operand::Var(name, names) => {
                 let Some((_, v)) = self.vars.iter().rev().find(|(n, _)| n == name) else {
                     return Err(format!("undefined variable: {name}"));
                 };
-                chain(v.clone(), names)
+                chain(Cow::Borrowed(v), names).into_owned()
             }
             Operand::Func(name) => funcs::call(name, Vec::new())?,
             Operand::Str(s) => V::Str(s.clone()),
@@ -221,46 +223,53 @@ impl Exec<'_> {
             Operand::Nil => V::Nil,
             Operand::Sub(p, names) => {
                 let v = self.pipeline(p, dot)?;
-                chain(v, names)
+                chain(Cow::Owned(v), names).into_owned()
             }
         })
     }
 }
 
-fn chain(mut v: V, names: &[String]) -> V {
+/// Follows a field chain without copying the values it passes through.
+fn chain<'a>(mut v: Cow<'a, V>, names: &[String]) -> Cow<'a, V> {
     for n in names {
-        v = field(&v, n);
+        v = match v {
+            Cow::Borrowed(b) => field(b, n),
+            Cow::Owned(o) => Cow::Owned(field(&o, n).into_owned()),
+        };
     }
     v
 }
 
 /// Reads field `name` (Go spelling) of `v`, including the few proto getter methods templates call.
-pub fn field(v: &V, name: &str) -> V {
+pub fn field<'a>(v: &'a V, name: &str) -> Cow<'a, V> {
     match name {
         "GetValue" => {
             return match v {
-                V::Map(m, _) => m.get("value").cloned().unwrap_or(V::Bool(false)),
-                V::Nil => V::Bool(false),
-                V::Str(s) if s.is_empty() => V::Bool(false),
-                other => other.clone(),
+                V::Map(m, _) => m
+                    .get("value")
+                    .map(Cow::Borrowed)
+                    .unwrap_or(Cow::Owned(V::Bool(false))),
+                V::Nil => Cow::Owned(V::Bool(false)),
+                V::Str(s) if s.is_empty() => Cow::Owned(V::Bool(false)),
+                other => Cow::Borrowed(other),
             };
         }
         "String" if !matches!(v, V::Map(..)) => {
-            return match v {
+            return Cow::Owned(match v {
                 V::Nil => V::str(""),
                 other => V::Str(other.to_go_string()),
-            };
+            });
         }
         _ => {}
     }
     match v {
         V::Map(m, kind) => {
             if let Some(x) = m.get(name) {
-                return x.clone();
+                return Cow::Borrowed(x);
             }
             if *kind == MapKind::Struct {
                 if let Some(x) = m.get(&go_to_json_name(name)) {
-                    return x.clone();
+                    return Cow::Borrowed(x);
                 }
                 if let Some(rest) = name.strip_prefix("Get")
                     && !rest.is_empty()
@@ -268,11 +277,11 @@ pub fn field(v: &V, name: &str) -> V {
                     return field(v, rest);
                 }
             }
-            match kind {
+            Cow::Owned(match kind {
                 MapKind::Struct | MapKind::StrMap => V::str(""),
                 MapKind::Any => V::Nil,
-            }
+            })
         }
-        _ => V::Nil,
+        _ => Cow::Owned(V::Nil),
     }
 }
