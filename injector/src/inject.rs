@@ -462,9 +462,10 @@ fn template_data(req: &Request<'_>, stripped: &Value, proxy_config: &Value) -> V
         .unwrap_or_else(|| json!({}));
     let mut meta_v = V::from_kube(&meta);
     if let V::Map(m, _) = &mut meta_v {
+        let m = std::sync::Arc::make_mut(m);
         for k in ["annotations", "labels"] {
             m.entry(k.to_string())
-                .or_insert_with(|| V::Map(BTreeMap::new(), MapKind::StrMap));
+                .or_insert_with(|| V::map(BTreeMap::new(), MapKind::StrMap));
         }
     }
     let spec = stripped.get("spec").cloned().unwrap_or_else(|| json!({}));
@@ -481,7 +482,7 @@ fn template_data(req: &Request<'_>, stripped: &Value, proxy_config: &Value) -> V
     let mut root = BTreeMap::new();
     root.insert(
         "TypeMeta".to_string(),
-        V::Map(
+        V::map(
             [
                 (
                     "APIVersion".to_string(),
@@ -496,7 +497,7 @@ fn template_data(req: &Request<'_>, stripped: &Value, proxy_config: &Value) -> V
     );
     root.insert(
         "DeploymentMeta".to_string(),
-        V::Map(
+        V::map(
             [
                 ("Name".to_string(), V::str(req.deploy.name.clone())),
                 (
@@ -517,6 +518,7 @@ fn template_data(req: &Request<'_>, stripped: &Value, proxy_config: &Value) -> V
     );
     let mut mesh_v = V::from_json(&s.mesh, MapKind::Struct);
     if let V::Map(m, _) = &mut mesh_v {
+        let m = std::sync::Arc::make_mut(m);
         m.insert(
             "DefaultConfig".into(),
             meshcfg::proxy_config_template_value(proxy_config),
@@ -541,7 +543,7 @@ fn template_data(req: &Request<'_>, stripped: &Value, proxy_config: &Value) -> V
         "CompliancePolicy".into(),
         V::str(s.compliance_policy.clone()),
     );
-    V::Map(root, MapKind::Struct)
+    V::map(root, MapKind::Struct)
 }
 
 /// Drops nulls and canonicalises resource quantities: the round trip through Go's typed Pod.

@@ -338,11 +338,12 @@ pub fn proxy_config_to_json(v: &V) -> String {
 pub fn proxy_config_template_value(pc: &Value) -> V {
     let mut v = V::from_json(pc, MapKind::Struct);
     if let V::Map(m, _) = &mut v {
+        let m = std::sync::Arc::make_mut(m);
         m.entry("interceptionMode".into())
             .or_insert_with(|| V::str("REDIRECT"));
         let meta = match m.remove("proxyMetadata") {
             Some(V::Map(mm, _)) => V::Map(mm, MapKind::StrMap),
-            _ => V::Map(Default::default(), MapKind::StrMap),
+            _ => V::map(Default::default(), MapKind::StrMap),
         };
         m.insert("proxyMetadata".into(), meta);
     }

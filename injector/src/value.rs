@@ -3,6 +3,12 @@
 //! family each map came from, because Go templates treat a missing key differently for each.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Maps and lists are shared: templates read the same pod and values many times, and a template
+/// value is never mutated in place (functions build new ones).
+pub type VMap = Arc<BTreeMap<String, V>>;
+pub type VList = Arc<Vec<V>>;
 
 /// How a map behaves when a template reads it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,13 +31,21 @@ pub enum V {
     Int(i64),
     Float(f64),
     Str(String),
-    List(Vec<V>),
-    Map(BTreeMap<String, V>, MapKind),
+    List(VList),
+    Map(VMap, MapKind),
 }
 
 impl V {
     pub fn str(s: impl Into<String>) -> V {
         V::Str(s.into())
+    }
+
+    pub fn map(m: BTreeMap<String, V>, kind: MapKind) -> V {
+        V::Map(Arc::new(m), kind)
+    }
+
+    pub fn list(l: Vec<V>) -> V {
+        V::List(Arc::new(l))
     }
 
     /// Go template truthiness.
@@ -91,9 +105,9 @@ impl V {
             }
             serde_json::Value::String(s) => V::Str(s.clone()),
             serde_json::Value::Array(a) => {
-                V::List(a.iter().map(|x| V::from_json(x, kind)).collect())
+                V::list(a.iter().map(|x| V::from_json(x, kind)).collect())
             }
-            serde_json::Value::Object(o) => V::Map(
+            serde_json::Value::Object(o) => V::map(
                 o.iter()
                     .map(|(k, x)| (k.clone(), V::from_json(x, kind)))
                     .collect(),
@@ -106,7 +120,7 @@ impl V {
     /// (`labels`, `annotations`, `nodeSelector`...) which read missing keys as "".
     pub fn from_kube(v: &serde_json::Value) -> V {
         match v {
-            serde_json::Value::Object(o) => V::Map(
+            serde_json::Value::Object(o) => V::map(
                 o.iter()
                     .map(|(k, x)| {
                         let child = if is_string_map_field(k) {
@@ -119,7 +133,7 @@ impl V {
                     .collect(),
                 MapKind::Struct,
             ),
-            serde_json::Value::Array(a) => V::List(a.iter().map(V::from_kube).collect()),
+            serde_json::Value::Array(a) => V::list(a.iter().map(V::from_kube).collect()),
             other => V::from_json(other, MapKind::Struct),
         }
     }

@@ -39,7 +39,7 @@ pub fn render_chart(values_override: Option<Value>) -> String {
     root.insert("Values".to_string(), V::from_json(&values, MapKind::Any));
     root.insert(
         "Release".to_string(),
-        V::Map(
+        V::map(
             [
                 ("Name".to_string(), V::str("pingsail-injector")),
                 ("Namespace".to_string(), V::str("istio-system")),
@@ -51,14 +51,14 @@ pub fn render_chart(values_override: Option<Value>) -> String {
     );
     root.insert(
         "Files".to_string(),
-        V::Map(
-            [("Get".to_string(), V::Map(files, MapKind::Any))]
+        V::map(
+            [("Get".to_string(), V::map(files, MapKind::Any))]
                 .into_iter()
                 .collect(),
             MapKind::Any,
         ),
     );
-    let data = V::Map(root, MapKind::Any);
+    let data = V::map(root, MapKind::Any);
     let mut names: Vec<String> = std::fs::read_dir(format!("{CHART}/templates"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())

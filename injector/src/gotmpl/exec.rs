@@ -81,11 +81,15 @@ impl Exec<'_> {
                 let v = self.pipeline(&pp, dot)?;
                 let items: Vec<(V, V)> = match v {
                     V::List(l) => l
-                        .into_iter()
+                        .iter()
+                        .cloned()
                         .enumerate()
                         .map(|(i, x)| (V::Int(i as i64), x))
                         .collect(),
-                    V::Map(m, _) => m.into_iter().map(|(k, x)| (V::Str(k), x)).collect(),
+                    V::Map(m, _) => m
+                        .iter()
+                        .map(|(k, x)| (V::Str(k.clone()), x.clone()))
+                        .collect(),
                     V::Int(n) => (0..n).map(|i| (V::Int(i), V::Int(i))).collect(),
                     V::Nil | V::Str(_) | V::Bool(false) => Vec::new(),
                     other => {

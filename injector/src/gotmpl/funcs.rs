@@ -5,6 +5,7 @@
 //! alone, unlike sprig's).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::value::{MapKind, V};
 
@@ -175,17 +176,17 @@ pub fn call(name: &str, a: Vec<V>) -> R {
         }
         "split" | "splitList" => {
             let sep = s(&arg(&a, 0));
-            V::List(s(&arg(&a, 1)).split(sep.as_str()).map(V::str).collect())
+            V::list(s(&arg(&a, 1)).split(sep.as_str()).map(V::str).collect())
         }
-        "list" => V::List(a),
+        "list" => V::list(a),
         "append" | "push" => {
             let mut l = match arg(&a, 0) {
-                V::List(l) => l,
+                V::List(l) => Arc::unwrap_or_clone(l),
                 V::Nil => Vec::new(),
                 other => return Err(format!("cannot append to {}", other.to_go_string())),
             };
             l.push(arg(&a, 1));
-            V::List(l)
+            V::list(l)
         }
         "first" => match arg(&a, 0) {
             V::List(l) => l.first().cloned().unwrap_or(V::Nil),
@@ -196,12 +197,12 @@ pub fn call(name: &str, a: Vec<V>) -> R {
             for pair in a.chunks(2) {
                 m.insert(s(&pair[0]), pair.get(1).cloned().unwrap_or(V::str("")));
             }
-            V::Map(m, MapKind::Any)
+            V::map(m, MapKind::Any)
         }
         "hasKey" => V::Bool(arg(&a, 0).get(&s(&arg(&a, 1))).is_some()),
         "keys" => match arg(&a, 0) {
-            V::Map(m, _) => V::List(m.keys().map(V::str).collect()),
-            _ => V::List(Vec::new()),
+            V::Map(m, _) => V::list(m.keys().map(V::str).collect()),
+            _ => V::list(Vec::new()),
         },
         "nindent" => {
             let n = usize::try_from(int(&arg(&a, 0))?).unwrap_or(0);
@@ -280,16 +281,19 @@ pub fn call(name: &str, a: Vec<V>) -> R {
             for pair in a.chunks(2) {
                 m.insert(s(&pair[0]), V::Str(pair.get(1).map(s).unwrap_or_default()));
             }
-            V::Map(m, MapKind::StrMap)
+            V::map(m, MapKind::StrMap)
         }
         "omit" => {
             let keys: Vec<String> = a.iter().skip(1).map(s).collect();
             match arg(&a, 0) {
-                V::Map(m, k) => V::Map(
-                    m.into_iter().filter(|(x, _)| !keys.contains(x)).collect(),
+                V::Map(m, k) => V::map(
+                    m.iter()
+                        .filter(|(x, _)| !keys.contains(x))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
                     k,
                 ),
-                _ => V::Map(BTreeMap::new(), MapKind::StrMap),
+                _ => V::map(BTreeMap::new(), MapKind::StrMap),
             }
         }
         "mergeMaps" => merge_maps(&a),
@@ -307,12 +311,12 @@ pub fn call(name: &str, a: Vec<V>) -> R {
             let skip_proxy = name == "applicationPorts";
             let mut parts = Vec::new();
             if let V::List(cs) = arg(&a, 0) {
-                for c in cs {
+                for c in cs.iter() {
                     if skip_proxy && c.get("name").map(s).as_deref() == Some("istio-proxy") {
                         continue;
                     }
                     if let Some(V::List(ports)) = c.get("ports") {
-                        for p in ports {
+                        for p in ports.iter() {
                             let proto = p.get("protocol").map(s).unwrap_or_default();
                             if proto == "UDP" || proto == "SCTP" {
                                 continue;
@@ -332,12 +336,12 @@ fn merge_maps(a: &[V]) -> V {
     let mut out = BTreeMap::new();
     for m in a {
         if let V::Map(m, _) = m {
-            for (k, v) in m {
+            for (k, v) in m.iter() {
                 out.insert(k.clone(), v.clone());
             }
         }
     }
-    V::Map(out, MapKind::StrMap)
+    V::map(out, MapKind::StrMap)
 }
 
 /// Go template `eq`: equal when the values are equal; nil and an absent struct field compare equal
@@ -476,7 +480,7 @@ fn omit_nil(v: &V) -> Option<V> {
             if out.is_empty() && !m.is_empty() {
                 None
             } else {
-                Some(V::Map(out, *k))
+                Some(V::map(out, *k))
             }
         }
         V::List(l) => {
@@ -484,7 +488,7 @@ fn omit_nil(v: &V) -> Option<V> {
             if out.is_empty() && !l.is_empty() {
                 None
             } else {
-                Some(V::List(out))
+                Some(V::list(out))
             }
         }
         other => Some(other.clone()),
@@ -565,7 +569,7 @@ fn otel_resource_attributes(
     }
     let get = |m: &V, k: &str| m.get(k).map(|x| x.to_go_string()).filter(|x| !x.is_empty());
     let containers = match containers {
-        V::List(l) => l.clone(),
+        V::List(l) => l.to_vec(),
         _ => Vec::new(),
     };
     let mut attrs = Vec::new();

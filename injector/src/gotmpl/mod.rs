@@ -80,7 +80,7 @@ mod tests {
     }
 
     fn map(items: &[(&str, V)], kind: MapKind) -> V {
-        V::Map(
+        V::map(
             items
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.clone()))
@@ -106,7 +106,7 @@ mod tests {
         let d = map(
             &[(
                 "L",
-                V::List(vec![V::str("a"), V::str("b"), V::str("istio-proxy")]),
+                V::list(vec![V::str("a"), V::str("b"), V::str("istio-proxy")]),
             )],
             MapKind::Any,
         );
