@@ -103,6 +103,8 @@ pub fn review(
             ));
         }
     };
+    // The patch must apply to the object exactly as the API server holds it.
+    let raw = pod.clone();
     if let Err(msg) = check_pod_shape(&pod) {
         return Ok(fail(
             format!("could not unmarshal raw object: {msg}"),
@@ -150,7 +152,24 @@ pub fn review(
     };
     match inject::inject(&r) {
         Ok(done) => {
-            let patch = serde_json::to_vec(&done.patch).unwrap_or_default();
+            // Fields we only filled in for our own use (namespace, dropped managedFields) go back
+            // to what the API server sent, so the patch leaves them alone.
+            let mut final_pod = done.pod;
+            for key in ["namespace", "managedFields"] {
+                let orig = raw.pointer(&format!("/metadata/{key}")).cloned();
+                if let Some(meta) = final_pod.get_mut("metadata").and_then(Value::as_object_mut) {
+                    match orig {
+                        Some(v) => {
+                            meta.insert(key.to_string(), v);
+                        }
+                        None => {
+                            meta.remove(key);
+                        }
+                    }
+                }
+            }
+            let patch =
+                serde_json::to_vec(&crate::jsonpatch::diff(&raw, &final_pod)).unwrap_or_default();
             Ok(Reviewed {
                 body: respond(
                     json!({"allowed": true, "patchType": "JSONPatch", "patch": base64(&patch)}),
