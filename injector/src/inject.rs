@@ -752,11 +752,11 @@ pub fn inject(req: &Request<'_>) -> Result<Injected, InjectError> {
         }
         if native
             && find(
-                &containers(&template_pod, "initContainers"),
+                containers_ref(&template_pod, "initContainers"),
                 PROXY_CONTAINER,
             )
             .is_some()
-            && find(&containers(&merged, "containers"), PROXY_CONTAINER).is_some()
+            && find(containers_ref(&merged, "containers"), PROXY_CONTAINER).is_some()
         {
             let mut cs = containers(&merged, "containers");
             let mut inits = containers(&merged, "initContainers");
@@ -818,14 +818,14 @@ fn reapply_overwritten_containers(
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
-        for c in containers(template_pod, key) {
-            let name = name_of(&c);
+        for c in containers_ref(template_pod, key) {
+            let name = name_of(c);
             if injected_before.iter().any(|n| n == name) {
                 continue;
             }
             let m = find(&existing_list, name).cloned().or_else(|| {
                 if key == "containers" {
-                    find(&containers(original, "containers"), name).cloned()
+                    find(containers_ref(original, "containers"), name).cloned()
                 } else {
                     find_in_pod(original, name)
                 }
@@ -872,10 +872,18 @@ fn reapply_overwritten_containers(
     Ok(final_pod)
 }
 
+fn containers_ref<'a>(pod: &'a Value, key: &str) -> &'a [Value] {
+    pod.get("spec")
+        .and_then(|s| s.get(key))
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
 fn find_in_pod(pod: &Value, name: &str) -> Option<Value> {
-    find(&containers(pod, "containers"), name)
+    find(containers_ref(pod, "containers"), name)
+        .or_else(|| find(containers_ref(pod, "initContainers"), name))
         .cloned()
-        .or_else(|| find(&containers(pod, "initContainers"), name).cloned())
 }
 
 fn find_sidecar(pod: &Value) -> Option<Value> {
@@ -1212,7 +1220,10 @@ fn post_process(
     apply_prometheus_merge(pod, &s.mesh)?;
     apply_secure_prometheus_annotation(pod);
     // applyRewrite
-    if find_sidecar(pod).is_some() {
+    if find(containers_ref(pod, "containers"), PROXY_CONTAINER)
+        .or_else(|| find(containers_ref(pod, "initContainers"), PROXY_CONTAINER))
+        .is_some()
+    {
         let annos = annotations(pod);
         let default_rewrite =
             match values_get(&s.values, "sidecarInjectorWebhook.rewriteAppHTTPProbe") {
