@@ -4,12 +4,12 @@
 //! user overrides, then post-processes (metrics merge, probe rewrite, status annotation, container
 //! order) exactly as Istio's injector does, and produces the JSON patch.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
 
-use crate::config::{InjectConfig, LabelSelector};
+use crate::config::InjectConfig;
 use crate::gojson::{Ty, to_go_json};
 use crate::gotmpl::TemplateError;
 use crate::meshcfg;
@@ -666,7 +666,7 @@ pub fn reset_openshift_sidecar_user(pod: &mut Value) {
     }
 }
 
-/// Runs injection for one pod. `Ok(None)` means the pod is not injected.
+/// Runs injection for one pod (the caller has already decided it must be injected).
 pub fn inject(req: &Request<'_>) -> Result<Injected, InjectError> {
     let s = req.settings;
     let mut original = req.pod.clone();
@@ -1344,10 +1344,4 @@ fn reorder(pod: &mut Value, req: &Request<'_>) -> Result<(), InjectError> {
     }
     set_containers(pod, "initContainers", inits);
     Ok(())
-}
-
-/// Label selector helper re-exported for config parsing tests.
-pub fn selector_matches(sel: &LabelSelector, labels: &HashMap<String, String>) -> bool {
-    let l: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    sel.matches(&l)
 }

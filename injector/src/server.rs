@@ -5,7 +5,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -374,9 +373,4 @@ async fn inject(state: &State, req: Request<Incoming>, path: String) -> Response
             text(StatusCode::BAD_REQUEST, format!("{e}\n"))
         }
     }
-}
-
-/// Resolves a path that may be relative to the current directory (for error messages).
-pub fn display_path(p: &str) -> PathBuf {
-    PathBuf::from(p)
 }
