@@ -24,6 +24,8 @@ fn walk(from: &Value, to: &Value, path: &str, ops: &mut Vec<Value>) {
                 let p = format!("{path}/{}", escape(k));
                 match b.get(k) {
                     Some(bv) => walk(av, bv, &p, ops),
+                    // A null field is an unset one for Kubernetes: nothing to remove.
+                    None if av.is_null() => {}
                     None => ops.push(json!({"op": "remove", "path": p})),
                 }
             }
@@ -62,5 +64,34 @@ fn walk(from: &Value, to: &Value, path: &str, ops: &mut Vec<Value>) {
         _ => ops.push(
             json!({"op": "replace", "path": if path.is_empty() { "" } else { path }, "value": to}),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_ops_transform_documents() {
+        let a = json!({"metadata": {"creationTimestamp": null, "name": "x", "labels": {"a/b": "1"}},
+                       "spec": {"containers": [{"name": "c"}]}});
+        let b = json!({"metadata": {"name": "x", "labels": {"a/b": "2"}, "annotations": {"k": "v"}},
+                       "spec": {"containers": [{"name": "c"}, {"name": "d"}], "initContainers": [{"name": "i"}]}});
+        let ops = diff(&a, &b);
+        assert!(
+            ops.iter()
+                .all(|o| o["path"] != "/metadata/creationTimestamp"),
+            "{ops:?}"
+        );
+        assert!(
+            ops.iter()
+                .any(|o| o["path"] == "/metadata/labels/a~1b" && o["op"] == "replace"),
+            "{ops:?}"
+        );
+        assert!(
+            ops.iter()
+                .any(|o| o["path"] == "/spec/containers/-" && o["value"]["name"] == "d"),
+            "{ops:?}"
+        );
     }
 }
