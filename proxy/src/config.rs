@@ -371,8 +371,11 @@ pub struct Cluster {
     /// `transport_socket` (TLS origination), when not plaintext.
     pub tls: Option<Arc<crate::tls::UpstreamTls>>,
     /// `transport_socket_matches`: (criteria, TLS or plaintext), first match wins, else `tls`.
-    pub tls_matches: Vec<(Vec<(ArcStr, ArcStr)>, Option<Arc<crate::tls::UpstreamTls>>)>,
+    pub tls_matches: Vec<TlsMatch>,
 }
+
+/// One `transport_socket_matches` entry: the criteria and the transport (TLS, or plaintext).
+pub type TlsMatch = (Vec<(ArcStr, ArcStr)>, Option<Arc<crate::tls::UpstreamTls>>);
 
 impl Cluster {
     /// The transport socket for an endpoint: (index for the tunnel, context).

@@ -118,9 +118,7 @@ fn bootstrap(ip: Ipv4Addr, a: SocketAddr, b: SocketAddr, c: SocketAddr) -> Strin
         tcp_chain("{ server_names: ['*.example.com'] }", "B"),
         tcp_chain("{ transport_protocol: tls }", "C"),
     );
-    let fallback = tcp_chain("{}", "C")
-        .replacen("    - filter_chain_match: {}\n", "", 1)
-        .replace("      filters:", "      filters:");
+    let fallback = tcp_chain("{}", "C").replacen("    - filter_chain_match: {}\n", "", 1);
     format!(
         r#"
 admin: {{ address: {{ socket_address: {{ address: {ip}, port_value: 15000 }} }} }}

@@ -928,7 +928,7 @@ impl ProxyHttp for Router {
                 let mut peer = HttpPeer::new(addr, false, String::new());
                 if let Some(src) = cfg.bind_source {
                     let mut bind = pingora_core::connectors::l4::BindTo::default();
-                    bind.addr = Some(std::net::SocketAddr::new(src, 0).into());
+                    bind.addr = Some(std::net::SocketAddr::new(src, 0));
                     peer.options.bind_to = Some(bind);
                 }
                 peer

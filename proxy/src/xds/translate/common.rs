@@ -215,19 +215,6 @@ fn only_dynamic<M: Message + prost::Name>(
     Ok(())
 }
 
-#[cfg(test)]
-mod field_table_tests {
-    use super::*;
-
-    #[test]
-    fn table_is_sorted_and_has_envoy_types() {
-        let t = generated::FIELD_NAMES;
-        assert!(t.windows(2).all(|w| w[0].0 < w[1].0));
-        let l = field_names("envoy.config.listener.v3.Listener");
-        assert!(l.is_some_and(|f| f.iter().any(|(n, name)| *n == 1 && *name == "name")));
-    }
-}
-
 /// Decodes an `Any` whose type URL must be `M`'s.
 pub fn unpack<M: Message + Default + prost::Name>(any: &Any, path: &Path) -> Result<M> {
     if any.type_url != M::type_url() {
@@ -473,5 +460,18 @@ pub fn config_source(
             let d = duration(d, &path.field("initial_fetch_timeout"))?;
             Ok((!d.is_zero()).then_some(d))
         }
+    }
+}
+
+#[cfg(test)]
+mod field_table_tests {
+    use super::*;
+
+    #[test]
+    fn table_is_sorted_and_has_envoy_types() {
+        let t = generated::FIELD_NAMES;
+        assert!(t.windows(2).all(|w| w[0].0 < w[1].0));
+        let l = field_names("envoy.config.listener.v3.Listener");
+        assert!(l.is_some_and(|f| f.iter().any(|(n, name)| *n == 1 && *name == "name")));
     }
 }
