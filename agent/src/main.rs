@@ -20,7 +20,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Set up the pod's traffic capture (istio-iptables / istio-init equivalent).
+    /// Set up the pod's traffic capture (istio-iptables / istio-init equivalent). Also answers to
+    /// `istio-iptables`, the name Istio's injection template passes to the image's entrypoint.
+    #[command(alias = "istio-iptables")]
     Iptables(Box<iptables::Args>),
     /// Workload certificates from istiod's CA (or mounted files), served over SDS on
     /// ./var/run/secrets/workload-spiffe-uds/socket; configured by pilot-agent's environment.

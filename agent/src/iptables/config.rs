@@ -130,6 +130,10 @@ pub struct Args {
         default_value = ""
     )]
     pub reroute_virtual_interfaces: String,
+    /// pilot-agent's log scopes (`default:info`), as Istio's injector passes them; log levels
+    /// come from RUST_LOG here.
+    #[arg(long = "log_output_level", default_value = "default:info")]
+    pub log_output_level: String,
     /// Print the commands and iptables-restore input instead of running them.
     #[arg(short = 'n', long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub dry_run: Option<bool>,
