@@ -24,6 +24,14 @@ impl Running {
         self.inner.manager.bound()
     }
 
+    /// The leaf certificate (DER) of a named secret as the proxy currently holds it.
+    pub fn secret_leaf(&self, name: &str) -> Option<Vec<u8>> {
+        match self.inner.shared.secrets.get(name).as_deref() {
+            Some(crate::tls::Material::Cert { chain, .. }) => chain.first().map(|c| c.to_vec()),
+            _ => None,
+        }
+    }
+
     /// `/config_dump` as the admin endpoint renders it.
     pub fn config_dump(&self, include_eds: bool) -> String {
         crate::admin::config_dump(&self.inner.shared, include_eds)

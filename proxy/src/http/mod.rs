@@ -940,6 +940,9 @@ impl ProxyHttp for Router {
         peer.options.connection_timeout = Some(cfg.connect_timeout);
         if h2 {
             peer.options.set_http_version(2, 2);
+            // Envoy multiplexes without a practical stream limit on one upstream h2 connection
+            // (Pingora's default is one stream per connection).
+            peer.options.max_h2_streams = 1024;
         }
         // Route timeouts bound the wait for upstream bytes (see docs/COMPATIBILITY.md); the HCM's
         // stream_idle_timeout bounds silence when it is shorter (or when there is no route deadline).
