@@ -133,6 +133,15 @@ fn hcm(cluster: &str) -> String {
     )
 }
 
+fn hcm_tagged(cluster: &str, tag: &str) -> String {
+    hcm(cluster).replace(
+        "              domains: [\"*\"]",
+        &format!(
+            "              domains: [\"*\"]\n              response_headers_to_add: [ {{ header: {{ key: x-chain, value: {tag} }} }} ]"
+        ),
+    )
+}
+
 fn tcp(cluster: &str) -> String {
     format!(
         r#"
@@ -182,10 +191,36 @@ static_resources:
     address: {{ socket_address: {{ address: {ip}, port_value: 18444 }} }}
     filter_chains:
     - filters:{t}{dt}
+  - name: permissive
+    address: {{ socket_address: {{ address: {ip}, port_value: 18446 }} }}
+    listener_filters:
+    - name: envoy.filters.listener.tls_inspector
+      typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector }}
+    filter_chains:
+    - filter_chain_match: {{ transport_protocol: tls }}
+      filters:{ptls}{dh}
+    - filter_chain_match: {{ transport_protocol: raw_buffer }}
+      filters:{pplain}
+  - name: only_client
+    address: {{ socket_address: {{ address: {ip}, port_value: 18447 }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.rbac
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC
+          stat_prefix: tcp.
+          rules:
+            action: ALLOW
+            policies:
+              client-only:
+                permissions: [ {{ any: true }} ]
+                principals: [ {{ authenticated: {{ principal_name: {{ exact: "{CLIENT_ID}" }} }} }} ]{t}{dt}
   clusters:{sdsc}{c1}{c2}
 "#,
         admin = admin(ip),
         h = hcm("app_http"),
+        ptls = hcm_tagged("app_http", "mtls"),
+        pplain = hcm_tagged("app_http", "plaintext"),
         dh = down(&["h2", "http/1.1"]),
         t = tcp("app_tcp"),
         dt = down(&["istio-peer-exchange", "h2", "http/1.1"]),
@@ -241,11 +276,31 @@ static_resources:
     address: {{ socket_address: {{ address: {ip}, port_value: 18081 }} }}
     filter_chains:
     - filters:{t}
-  clusters:{sdsc}{c1}{c2}
+  - name: outbound_permissive
+    address: {{ socket_address: {{ address: {ip}, port_value: 18082 }} }}
+    filter_chains:
+    - filters:{hp}
+  - name: outbound_only_client
+    address: {{ socket_address: {{ address: {ip}, port_value: 18083 }} }}
+    filter_chains:
+    - filters:{tc}
+  clusters:{sdsc}{c1}{c2}{c3}{c4}
 "#,
         admin = admin(ip),
         h = hcm("outbound|80||server"),
         t = tcp("outbound|9000||server"),
+        hp = hcm("outbound|8446||server"),
+        tc = tcp("outbound|8447||server"),
+        c3 = static_cluster(
+            "outbound|8446||server",
+            SocketAddr::from((server, 18446)),
+            &up("outbound_.8446_._.server.default.svc.cluster.local")
+        ),
+        c4 = static_cluster(
+            "outbound|8447||server",
+            SocketAddr::from((server, 18447)),
+            &up("outbound_.8447_._.server.default.svc.cluster.local")
+        ),
         sdsc = sds_cluster(sock),
         c1 = static_cluster(
             "outbound|80||server",
@@ -299,6 +354,7 @@ struct Pair {
     client: Proxy,
     server: Proxy,
     client_ip: Ipv4Addr,
+    server_ip: Ipv4Addr,
     pki: TestPki,
     /// pushes a new client secret (rotation)
     client_tx: pingsail_agent::sds::SecretSender,
@@ -330,6 +386,25 @@ async fn pair_with(
     foreign_client: bool,
     h2: bool,
 ) -> Result<Pair> {
+    pair_as(
+        client_side,
+        server_side,
+        expected_san,
+        foreign_client,
+        h2,
+        CLIENT_ID,
+    )
+    .await
+}
+
+async fn pair_as(
+    client_side: Side,
+    server_side: Side,
+    expected_san: &str,
+    foreign_client: bool,
+    h2: bool,
+    client_id: &str,
+) -> Result<Pair> {
     let pki = TestPki::new("cluster.local", true).map_err(|e| anyhow::anyhow!("{e}"))?;
     let dir = TempDir::new("pingsail-mtls")?;
     let server_secret = pki
@@ -339,14 +414,14 @@ async fn pair_with(
         // A certificate from another CA, while still trusting the real root.
         let other = TestPki::new("cluster.local", false).map_err(|e| anyhow::anyhow!("{e}"))?;
         let s = other
-            .workload_secret(CLIENT_ID, Duration::from_secs(3600))
+            .workload_secret(client_id, Duration::from_secs(3600))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         WorkloadSecret {
             root_cert_pem: pki.root_pem().to_owned().into(),
             ..s
         }
     } else {
-        pki.workload_secret(CLIENT_ID, Duration::from_secs(3600))
+        pki.workload_secret(client_id, Duration::from_secs(3600))
             .map_err(|e| anyhow::anyhow!("{e}"))?
     };
     let (s1, server_sock) = sds(dir.path(), "server", server_secret).await;
@@ -371,6 +446,7 @@ async fn pair_with(
         client,
         server,
         client_ip,
+        server_ip,
         pki,
         client_tx,
         _sds: vec![s1, s2],
@@ -633,4 +709,63 @@ async fn rotation_under_load_drops_nothing() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// PERMISSIVE as istiod compiles it (TLS and plaintext chains side by side, chosen by the
+/// tls_inspector) and the server seeing the client's SPIFFE identity (a network RBAC policy that
+/// allows only the client's principal): the same observations on Envoy and pingsail servers.
+async fn permissive_and_identity(server: Side) -> Result<()> {
+    let p = pair(Side::Envoy, server, SERVER_ID, false).await?;
+    assert_eq!(p.http_ok().await.map(|r| r.status), Some(200));
+    // mTLS from the client sidecar takes the TLS chain…
+    let r = client::send(
+        SocketAddr::from((p.client_ip, 18082)),
+        &Request::get("/").header("host", "server"),
+    )
+    .await?;
+    assert_eq!(r.status, 200, "{server:?}");
+    assert_eq!(r.header("x-chain"), Some("mtls"), "{server:?}");
+    // …plaintext straight to the same port takes the plaintext chain.
+    let r = client::send(
+        SocketAddr::from((p.server_ip, 18446)),
+        &Request::get("/").header("host", "server"),
+    )
+    .await?;
+    assert_eq!(r.header("x-chain"), Some("plaintext"), "{server:?}");
+    // The server authorizes by the client's identity.
+    assert_eq!(
+        tcp_roundtrip(SocketAddr::from((p.client_ip, 18083)), b"me").await,
+        b"me",
+        "{server:?}: the client's principal was not recognised"
+    );
+    // Another identity from the same CA is refused by that policy.
+    let other = pair_as(
+        Side::Envoy,
+        server,
+        SERVER_ID,
+        false,
+        false,
+        "spiffe://cluster.local/ns/default/sa/intruder",
+    )
+    .await?;
+    assert_eq!(other.http_ok().await.map(|r| r.status), Some(200));
+    for _ in 0..3 {
+        assert!(
+            tcp_roundtrip(SocketAddr::from((other.client_ip, 18083)), b"me")
+                .await
+                .is_empty(),
+            "{server:?}: another identity passed the principal policy"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn permissive_and_identity_envoy_server() -> Result<()> {
+    permissive_and_identity(Side::Envoy).await
+}
+
+#[tokio::test]
+async fn permissive_and_identity_pingsail_server() -> Result<()> {
+    permissive_and_identity(Side::Pingsail).await
 }
