@@ -224,6 +224,39 @@ pub enum EscapedSlashes {
     UnescapeAndForward,
 }
 
+/// `forward_client_cert_details`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum XfccMode {
+    /// remove the header (Envoy's default)
+    #[default]
+    Sanitize,
+    /// forward it unchanged on mTLS connections
+    ForwardOnly,
+    /// append this hop's details on mTLS connections
+    AppendForward,
+    /// replace it with this hop's details on mTLS connections
+    SanitizeSet,
+    /// forward it unchanged always
+    AlwaysForwardOnly,
+}
+
+/// `forward_client_cert_details` + `set_current_client_cert_details`
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Xfcc {
+    /// mode
+    pub mode: XfccMode,
+    /// `Subject=`
+    pub subject: bool,
+    /// `Cert=`
+    pub cert: bool,
+    /// `Chain=`
+    pub chain: bool,
+    /// `DNS=`
+    pub dns: bool,
+    /// `URI=`
+    pub uri: bool,
+}
+
 /// `envoy.filters.network.http_connection_manager`
 #[derive(Debug)]
 pub struct HttpConnectionManager {
@@ -245,6 +278,8 @@ pub struct HttpConnectionManager {
     pub server_pass_through: bool,
     /// `use_remote_address`
     pub use_remote_address: bool,
+    /// `x-forwarded-client-cert` handling
+    pub xfcc: Xfcc,
     /// `xff_num_trusted_hops`
     pub xff_num_trusted_hops: u32,
     /// `generate_request_id` (default true)

@@ -546,7 +546,7 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
         let Some(accepted) = accept_tls(&apps, tls, tcp, &listener, &offered).await else {
             return;
         };
-        let (alpn, peer_principal) = {
+        let (alpn, peer_principal, peer_certs) = {
             let conn = accepted.get_ref().1;
             (
                 conn.alpn_protocol().map(|a| a.to_vec()),
@@ -554,8 +554,13 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                     .and_then(|c| c.first())
                     .and_then(crate::tls::spiffe_id)
                     .map(arcstr::ArcStr::from),
+                conn.peer_certificates()
+                    .map(|c| Arc::new(c.iter().map(|d| d.to_vec()).collect::<Vec<_>>())),
             )
         };
+        let local_uri = tls
+            .local_uri(&apps.shared.secrets)
+            .map(arcstr::ArcStr::from);
         let conn = crate::authz::ConnView {
             remote,
             local: dst,
@@ -586,6 +591,8 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                     original_dst,
                     peer_principal,
                     tls: true,
+                    peer_certs,
+                    local_uri,
                 });
                 let header = match ResponseHeader::build(200, Some(0)) {
                     Ok(h) => Box::new(h),
@@ -637,6 +644,8 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                 original_dst,
                 peer_principal: None,
                 tls: false,
+                peer_certs: None,
+                local_uri: None,
             });
             let mut stream = L4Stream::from(tcp);
             let header = match ResponseHeader::build(200, Some(0)) {

@@ -218,7 +218,10 @@ static_resources:
   clusters:{sdsc}{c1}{c2}
 "#,
         admin = admin(ip),
-        h = hcm("app_http"),
+        h = hcm("app_http").replace(
+            "          stat_prefix: http",
+            "          stat_prefix: http\n          forward_client_cert_details: SANITIZE_SET\n          set_current_client_cert_details: { subject: true, dns: true, uri: true }"
+        ),
         ptls = hcm_tagged("app_http", "mtls"),
         pplain = hcm_tagged("app_http", "plaintext"),
         dh = down(&["h2", "http/1.1"]),
@@ -768,4 +771,51 @@ async fn permissive_and_identity_envoy_server() -> Result<()> {
 #[tokio::test]
 async fn permissive_and_identity_pingsail_server() -> Result<()> {
     permissive_and_identity(Side::Pingsail).await
+}
+
+/// What the server app saw in `x-forwarded-client-cert` (Hash masked, it differs per PKI).
+async fn xfcc_seen(server: Side) -> Result<(String, Option<String>)> {
+    let p = pair(Side::Envoy, server, SERVER_ID, false).await?;
+    let r = p.http_ok().await.unwrap();
+    assert_eq!(r.status, 200);
+    let seen = |r: &client::Response| -> Option<String> {
+        let v: serde_json::Value = serde_json::from_str(&r.body_text()).ok()?;
+        v["headers"].as_array()?.iter().find_map(|h| {
+            (h[0] == "x-forwarded-client-cert").then(|| h[1].as_str().unwrap_or("").to_string())
+        })
+    };
+    let xfcc = seen(&r).unwrap_or_default();
+    let masked = xfcc
+        .split(';')
+        .map(|f| {
+            if f.starts_with("Hash=") {
+                format!("Hash=<{}>", f.len() - 5)
+            } else {
+                f.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(";");
+    // A client-supplied header on plaintext is removed (SANITIZE is the default).
+    let r = client::send(
+        SocketAddr::from((p.server_ip, 18446)),
+        &Request::get("/")
+            .header("host", "server")
+            .header("x-forwarded-client-cert", "By=evil"),
+    )
+    .await?;
+    Ok((masked, seen(&r)))
+}
+
+#[tokio::test]
+async fn xfcc_equals_envoy() -> Result<()> {
+    let envoy = xfcc_seen(Side::Envoy).await?;
+    let ours = xfcc_seen(Side::Pingsail).await?;
+    assert_eq!(
+        envoy.0,
+        format!("By={SERVER_ID};Hash=<64>;Subject=\"\";URI={CLIENT_ID}"),
+        "Envoy's XFCC"
+    );
+    assert_eq!(envoy, ours, "left: Envoy, right: pingsail");
+    Ok(())
 }

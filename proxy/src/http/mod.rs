@@ -50,6 +50,10 @@ pub struct ConnFacts {
     pub peer_principal: Option<ArcStr>,
     /// the connection was TLS-terminated by us
     pub tls: bool,
+    /// the peer's certificate chain (DER, leaf first) on mTLS connections, for XFCC
+    pub peer_certs: Option<Arc<Vec<Vec<u8>>>>,
+    /// our own certificate's URI SAN (XFCC `By=`)
+    pub local_uri: Option<ArcStr>,
 }
 
 /// The `ProxyHttp` implementation.
@@ -475,8 +479,12 @@ impl ProxyHttp for Router {
                 req.insert_header("x-forwarded-for", xff)?;
             }
             if m.set_xfp {
-                req.insert_header("x-forwarded-proto", "http")?;
+                req.insert_header(
+                    "x-forwarded-proto",
+                    if facts.tls { "https" } else { "http" },
+                )?;
             }
+            xfcc(req, &hcm.xfcc, &facts)?;
             forwarded::strip_internal(m.edge, |n| {
                 req.remove_header(n);
             });
@@ -1251,6 +1259,94 @@ fn set_authority(req: &mut RequestHeader, host: &str) -> Result<()> {
         parts.authority = host.parse().ok();
         if let Ok(uri) = http::Uri::from_parts(parts) {
             req.set_uri(uri);
+        }
+    }
+    Ok(())
+}
+
+/// `x-forwarded-client-cert` as Envoy's `forward_client_cert_details` /
+/// `set_current_client_cert_details` define it.
+fn xfcc(
+    req: &mut pingora_http::RequestHeader,
+    cfg: &crate::config::Xfcc,
+    facts: &ConnFacts,
+) -> pingora_error::Result<()> {
+    use crate::config::XfccMode as M;
+    const NAME: &str = "x-forwarded-client-cert";
+    let mtls = facts.peer_certs.as_ref().filter(|c| !c.is_empty());
+    let Some(certs) = mtls else {
+        if cfg.mode != M::AlwaysForwardOnly {
+            req.remove_header(NAME);
+        }
+        return Ok(());
+    };
+    let current = || {
+        let leaf = &certs[0];
+        let mut parts = Vec::new();
+        if let Some(by) = &facts.local_uri {
+            parts.push(format!("By={by}"));
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, leaf);
+        let hash: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        parts.push(format!("Hash={hash}"));
+        let pem = |der: &[u8]| {
+            use base64::Engine as _;
+            let b = base64::engine::general_purpose::STANDARD.encode(der);
+            let mut s = String::from("-----BEGIN CERTIFICATE-----\n");
+            for chunk in b.as_bytes().chunks(64) {
+                s.push_str(&String::from_utf8_lossy(chunk));
+                s.push('\n');
+            }
+            s.push_str("-----END CERTIFICATE-----\n");
+            s
+        };
+        let url = |s: &str| -> String {
+            s.bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect()
+        };
+        if cfg.cert {
+            parts.push(format!("Cert=\"{}\"", url(&pem(leaf))));
+        }
+        if cfg.chain {
+            let all: String = certs.iter().map(|c| pem(c)).collect();
+            parts.push(format!("Chain=\"{}\"", url(&all)));
+        }
+        let sans = crate::tls::sans(&rustls::pki_types::CertificateDer::from(leaf.as_slice()));
+        if cfg.subject {
+            parts.push(format!("Subject=\"{}\"", crate::tls::subject_rfc2253(leaf)));
+        }
+        if cfg.uri {
+            for u in sans.iter().filter(|s| s.contains("://")) {
+                parts.push(format!("URI={u}"));
+            }
+        }
+        if cfg.dns {
+            for d in sans.iter().filter(|s| !s.contains("://")) {
+                parts.push(format!("DNS={d}"));
+            }
+        }
+        parts.join(";")
+    };
+    match cfg.mode {
+        M::Sanitize => {
+            req.remove_header(NAME);
+        }
+        M::ForwardOnly | M::AlwaysForwardOnly => {}
+        M::SanitizeSet => {
+            req.insert_header(NAME, current())?;
+        }
+        M::AppendForward => {
+            let v = match req.headers.get(NAME).and_then(|v| v.to_str().ok()) {
+                Some(prev) if !prev.is_empty() => format!("{prev},{}", current()),
+                _ => current(),
+            };
+            req.insert_header(NAME, v)?;
         }
     }
     Ok(())

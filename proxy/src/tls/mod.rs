@@ -356,6 +356,34 @@ pub fn sans(cert: &CertificateDer<'_>) -> Vec<String> {
         .collect()
 }
 
+/// A certificate's subject in RFC 2253 form (what Envoy's XFCC `Subject=` carries).
+pub fn subject_rfc2253(der: &[u8]) -> String {
+    use x509_parser::prelude::*;
+    let Ok((_, c)) = X509Certificate::from_der(der) else {
+        return String::new();
+    };
+    let s = c.subject().to_string();
+    if s.is_empty() {
+        return s;
+    }
+    let mut parts: Vec<&str> = s.split(", ").collect();
+    parts.reverse();
+    parts.join(",")
+}
+
+impl DownstreamTls {
+    /// The URI SAN of our own certificate now (XFCC `By=`).
+    pub fn local_uri(&self, secrets: &Secrets) -> Option<String> {
+        let cert = self.common.cert.as_ref()?;
+        match secrets.resolve(cert).as_deref()? {
+            Material::Cert { chain, .. } => {
+                sans(chain.first()?).into_iter().find(|s| s.contains("://"))
+            }
+            Material::Roots(_) => None,
+        }
+    }
+}
+
 /// Envoy's SAN check: with matchers, some SAN of the peer's leaf must match one of them.
 pub fn san_ok(matchers: &[StringMatcher], leaf: Option<&CertificateDer<'_>>) -> bool {
     if matchers.is_empty() {

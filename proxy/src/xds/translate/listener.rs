@@ -429,12 +429,12 @@ fn http_connection_manager(
             "delayed_close_timeout",
             "stream_error_on_invalid_http_message",
             "rds",
+            "forward_client_cert_details",
+            "set_current_client_cert_details",
         ],
         &[
             ("scoped_routes", "xDS issue"),
             ("tracing", TELEMETRY),
-            ("forward_client_cert_details", MTLS),
-            ("set_current_client_cert_details", MTLS),
             ("drain_timeout", "xDS issue"),
             ("request_headers_timeout", RESILIENCE),
             ("max_connection_duration", RESILIENCE),
@@ -704,6 +704,27 @@ fn http_connection_manager(
             &[],
         )?;
     }
+    use hcm::http_connection_manager::ForwardClientCertDetails as F;
+    let mut xfcc = crate::config::Xfcc {
+        mode: match F::try_from(h.forward_client_cert_details) {
+            Ok(F::Sanitize) => crate::config::XfccMode::Sanitize,
+            Ok(F::ForwardOnly) => crate::config::XfccMode::ForwardOnly,
+            Ok(F::AppendForward) => crate::config::XfccMode::AppendForward,
+            Ok(F::SanitizeSet) => crate::config::XfccMode::SanitizeSet,
+            Ok(F::AlwaysForwardOnly) => crate::config::XfccMode::AlwaysForwardOnly,
+            Err(_) => return invalid(&path.field("forward_client_cert_details"), "unknown mode"),
+        },
+        ..Default::default()
+    };
+    if let Some(d) = &h.set_current_client_cert_details {
+        let p = path.field("set_current_client_cert_details");
+        only(d, &p, &["subject", "cert", "chain", "dns", "uri"], &[])?;
+        xfcc.subject = d.subject.as_ref().is_some_and(|b| b.value);
+        xfcc.cert = d.cert;
+        xfcc.chain = d.chain;
+        xfcc.dns = d.dns;
+        xfcc.uri = d.uri;
+    }
     let server_name = if h.server_name.is_empty() {
         "envoy"
     } else {
@@ -720,6 +741,7 @@ fn http_connection_manager(
             .or_else(|_| invalid(&path.field("server_name"), "invalid header value"))?,
         server_pass_through,
         use_remote_address: h.use_remote_address.as_ref().is_some_and(|b| b.value),
+        xfcc,
         xff_num_trusted_hops: h.xff_num_trusted_hops,
         generate_request_id: h.generate_request_id.as_ref().is_none_or(|b| b.value),
         preserve_external_request_id: h.preserve_external_request_id,
