@@ -819,3 +819,36 @@ async fn xfcc_equals_envoy() -> Result<()> {
     assert_eq!(envoy, ours, "left: Envoy, right: pingsail");
     Ok(())
 }
+
+/// A client whose certificate has expired is refused by the server, on both implementations.
+async fn expired_client(server: Side) -> Result<()> {
+    let p = pair(Side::Envoy, server, SERVER_ID, false).await?;
+    assert_eq!(p.http_ok().await.map(|r| r.status), Some(200));
+    let short = p
+        .pki
+        .workload_secret(CLIENT_ID, Duration::from_secs(1))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    p.client_tx.send_replace(Some(Arc::new(short)));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // New TLS connections (TCP opens one per downstream connection) now present an expired
+    // certificate.
+    for _ in 0..3 {
+        assert!(
+            tcp_roundtrip(SocketAddr::from((p.client_ip, 18081)), b"late")
+                .await
+                .is_empty(),
+            "{server:?}: an expired client certificate was accepted"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn expired_client_refused_by_envoy_server() -> Result<()> {
+    expired_client(Side::Envoy).await
+}
+
+#[tokio::test]
+async fn expired_client_refused_by_pingsail_server() -> Result<()> {
+    expired_client(Side::Pingsail).await
+}
