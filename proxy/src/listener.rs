@@ -578,10 +578,23 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                 }
             }
             ChainKind::Http(hcm) => {
-                let h2 = match hcm.codec {
-                    Codec::Http2 => true,
-                    Codec::Http1 => false,
-                    Codec::Auto => alpn.as_deref() == Some(b"h2"),
+                let mut accepted = accepted;
+                let mut prefix = Vec::new();
+                let h2 = match (hcm.codec, alpn.as_deref()) {
+                    (Codec::Http2, _) => true,
+                    (Codec::Http1, _) => false,
+                    (Codec::Auto, Some(b"h2")) => true,
+                    (Codec::Auto, Some(_)) => false,
+                    // No ALPN negotiated (e.g. a client offering only Istio's protocols): the
+                    // HTTP/2 preface decides, as Envoy's codec detection does.
+                    (Codec::Auto, None) => {
+                        let sniffed = pingora_timeout::timeout(
+                            listener.sniff_timeout.unwrap_or(Duration::from_secs(15)),
+                            read_preface(&mut accepted, &mut prefix),
+                        )
+                        .await;
+                        matches!(sniffed, Ok(Ok(true)))
+                    }
                 };
                 let facts = Arc::new(ConnFacts {
                     hcm: hcm.clone(),
@@ -598,9 +611,10 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                     Ok(h) => Box::new(h),
                     Err(_) => return,
                 };
-                let stream = crate::tls::stream::TlsDownstream::new(
+                let stream = crate::tls::stream::TlsDownstream::with_prefix(
                     accepted,
                     ProxyDigest::new(header, Some(Box::new(facts))),
+                    prefix,
                 );
                 let stream: Stream = Box::new(stream);
                 let app = if h2 { &apps.h2 } else { &apps.h1 };
@@ -659,6 +673,30 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                 _ = app.process_new(stream, &drain) => {}
                 _ = forced => {}
             }
+        }
+    }
+}
+
+/// Reads decrypted bytes until they diverge from the HTTP/2 preface (false) or complete it (true);
+/// what was read is left in `buf` to be served first.
+async fn read_preface(
+    s: &mut tokio_rustls::server::TlsStream<TcpStream>,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<bool> {
+    use tokio::io::AsyncReadExt;
+    let mut tmp = [0u8; 64];
+    loop {
+        let n = s.read(&mut tmp).await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        buf.extend_from_slice(&tmp[..n]);
+        let m = buf.len().min(H2_PREFACE.len());
+        if buf[..m] != H2_PREFACE[..m] {
+            return Ok(false);
+        }
+        if buf.len() >= H2_PREFACE.len() {
+            return Ok(true);
         }
     }
 }

@@ -852,3 +852,33 @@ async fn expired_client_refused_by_envoy_server() -> Result<()> {
 async fn expired_client_refused_by_pingsail_server() -> Result<()> {
     expired_client(Side::Pingsail).await
 }
+
+/// HTTP/2 over mTLS from an Envoy client sidecar (which, without istiod's istio.alpn filter,
+/// negotiates no ALPN and speaks h2 with prior knowledge) and from a pingsail client (which offers
+/// `istio-h2,istio,h2`): every pairing answers.
+async fn h2_interop(client: Side, server: Side) -> Result<()> {
+    let p = pair_with(client, server, SERVER_ID, false, true).await?;
+    let r = p.http_ok().await;
+    assert_eq!(
+        r.as_ref().map(|r| r.status),
+        Some(200),
+        "{client:?} -> {server:?} over h2: {:?}",
+        r.map(|r| r.body_text())
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn h2_envoy_client_to_pingsail_server() -> Result<()> {
+    h2_interop(Side::Envoy, Side::Pingsail).await
+}
+
+#[tokio::test]
+async fn h2_pingsail_client_to_envoy_server() -> Result<()> {
+    h2_interop(Side::Pingsail, Side::Envoy).await
+}
+
+#[tokio::test]
+async fn h2_pingsail_to_pingsail() -> Result<()> {
+    h2_interop(Side::Pingsail, Side::Pingsail).await
+}

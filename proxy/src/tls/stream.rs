@@ -19,6 +19,8 @@ use tokio_rustls::server::TlsStream;
 /// A server-side TLS stream with the connection's facts.
 pub struct TlsDownstream {
     inner: TlsStream<TcpStream>,
+    /// bytes already read (protocol detection) and served before the stream's own
+    prefix: Vec<u8>,
     fd: i32,
     proxy_digest: Option<Arc<ProxyDigest>>,
     socket_digest: Arc<SocketDigest>,
@@ -35,9 +37,15 @@ impl std::fmt::Debug for TlsDownstream {
 impl TlsDownstream {
     /// Wraps a completed handshake; `digest` carries the per-connection facts.
     pub fn new(inner: TlsStream<TcpStream>, digest: ProxyDigest) -> Self {
+        Self::with_prefix(inner, digest, Vec::new())
+    }
+
+    /// Like [`TlsDownstream::new`], with bytes already read from the stream put back in front.
+    pub fn with_prefix(inner: TlsStream<TcpStream>, digest: ProxyDigest, prefix: Vec<u8>) -> Self {
         let fd = inner.get_ref().0.as_raw_fd();
         TlsDownstream {
             inner,
+            prefix,
             fd,
             proxy_digest: Some(Arc::new(digest)),
             socket_digest: Arc::new(SocketDigest::from_raw_fd(fd)),
@@ -51,6 +59,12 @@ impl AsyncRead for TlsDownstream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
