@@ -178,6 +178,8 @@ pub struct VirtualHost {
     pub retry_policy: Option<Arc<RetryPolicy>>,
     /// CORS policy (`typed_per_filter_config` for `envoy.filters.http.cors`, or the legacy field).
     pub cors: Option<Arc<CorsPolicy>>,
+    /// Per-filter fault config: (filter name it is keyed by, config).
+    pub fault: Option<(ArcStr, Arc<crate::fault::FaultConfig>)>,
     /// `include_request_attempt_count`: `x-envoy-attempt-count` on upstream requests.
     pub attempt_count_in_request: bool,
     /// `include_attempt_count_in_response`: `x-envoy-attempt-count` on responses.
@@ -358,6 +360,8 @@ pub struct Route {
     pub response_headers: HeaderOps,
     /// Per-route CORS policy, overriding the virtual host's.
     pub cors: Option<Arc<CorsPolicy>>,
+    /// Per-route fault config (filter name it is keyed by, config), overriding the virtual host's.
+    pub fault: Option<(ArcStr, Arc<crate::fault::FaultConfig>)>,
 }
 
 /// What a route does.

@@ -26,6 +26,10 @@ scenario!(header_mutations);
 scenario!(cors);
 scenario!(clusters);
 scenario!(tcp_proxy);
+scenario!(fault_injection);
+scenario!(fault_percentages);
+scenario!(circuit_breaking);
+scenario!(outlier_detection);
 
 /// The harness must not pass vacuously: on real Envoy vs Envoy, comparing a random header by
 /// value and asserting a wrong upstream must both be reported.

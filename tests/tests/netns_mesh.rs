@@ -163,13 +163,11 @@ static_resources:
     type: STATIC
     connect_timeout: 1s
 "#,
-        passthrough_default = passthrough
-            .replacen(
-                "    - name: PassthroughFilterChain",
-                "      name: PassthroughFilterChain",
-                1
-            )
-            .replace("\n      ", "\n      "),
+        passthrough_default = passthrough.replacen(
+            "    - name: PassthroughFilterChain",
+            "      name: PassthroughFilterChain",
+            1
+        ),
         c1 = orig_dst_cluster("PassthroughCluster", None),
         c2 = static_cluster("outbound|9080||server", server, 9080),
         c3 = static_cluster("outbound|9000||server", server, 9000),

@@ -11,6 +11,7 @@ fn vh(name: &str, domains: &[&str]) -> VirtualHost {
         response_headers: HeaderOps::default(),
         retry_policy: None,
         cors: None,
+        fault: None,
         attempt_count_in_request: false,
         attempt_count_in_response: false,
     }

@@ -3,6 +3,7 @@
 //! snapshot and keyed by cluster name so that it survives configuration swaps.
 
 pub mod lb;
+pub mod outlier;
 
 use crate::config::{Cluster, Discovery, Endpoint, LbPolicy};
 use crate::snapshot::ConfigSnapshot;
@@ -10,7 +11,7 @@ use arc_swap::ArcSwap;
 use arcstr::ArcStr;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 /// Endpoints as currently usable (resolved for DNS clusters) with their derived selection tables.
@@ -21,6 +22,8 @@ pub struct EndpointSet {
     schedule: lb::Schedule,
     hash: Option<lb::HashTable>,
     active: Box<[Arc<AtomicU32>]>,
+    /// outlier-detection state per endpoint (carried by address like `active`)
+    outlier: Box<[Arc<outlier::HostState>]>,
 }
 
 impl EndpointSet {
@@ -35,6 +38,9 @@ impl EndpointSet {
                 && let (Some(slot), Some(old)) = (set.active.get_mut(i), prev.active.get(j))
             {
                 *slot = old.clone();
+                if let (Some(slot), Some(old)) = (set.outlier.get_mut(i), prev.outlier.get(j)) {
+                    *slot = old.clone();
+                }
             }
         }
         set
@@ -61,11 +67,13 @@ impl EndpointSet {
             .iter()
             .map(|_| Arc::new(AtomicU32::new(0)))
             .collect();
+        let outlier = endpoints.iter().map(|_| Arc::default()).collect();
         EndpointSet {
             endpoints,
             schedule,
             hash,
             active,
+            outlier,
         }
     }
 }
@@ -77,6 +85,156 @@ pub struct ClusterState {
     pub config: Arc<Cluster>,
     set: ArcSwap<EndpointSet>,
     rr: Arc<AtomicUsize>,
+    /// circuit-breaker counters
+    pub breakers: Arc<Breakers>,
+    /// outlier-detection counters
+    pub detector: Arc<outlier::Detector>,
+}
+
+/// Circuit-breaker state of a cluster (DEFAULT priority).
+#[derive(Debug, Default)]
+pub struct Breakers {
+    /// requests admitted and not finished (`rq_open` / `remaining_rq`)
+    pub requests: AtomicU64,
+    /// requests waiting for an HTTP/1 connection (`remaining_pending`)
+    pub pending: AtomicU64,
+    /// retries in flight (`remaining_retries`)
+    pub retries: AtomicU64,
+    /// HTTP/1 connections believed open (opened for requests; closed on upstream errors)
+    pub conns: AtomicU64,
+    waiters: tokio::sync::Notify,
+}
+
+/// An admitted request; releases its slot (and wakes a pending request) when dropped.
+#[derive(Debug)]
+pub struct Admitted {
+    breakers: Arc<Breakers>,
+    /// Still pending while its new connection is being established.
+    connecting: bool,
+}
+
+impl Admitted {
+    /// The upstream connection is ready: the request is no longer pending.
+    pub fn connected(&mut self) {
+        if std::mem::take(&mut self.connecting) {
+            self.breakers.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The connection failed or was reset: it no longer counts as open.
+    pub fn connection_lost(&mut self) {
+        self.connected();
+        let c = &self.breakers.conns;
+        let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.connected();
+        self.breakers.requests.fetch_sub(1, Ordering::Relaxed);
+        self.breakers.waiters.notify_one();
+    }
+}
+
+/// A retry in flight (held until the next retry decision or the end of the request).
+#[derive(Debug)]
+pub struct RetrySlot(Arc<Breakers>);
+
+impl Drop for RetrySlot {
+    fn drop(&mut self) {
+        self.0.retries.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Which circuit breaker refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// `max_pending_requests`: `upstream_rq_pending_overflow`
+    Pending,
+    /// `max_requests`: `upstream_rq_active_overflow`
+    Active,
+}
+
+impl ClusterState {
+    /// Circuit breaking at request admission, as Envoy's connection pools apply it: over HTTP/1 a
+    /// request needs a connection of its own; with `max_connections` in use it waits as a pending
+    /// request (bounded by `max_pending_requests`); `max_requests` bounds requests in flight.
+    pub async fn admit(
+        &self,
+        h2: bool,
+        stats: &crate::stats::ClusterStats,
+    ) -> Result<Admitted, Overflow> {
+        let t = &self.config.breakers;
+        let b = &self.breakers;
+        let mut connecting = false;
+        // HTTP/1: a request takes an idle connection, or waits as pending for a new one (while it
+        // is being established) or for one to free up (when max_connections are open).
+        if !h2 && b.requests.load(Ordering::Relaxed) >= b.conns.load(Ordering::Relaxed) {
+            if b.pending.load(Ordering::Relaxed) >= t.max_pending_requests {
+                stats.rq_pending_overflow.inc();
+                return Err(Overflow::Pending);
+            }
+            b.pending.fetch_add(1, Ordering::Relaxed);
+            if b.conns.load(Ordering::Relaxed) < t.max_connections {
+                b.conns.fetch_add(1, Ordering::Relaxed);
+                connecting = true;
+            } else {
+                stats.cx_overflow.inc();
+                loop {
+                    let notified = b.waiters.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    if b.requests.load(Ordering::Relaxed) < b.conns.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    notified.await;
+                }
+                b.pending.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        if b.requests.load(Ordering::Relaxed) >= t.max_requests {
+            if connecting {
+                b.pending.fetch_sub(1, Ordering::Relaxed);
+            }
+            // Wake the next waiter: this slot was not taken.
+            b.waiters.notify_one();
+            stats.rq_active_overflow.inc();
+            return Err(Overflow::Active);
+        }
+        b.requests.fetch_add(1, Ordering::Relaxed);
+        Ok(Admitted {
+            breakers: self.breakers.clone(),
+            connecting,
+        })
+    }
+
+    /// A retry slot under `max_retries`, or None when the breaker is open.
+    pub fn retry_slot(&self) -> Option<RetrySlot> {
+        let b = &self.breakers;
+        if b.retries.load(Ordering::Relaxed) >= self.config.breakers.max_retries {
+            return None;
+        }
+        b.retries.fetch_add(1, Ordering::Relaxed);
+        Some(RetrySlot(self.breakers.clone()))
+    }
+
+    /// Feeds outlier detection with how an attempt on `picked` ended.
+    pub fn record(&self, picked: &Picked, o: outlier::Outcome) {
+        if let (Some(cfg), Some(h)) = (&self.config.outlier, &picked.outlier) {
+            self.detector.record(cfg, h, self.endpoint_count(), o);
+        }
+    }
+
+    /// Outlier state of each current endpoint (for `/clusters`).
+    pub fn host_ejected(&self) -> Vec<bool> {
+        self.set
+            .load()
+            .outlier
+            .iter()
+            .map(|h| h.ejected())
+            .collect()
+    }
 }
 
 /// A chosen endpoint; holds the active-request count until dropped.
@@ -87,6 +245,7 @@ pub struct Picked {
     /// the endpoint's `hostname`, for auto_host_rewrite
     pub hostname: Option<ArcStr>,
     active: Option<Arc<AtomicU32>>,
+    outlier: Option<Arc<outlier::HostState>>,
 }
 
 impl Drop for Picked {
@@ -112,6 +271,7 @@ impl ClusterState {
                 addr,
                 hostname: None,
                 active: None,
+                outlier: None,
             });
         }
         let set = self.set.load();
@@ -123,7 +283,22 @@ impl ClusterState {
         let mut choice = None;
         // Without a request hash Envoy's hashing balancers use a random one.
         let hash = hash.unwrap_or_else(rand::random);
-        for attempt in 0..attempts.max(1) {
+        // Outlier ejections: ejected hosts are skipped unless the healthy share is under the panic
+        // threshold (then Envoy balances over all hosts); with none healthy and no panic there is
+        // no healthy upstream.
+        let skip_ejected = self.config.outlier.is_some() && {
+            let ejected = set.outlier.iter().filter(|h| h.ejected()).count();
+            let healthy = n - ejected;
+            let panic = (healthy as f64) * 100.0 < self.config.panic_threshold * n as f64;
+            if ejected > 0 && healthy == 0 && !panic {
+                return None;
+            }
+            ejected > 0 && !panic
+        };
+        let ejected = |i: usize| skip_ejected && set.outlier.get(i).is_some_and(|h| h.ejected());
+        let mut attempt = 0u32;
+        let mut skips = 0usize;
+        while attempt < attempts.max(1) {
             let i = match self.config.lb {
                 LbPolicy::RoundRobin => {
                     set.schedule.pick(self.rr.fetch_add(1, Ordering::Relaxed))?
@@ -135,14 +310,26 @@ impl ClusterState {
                     lb::least_request(&set.endpoints, load, &mut rng)?
                 }
                 LbPolicy::RingHash | LbPolicy::Maglev => {
-                    set.hash.as_ref()?.choose(hash, attempt)?
+                    set.hash.as_ref()?.choose(hash, attempt + skips as u32)?
                 }
             };
+            if ejected(i) && skips < 4 * n {
+                skips += 1;
+                if !matches!(self.config.lb, LbPolicy::RoundRobin) {
+                    // Random choices redraw; hashing moves on the ring like a retry.
+                    attempt += u32::from(matches!(
+                        self.config.lb,
+                        LbPolicy::RingHash | LbPolicy::Maglev
+                    ));
+                }
+                continue;
+            }
             choice = Some(i);
             let addr = set.endpoints[i].addr;
             if addr.is_some_and(|a| !exclude.contains(&a)) {
                 break;
             }
+            attempt += 1;
         }
         let i = choice?;
         let ep = &set.endpoints[i];
@@ -155,6 +342,7 @@ impl ClusterState {
             addr,
             hostname: ep.hostname.clone(),
             active,
+            outlier: set.outlier.get(i).cloned(),
         })
     }
 
@@ -221,14 +409,23 @@ impl ClusterManager {
                         &prev.set.load(),
                     )),
                     rr: prev.rr.clone(),
+                    breakers: prev.breakers.clone(),
+                    detector: prev.detector.clone(),
                     config: cfg,
                 }),
                 None => Arc::new(ClusterState {
                     set: ArcSwap::from_pointee(EndpointSet::new(&cfg, endpoints)),
                     rr: Arc::new(AtomicUsize::new(rand::random::<u16>() as usize)),
+                    breakers: Arc::default(),
+                    detector: Arc::default(),
                     config: cfg,
                 }),
             };
+            if state.config.outlier.is_some()
+                && !old.get(name).is_some_and(|p| Arc::ptr_eq(p, &state))
+            {
+                spawn_outlier_sweep(Arc::downgrade(&state));
+            }
             if matches!(
                 state.config.discovery,
                 Discovery::StrictDns | Discovery::LogicalDns
@@ -258,6 +455,32 @@ fn static_endpoints(c: &Cluster) -> Arc<[Endpoint]> {
         }
         _ => c.endpoints.clone(),
     }
+}
+
+/// Runs the outlier detector's interval sweep until the cluster state is dropped (or replaced).
+fn spawn_outlier_sweep(state: Weak<ClusterState>) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    rt.spawn(async move {
+        loop {
+            let every = match state.upgrade() {
+                Some(s) => match &s.config.outlier {
+                    Some(cfg) => outlier::interval(cfg),
+                    None => return,
+                },
+                None => return,
+            };
+            pingora_timeout::sleep(every).await;
+            let Some(s) = state.upgrade() else { return };
+            let Some(cfg) = s.config.outlier.clone() else {
+                return;
+            };
+            let set = s.set.load();
+            let hosts: Vec<&outlier::HostState> = set.outlier.iter().map(|h| &**h).collect();
+            s.detector.sweep(&cfg, &hosts);
+        }
+    });
 }
 
 /// Resolves a DNS cluster's hosts now and every `dns_refresh_rate`, until the state is dropped.

@@ -42,6 +42,13 @@ pub enum Failure {
     RequestTimeout,
     /// The stream idle timeout expired while waiting for the upstream (request complete): 504.
     StreamIdleTimeoutUpstream,
+    /// The fault filter aborted the request (status from the fault config; 503 here is only the
+    /// fallback).
+    FaultAbort,
+    /// A circuit breaker (max_requests / max_pending_requests / max_connections) overflowed.
+    Overflow,
+    /// `max_retries` overflowed while a retry was due: the failed attempt's reply stands.
+    RetryOverflow,
 }
 
 impl Failure {
@@ -51,6 +58,9 @@ impl Failure {
             Failure::NoRoute => 404,
             Failure::ClusterNotFound
             | Failure::NoHealthyUpstream
+            | Failure::FaultAbort
+            | Failure::Overflow
+            | Failure::RetryOverflow
             | Failure::ConnectFailure
             | Failure::ConnectTimeout
             | Failure::ConnectionTermination => 503,
@@ -97,6 +107,10 @@ impl Failure {
             Failure::UpgradeFailed => "",
             Failure::StreamIdleTimeout | Failure::StreamIdleTimeoutUpstream => "stream timeout",
             Failure::RequestTimeout => "request timeout",
+            Failure::FaultAbort => "fault filter abort",
+            Failure::Overflow | Failure::RetryOverflow => {
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+            }
         }
     }
 
@@ -120,6 +134,8 @@ impl Failure {
             Failure::InvalidPath => "-",
             Failure::StreamIdleTimeout | Failure::StreamIdleTimeoutUpstream => "SI",
             Failure::RequestTimeout => "DT",
+            Failure::FaultAbort => "FI",
+            Failure::Overflow | Failure::RetryOverflow => "UO",
         }
     }
 
@@ -151,6 +167,10 @@ impl Failure {
                 "stream_idle_timeout"
             }
             Failure::RequestTimeout => "request_overall_timeout",
+            Failure::FaultAbort => "fault_filter_abort",
+            Failure::Overflow | Failure::RetryOverflow => {
+                "upstream_reset_before_response_started{overflow}"
+            }
         }
     }
 

@@ -92,6 +92,29 @@ pub struct RequestCtx {
     read_timeout_kind: Option<Failure>,
     /// HCM `request_timeout` deadline for receiving the whole request.
     request_deadline: Option<Instant>,
+    /// An injected fault holds one `active_faults` until the request ends.
+    fault_active: Option<FaultGuard>,
+    /// The fault filter delayed this request (flag DI).
+    delay_injected: bool,
+    /// The fault filter's abort (status, gRPC status) for [`Failure::FaultAbort`].
+    fault_abort: Option<pingsail_filters::fault::Abort>,
+    /// The cluster's circuit breaker admitted this request.
+    admitted: Option<crate::cluster::Admitted>,
+    /// The retry in flight holds a `max_retries` slot.
+    retry_slot: Option<crate::cluster::RetrySlot>,
+    /// A retry was due but `max_retries` was reached (flag UO).
+    retry_overflow: bool,
+    /// A retry was due but the policy's `num_retries` were used up (flag URX).
+    retry_limit_exceeded: bool,
+}
+
+/// Holds one `active_faults` of an HCM's fault filter.
+pub struct FaultGuard(Arc<HttpStats>);
+
+impl Drop for FaultGuard {
+    fn drop(&mut self) {
+        self.0.fault.active_faults.dec();
+    }
 }
 
 fn new_ctx() -> RequestCtx {
@@ -123,6 +146,13 @@ fn new_ctx() -> RequestCtx {
         mirrors: Vec::new(),
         read_timeout_kind: None,
         request_deadline: None,
+        fault_active: None,
+        delay_injected: false,
+        fault_abort: None,
+        admitted: None,
+        retry_slot: None,
+        retry_overflow: false,
+        retry_limit_exceeded: false,
     }
 }
 
@@ -260,10 +290,15 @@ impl Router {
             // mapped to grpc-status and the body as grpc-message.
             let mut resp = ResponseHeader::build(200, Some(6))?;
             resp.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
-            resp.insert_header(
-                "grpc-status",
-                pingsail_filters::route::http_to_grpc_status(status).to_string(),
-            )?;
+            let grpc_status = match ctx.fault_abort {
+                Some(a) if ctx.failure == Some(Failure::FaultAbort) => {
+                    a.grpc_status.unwrap_or_else(|| {
+                        u32::from(pingsail_filters::route::http_to_grpc_status(a.status))
+                    })
+                }
+                _ => u32::from(pingsail_filters::route::http_to_grpc_status(status)),
+            };
+            resp.insert_header("grpc-status", grpc_status.to_string())?;
             if !body.is_empty() {
                 resp.insert_header("grpc-message", percent_encode(body))?;
             }
@@ -307,6 +342,15 @@ impl Router {
 
     /// Headers every response gets from the connection manager (server, CORS decoration).
     fn decorate_response(&self, ctx: &RequestCtx, resp: &mut ResponseHeader) {
+        // The router's own local replies (overflow, timeouts, resets) carry the attempt count.
+        if ctx.cluster.is_some()
+            && ctx.failure.is_some_and(|f| f != Failure::FaultAbort)
+            && ctx
+                .route()
+                .is_some_and(|(_, vh, _)| vh.attempt_count_in_response)
+        {
+            let _ = resp.insert_header("x-envoy-attempt-count", (ctx.retries + 1).to_string());
+        }
         if let Some(f) = &ctx.facts
             && !f.hcm.server_pass_through
         {
@@ -317,7 +361,125 @@ impl Router {
         }
     }
 
+    /// The fault filter: delay and/or abort as the most specific fault config says. Returns true
+    /// when the request was answered (aborted).
+    async fn inject_fault(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        facts: &ConnFacts,
+        ff: &crate::config::FaultFilter,
+        vh: &VirtualHost,
+        route: &Route,
+    ) -> Result<bool> {
+        let stats = &facts.stats;
+        if !stats
+            .fault
+            .enabled
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            stats
+                .fault
+                .enabled
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let pick = |f: &Option<(ArcStr, Arc<pingsail_filters::fault::FaultConfig>)>| {
+            f.as_ref()
+                .filter(|(name, _)| *name == ff.name)
+                .map(|(_, c)| c.clone())
+        };
+        let cfg = pick(&route.fault)
+            .or_else(|| pick(&vh.fault))
+            .unwrap_or_else(|| ff.config.clone());
+        if cfg.delay.is_none() && cfg.abort.is_none() {
+            return Ok(false);
+        }
+        let cluster = match &route.action {
+            Action::Forward(a) => match &a.cluster {
+                ClusterSpecifier::Cluster(c) => Some(c.as_str()),
+                _ => None,
+            },
+            _ => None,
+        };
+        let (delay, applies) = {
+            let req = session.req_header();
+            let path = std::str::from_utf8(req.raw_path()).unwrap_or("/");
+            let view = RequestView {
+                path,
+                method: req.method.as_str(),
+                authority: authority(req),
+                scheme: "http",
+                headers: &req.headers,
+                is_grpc: false,
+                random: 0,
+            };
+            if !cfg.applies(&view, cluster) {
+                (None, false)
+            } else {
+                (cfg.delay(&view, rand::random()), true)
+            }
+        };
+        if !applies {
+            return Ok(false);
+        }
+        // Each injection takes the request's one `active_faults` slot, or overflows
+        // `max_active_faults` (and is skipped).
+        let try_activate = |ctx: &mut RequestCtx| {
+            if ctx.fault_active.is_some() {
+                return true;
+            }
+            if cfg
+                .max_active_faults
+                .is_some_and(|m| stats.fault.active_faults.get() >= m)
+            {
+                stats.fault.faults_overflow.inc();
+                return false;
+            }
+            stats.fault.active_faults.inc();
+            ctx.fault_active = Some(FaultGuard(facts.stats.clone()));
+            true
+        };
+        if let Some(d) = delay
+            && try_activate(ctx)
+        {
+            stats.fault.delays_injected.inc();
+            ctx.delay_injected = true;
+            pingora_timeout::sleep(d).await;
+        }
+        let abort = {
+            let req = session.req_header();
+            let view = RequestView {
+                path: "",
+                method: req.method.as_str(),
+                authority: "",
+                scheme: "http",
+                headers: &req.headers,
+                is_grpc: false,
+                random: 0,
+            };
+            cfg.abort(&view, rand::random())
+        };
+        if let Some(a) = abort
+            && try_activate(ctx)
+        {
+            stats.fault.aborts_injected.inc();
+            ctx.fault_abort = Some(a);
+            return self.fail(session, ctx, Failure::FaultAbort).await;
+        }
+        Ok(false)
+    }
+
     async fn fail(&self, session: &mut Session, ctx: &mut RequestCtx, f: Failure) -> Result<bool> {
+        if f == Failure::Overflow {
+            ctx.failure = Some(f);
+            let over = [(
+                HeaderName::from_static("x-envoy-overloaded"),
+                HeaderValue::from_static("true"),
+            )];
+            self.local_reply(session, ctx, f.status(), f.body().as_bytes(), &over)
+                .await?;
+            return Ok(true);
+        }
         ctx.failure = Some(f);
         if f.closes_connection() {
             session.set_keepalive(None);
@@ -335,6 +497,11 @@ impl Router {
             && let Action::Forward(a) = &r.action
         {
             status = a.cluster_not_found_status;
+        }
+        if f == Failure::FaultAbort
+            && let Some(a) = ctx.fault_abort
+        {
+            status = a.status;
         }
         self.local_reply(session, ctx, status, f.body().as_bytes(), &[])
             .await?;
@@ -519,6 +686,13 @@ impl ProxyHttp for Router {
         let vh = &table.vhosts[vidx];
         let route = &vh.routes[ridx];
 
+        if let Some(ff) = hcm.fault.as_ref().filter(|f| f.before_cors)
+            && self
+                .inject_fault(session, ctx, &facts, ff, vh, route)
+                .await?
+        {
+            return Ok(true);
+        }
         // CORS.
         if hcm.cors_filter
             && let Some(policy) = route.cors.as_ref().or(vh.cors.as_ref())
@@ -540,6 +714,13 @@ impl ProxyHttp for Router {
             }
         }
 
+        if let Some(ff) = hcm.fault.as_ref().filter(|f| !f.before_cors)
+            && self
+                .inject_fault(session, ctx, &facts, ff, vh, route)
+                .await?
+        {
+            return Ok(true);
+        }
         match &route.action {
             Action::Direct(d) => {
                 let body = d.body.as_deref().unwrap_or(b"");
@@ -638,7 +819,22 @@ impl ProxyHttp for Router {
                     self.shared.stats.cluster(&cluster_name).none_healthy.inc();
                     return self.fail(session, ctx, Failure::NoHealthyUpstream).await;
                 }
-                ctx.cluster_stats = Some(self.shared.stats.cluster(&cluster_name));
+                // Circuit breakers (the request waits here while it is pending).
+                let h2 = cluster.config.http2
+                    || (cluster.config.use_downstream_protocol
+                        && session.as_downstream().is_http2());
+                let cstats = self.shared.stats.cluster(&cluster_name);
+                match cluster.admit(h2, &cstats).await {
+                    Ok(a) => {
+                        ctx.admitted = Some(a);
+                        ctx.cluster_stats = Some(cstats);
+                    }
+                    Err(_) => {
+                        ctx.cluster_stats = Some(cstats);
+                        ctx.cluster = Some(cluster);
+                        return self.fail(session, ctx, Failure::Overflow).await;
+                    }
+                }
                 ctx.cluster = Some(cluster);
                 ctx.retry = a.retry_policy.clone();
                 ctx.auto_host = a.auto_host_rewrite;
@@ -862,13 +1058,17 @@ impl ProxyHttp for Router {
         peer.options.connection_timeout = Some(cfg.connect_timeout);
         if let Some(src) = cfg.bind_source {
             let mut bind = pingora_core::connectors::l4::BindTo::default();
-            bind.addr = Some(std::net::SocketAddr::new(src, 0).into());
+            bind.addr = Some(std::net::SocketAddr::new(src, 0));
             peer.options.bind_to = Some(bind);
         }
         let h2 = cfg.http2 || (cfg.use_downstream_protocol && session.as_downstream().is_http2());
         if h2 {
             peer.options.set_http_version(2, 2);
+            if let Some(n) = cfg.conn.max_concurrent_streams {
+                peer.options.max_h2_streams = n.max(1) as usize;
+            }
         }
+        peer.options.idle_timeout = cfg.conn.idle_timeout;
         // Route timeouts bound the wait for upstream bytes (see docs/COMPATIBILITY.md); the HCM's
         // stream_idle_timeout bounds silence when it is shorter (or when there is no route deadline).
         let route_left = ctx.deadline.map(|(deadline, kind)| {
@@ -899,6 +1099,22 @@ impl ProxyHttp for Router {
         Ok(Box::new(peer))
     }
 
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora_core::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(a) = &mut ctx.admitted {
+            a.connected();
+        }
+        Ok(())
+    }
+
     fn fail_to_connect(
         &self,
         _session: &mut Session,
@@ -909,17 +1125,14 @@ impl ProxyHttp for Router {
         if let Some(s) = &ctx.cluster_stats {
             s.cx_connect_fail.inc();
         }
-        ctx.picked = None;
-        let retry = ctx
-            .retry
-            .as_ref()
-            .is_some_and(|p| p.retriable(Outcome::ConnectFailure) && ctx.retries < p.num_retries);
-        if retry {
-            ctx.retries += 1;
-            if let Some(s) = &ctx.cluster_stats {
-                s.rq_retry.inc();
-            }
+        if let Some(a) = &mut ctx.admitted {
+            a.connection_lost();
         }
+        if let (Some(c), Some(p)) = (&ctx.cluster, &ctx.picked) {
+            c.record(p, crate::cluster::outlier::Outcome::ConnectFailed);
+        }
+        ctx.picked = None;
+        let retry = retry_due(ctx, Outcome::ConnectFailure);
         e.set_retry(retry);
         e
     }
@@ -938,18 +1151,29 @@ impl ProxyHttp for Router {
             e.set_retry(true);
             return e;
         }
+        if let Some(a) = &mut ctx.admitted {
+            a.connection_lost();
+        }
+        if ctx.status == 0
+            && let (Some(c), Some(p)) = (&ctx.cluster, &ctx.picked)
+        {
+            let o = match e.etype() {
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                    crate::cluster::outlier::Outcome::Timeout
+                }
+                _ => crate::cluster::outlier::Outcome::Reset,
+            };
+            c.record(p, o);
+        }
         let outcome = match e.etype() {
             ErrorType::H2Error => Outcome::RefusedStream,
             _ => Outcome::Reset,
         };
         let retry = ctx.status == 0
             && !session.as_ref().retry_buffer_truncated()
-            && ctx
-                .retry
-                .as_ref()
-                .is_some_and(|p| p.retriable(outcome) && ctx.retries < p.num_retries);
+            && !matches!(e.etype(), ErrorType::ReadTimedout)
+            && retry_due(ctx, outcome);
         if retry {
-            ctx.retries += 1;
             ctx.picked = None;
         }
         e.set_retry(retry);
@@ -977,25 +1201,27 @@ impl ProxyHttp for Router {
             ctx.failure = Some(Failure::UpstreamProtocolError);
             return Error::e_explain(ErrorType::InvalidHTTPHeader, "204 response with a body");
         }
-        if let Some(p) = &ctx.retry {
+        if let (Some(c), Some(p)) = (&ctx.cluster, &ctx.picked) {
+            c.record(p, crate::cluster::outlier::Outcome::Status(status));
+        }
+        if ctx.retry.is_some() {
             let grpc_status = resp
                 .headers
                 .get("grpc-status")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
-            if ctx.retries < p.num_retries
-                && p.retriable(Outcome::Response {
+            if retry_due(
+                ctx,
+                Outcome::Response {
                     status,
                     grpc_status,
-                })
-            {
-                ctx.retries += 1;
+                },
+            ) {
                 ctx.picked = None;
-                if let Some(s) = &ctx.cluster_stats {
-                    s.rq_retry.inc();
-                    if let Some(i) = class_index(status) {
-                        s.rq_class[i].inc();
-                    }
+                if let Some(s) = &ctx.cluster_stats
+                    && let Some(i) = class_index(status)
+                {
+                    s.rq_class[i].inc();
                 }
                 ctx.retry_status = true;
                 let mut e =
@@ -1115,14 +1341,8 @@ impl ProxyHttp for Router {
             return;
         }
         let req = session.req_header();
-        let flags =
-            ctx.failure
-                .map(|f| f.flag())
-                .unwrap_or(if ctx.retries > 0 && ctx.status >= 500 {
-                    "URX"
-                } else {
-                    "-"
-                });
+        let flags_buf = response_flags(ctx);
+        let flags = flags_buf.as_str();
         let path = String::from_utf8_lossy(req.raw_path());
         let resp = session.response_written().map(|r| &r.headers);
         let entry = Entry {
@@ -1154,6 +1374,81 @@ impl ProxyHttp for Router {
             log.write(&entry);
         }
     }
+}
+
+/// `%RESPONSE_FLAGS%`: every flag that applies, in Envoy's order, comma-separated; `-` for none.
+fn response_flags(ctx: &RequestCtx) -> String {
+    const ORDER: [&str; 30] = [
+        "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE",
+        "DC", "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF",
+        "DO", "DR", "UDO",
+    ];
+    let mut set = [false; 30];
+    let mut mark = |f: &str| {
+        if let Some(i) = ORDER.iter().position(|o| *o == f) {
+            set[i] = true;
+        }
+    };
+    if let Some(f) = ctx.failure {
+        mark(f.flag());
+    }
+    if ctx.delay_injected {
+        mark("DI");
+    }
+    if ctx.retry_overflow {
+        mark("UO");
+    }
+    if ctx.retry_limit_exceeded {
+        mark("URX");
+    }
+    let mut out = String::new();
+    for (i, f) in ORDER.iter().enumerate() {
+        if set[i] {
+            if !out.is_empty() {
+                out.push(',');
+            }
+            out.push_str(f);
+        }
+    }
+    if out.is_empty() {
+        out.push('-');
+    }
+    out
+}
+
+/// A retry condition matched: decides whether the retry happens (the policy's `num_retries`, the
+/// cluster's `max_retries` breaker) and keeps Envoy's counters.
+fn retry_due(ctx: &mut RequestCtx, outcome: Outcome) -> bool {
+    let Some(p) = &ctx.retry else {
+        return false;
+    };
+    if !p.retriable(outcome) {
+        return false;
+    }
+    if ctx.retries >= p.num_retries {
+        ctx.retry_limit_exceeded = true;
+        if let Some(s) = &ctx.cluster_stats {
+            s.rq_retry_limit_exceeded.inc();
+        }
+        return false;
+    }
+    // The previous retry (if any) is over; this one needs a slot of its own.
+    ctx.retry_slot = None;
+    match ctx.cluster.as_ref().and_then(|c| c.retry_slot()) {
+        Some(slot) => ctx.retry_slot = Some(slot),
+        None => {
+            ctx.retry_overflow = true;
+            if let Some(s) = &ctx.cluster_stats {
+                s.rq_retry_overflow.inc();
+            }
+            return false;
+        }
+    }
+    ctx.retries += 1;
+    if let Some(s) = &ctx.cluster_stats {
+        s.rq_retry.inc();
+    }
+    true
 }
 
 /// The downstream read timeout: the stream idle bound, shortened to what is left until the request

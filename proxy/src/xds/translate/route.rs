@@ -7,7 +7,10 @@
 use super::common::*;
 use envoy_types::pb::envoy::config::route::v3 as r;
 use envoy_types::pb::envoy::extensions::filters::http::cors::v3 as cors_pb;
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as fault_pb;
+use pingsail_filters::ArcStr;
 use pingsail_filters::cors::CorsPolicy;
+use pingsail_filters::fault::FaultConfig;
 use pingsail_filters::matcher::{
     HeaderMatcher, Pseudo, QueryMatcher, StringMatch, StringMatcher, ValueMatch,
 };
@@ -98,7 +101,7 @@ fn virtual_host(vh: &r::VirtualHost, path: &Path) -> Result<VirtualHost> {
         Some(p) => Some(Arc::new(retry_policy(p, &path.field("retry_policy"))?)),
         None => None,
     };
-    let cors = per_filter_cors(
+    let (cors, fault) = per_filter(
         &vh.typed_per_filter_config,
         &path.field("typed_per_filter_config"),
     )?;
@@ -126,17 +129,21 @@ fn virtual_host(vh: &r::VirtualHost, path: &Path) -> Result<VirtualHost> {
         )?,
         retry_policy,
         cors,
+        fault,
         attempt_count_in_request: vh.include_request_attempt_count,
         attempt_count_in_response: vh.include_attempt_count_in_response,
     })
 }
 
-/// Per-filter configs: CORS is honoured; fault/RBAC per-route belong to later issues.
-fn per_filter_cors(
+/// Per-filter configs of a route or virtual host: CORS and fault are honoured; RBAC belongs to a
+/// later issue.
+#[allow(clippy::type_complexity)]
+fn per_filter(
     map: &std::collections::HashMap<String, envoy_types::pb::google::protobuf::Any>,
     path: &Path,
-) -> Result<Option<Arc<CorsPolicy>>> {
+) -> Result<(Option<Arc<CorsPolicy>>, Option<(ArcStr, Arc<FaultConfig>)>)> {
     let mut cors = None;
+    let mut fault = None;
     for (name, any) in map {
         let p = path.field(name);
         match type_name(&any.type_url) {
@@ -145,7 +152,8 @@ fn per_filter_cors(
                 cors = Some(Arc::new(cors_policy(&c, &p)?));
             }
             "envoy.extensions.filters.http.fault.v3.HTTPFault" => {
-                return err(&p, ErrorKind::NotYet(RESILIENCE));
+                let f: fault_pb::HttpFault = unpack(any, &p)?;
+                fault = Some((ArcStr::from(name.as_str()), Arc::new(fault_config(&f, &p)?)));
             }
             "envoy.extensions.filters.http.rbac.v3.RBACPerRoute" => {
                 return err(&p, ErrorKind::NotYet(AUTHZ));
@@ -153,7 +161,117 @@ fn per_filter_cors(
             other => return err(&p, ErrorKind::UnknownType(other.to_string())),
         }
     }
-    Ok(cors)
+    Ok((cors, fault))
+}
+
+fn fraction(
+    f: Option<&envoy_types::pb::envoy::r#type::v3::FractionalPercent>,
+) -> pingsail_filters::fault::Fraction {
+    use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType as D;
+    let Some(f) = f else {
+        // An absent percentage is 0 %.
+        return pingsail_filters::fault::Fraction {
+            numerator: 0,
+            denominator: 100,
+        };
+    };
+    pingsail_filters::fault::Fraction {
+        numerator: f.numerator,
+        denominator: match D::try_from(f.denominator) {
+            Ok(D::Hundred) => 100,
+            Ok(D::TenThousand) => 10_000,
+            Ok(D::Million) | Err(_) => 1_000_000,
+        },
+    }
+}
+
+/// Translates an `HTTPFault` (filter-level or per-route).
+pub fn fault_config(f: &fault_pb::HttpFault, path: &Path) -> Result<FaultConfig> {
+    use pingsail_filters::fault::{AbortSource, DelaySource, FaultAbort, FaultDelay};
+    only(
+        f,
+        path,
+        &[
+            "delay",
+            "abort",
+            "upstream_cluster",
+            "headers",
+            "downstream_nodes",
+            "max_active_faults",
+            "disable_downstream_cluster_stats",
+        ],
+        &[
+            ("response_rate_limit", RESILIENCE),
+            ("delay_percent_runtime", "runtime"),
+            ("abort_percent_runtime", "runtime"),
+            ("delay_duration_runtime", "runtime"),
+            ("abort_http_status_runtime", "runtime"),
+            ("max_active_faults_runtime", "runtime"),
+            ("response_rate_limit_percent_runtime", "runtime"),
+            ("abort_grpc_status_runtime", "runtime"),
+            ("filter_metadata", "telemetry issue"),
+        ],
+    )?;
+    let delay = match &f.delay {
+        Some(d) => {
+            let p = path.field("delay");
+            only(d, &p, &["fixed_delay", "header_delay", "percentage"], &[])?;
+            use envoy_types::pb::envoy::extensions::filters::common::fault::v3::fault_delay::FaultDelaySecifier as S;
+            let source = match &d.fault_delay_secifier {
+                Some(S::FixedDelay(t)) => DelaySource::Fixed(duration(t, &p.field("fixed_delay"))?),
+                Some(S::HeaderDelay(_)) => DelaySource::Header,
+                None => return err(&p.field("fixed_delay"), ErrorKind::Required),
+            };
+            Some(FaultDelay {
+                source,
+                percentage: fraction(d.percentage.as_ref()),
+            })
+        }
+        None => None,
+    };
+    let abort = match &f.abort {
+        Some(a) => {
+            let p = path.field("abort");
+            only(
+                a,
+                &p,
+                &["http_status", "grpc_status", "header_abort", "percentage"],
+                &[("response_body", RESILIENCE)],
+            )?;
+            use fault_pb::fault_abort::ErrorType as E;
+            let source = match a.error_type {
+                Some(E::HttpStatus(s)) => {
+                    if !(200..600).contains(&s) {
+                        return invalid(
+                            &p.field("http_status"),
+                            format!("value must be inside range [200, 600), got {s}"),
+                        );
+                    }
+                    AbortSource::Http(s as u16)
+                }
+                Some(E::GrpcStatus(g)) => AbortSource::Grpc(g),
+                Some(E::HeaderAbort(_)) => AbortSource::Header,
+                None => return err(&p.field("http_status"), ErrorKind::Required),
+            };
+            Some(FaultAbort {
+                source,
+                percentage: fraction(a.percentage.as_ref()),
+            })
+        }
+        None => None,
+    };
+    let mut headers = Vec::new();
+    for (i, h) in f.headers.iter().enumerate() {
+        headers.push(header_matcher(h, &path.at("headers", i))?);
+    }
+    Ok(FaultConfig {
+        delay,
+        abort,
+        headers,
+        upstream_cluster: (!f.upstream_cluster.is_empty()).then(|| f.upstream_cluster.clone()),
+        downstream_nodes: f.downstream_nodes.clone(),
+        max_active_faults: f.max_active_faults.map(|v| u64::from(v.value)),
+    })
 }
 
 fn cors_policy(c: &cors_pb::CorsPolicy, path: &Path) -> Result<CorsPolicy> {
@@ -233,6 +351,10 @@ fn route(rt: &r::Route, path: &Path, vh_retry: Option<&Arc<RetryPolicy>>) -> Res
         return err(&path.field("match"), ErrorKind::Required);
     };
     let matcher = route_match(m, &path.field("match"))?;
+    let (cors, fault) = per_filter(
+        &rt.typed_per_filter_config,
+        &path.field("typed_per_filter_config"),
+    )?;
     use r::route::Action as A;
     let action = match &rt.action {
         Some(A::Route(ra)) => Action::Forward(route_action(ra, &path.field("route"), vh_retry)?),
@@ -261,10 +383,8 @@ fn route(rt: &r::Route, path: &Path, vh_retry: Option<&Arc<RetryPolicy>>) -> Res
             "response_headers_to_add",
             "response_headers_to_remove",
         )?,
-        cors: per_filter_cors(
-            &rt.typed_per_filter_config,
-            &path.field("typed_per_filter_config"),
-        )?,
+        cors,
+        fault,
     })
 }
 
