@@ -473,6 +473,9 @@ pub struct RouteAction {
     pub cluster_not_found_status: u16,
     /// Route-level websocket `upgrade_configs.enabled`, overriding the connection manager's.
     pub websocket: Option<bool>,
+    /// `idle_timeout`: overrides the connection manager's `stream_idle_timeout` (`Some(None)` =
+    /// disabled).
+    pub idle_timeout: Option<Option<Duration>>,
 }
 
 /// How a `grpc-timeout` request header bounds the stream.

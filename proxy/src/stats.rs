@@ -97,6 +97,12 @@ pub struct ClusterStats {
     pub rq_retry_overflow: Counter,
     /// upstream_rq_retry_limit_exceeded
     pub rq_retry_limit_exceeded: Counter,
+    /// upstream_rq_retry_success
+    pub rq_retry_success: Counter,
+    /// upstream_rq_per_try_timeout
+    pub rq_per_try_timeout: Counter,
+    /// upstream_rq_per_try_idle_timeout
+    pub rq_per_try_idle_timeout: Counter,
 }
 
 /// `tcp.<stat_prefix>.*`
@@ -210,6 +216,27 @@ impl Stats {
             out.push((
                 format!("cluster.{n}.upstream_rq_retry_limit_exceeded"),
                 s.rq_retry_limit_exceeded.get(),
+            ));
+            out.push((
+                format!("cluster.{n}.upstream_rq_retry_success"),
+                s.rq_retry_success.get(),
+            ));
+            // Every retry waits a jittered exponential back-off.
+            out.push((
+                format!("cluster.{n}.upstream_rq_retry_backoff_exponential"),
+                s.rq_retry.get(),
+            ));
+            out.push((
+                format!("cluster.{n}.upstream_rq_retry_backoff_ratelimited"),
+                0,
+            ));
+            out.push((
+                format!("cluster.{n}.upstream_rq_per_try_timeout"),
+                s.rq_per_try_timeout.get(),
+            ));
+            out.push((
+                format!("cluster.{n}.upstream_rq_per_try_idle_timeout"),
+                s.rq_per_try_idle_timeout.get(),
             ));
         }
         for (p, s) in self.tcp.read().iter() {

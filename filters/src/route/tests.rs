@@ -73,6 +73,7 @@ fn prefix_rewrite_slash() {
         grpc_timeout: None,
         cluster_not_found_status: 503,
         websocket: None,
+        idle_timeout: None,
     };
     let m = PathMatch::Prefix("/api".into());
     // Envoy 1.40 substitutes the prefix literally: "/" + "/x".

@@ -114,6 +114,54 @@ impl Failure {
         }
     }
 
+    /// Body of the reply when the request was retried before this failure (Envoy words reset
+    /// replies differently then).
+    pub fn body_after_retries(self) -> &'static str {
+        match self {
+            Failure::ConnectFailure => {
+                "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: remote connection failure"
+            }
+            Failure::ConnectTimeout => {
+                "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: connection timeout"
+            }
+            Failure::ConnectionTermination => {
+                "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: connection termination"
+            }
+            Failure::UpstreamProtocolError => {
+                "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: protocol error"
+            }
+            Failure::Overflow | Failure::RetryOverflow => {
+                "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: overflow"
+            }
+            other => other.body(),
+        }
+    }
+
+    /// The gRPC status of the reply to a gRPC request when Envoy sets one explicitly (otherwise
+    /// it is derived from the HTTP status).
+    pub fn grpc_status(self) -> Option<u32> {
+        match self {
+            Failure::StreamDuration => Some(4),
+            _ => None,
+        }
+    }
+
+    /// The router (not the connection manager) answers this failure: its replies carry
+    /// `x-envoy-attempt-count` when the virtual host asks for it.
+    pub fn from_router(self) -> bool {
+        matches!(
+            self,
+            Failure::NoHealthyUpstream
+                | Failure::ConnectFailure
+                | Failure::ConnectTimeout
+                | Failure::ConnectionTermination
+                | Failure::UpstreamTimeout
+                | Failure::UpstreamProtocolError
+                | Failure::Overflow
+                | Failure::RetryOverflow
+        )
+    }
+
     /// Envoy's short response flag.
     pub fn flag(self) -> &'static str {
         match self {

@@ -106,6 +106,11 @@ pub struct RequestCtx {
     retry_overflow: bool,
     /// A retry was due but the policy's `num_retries` were used up (flag URX).
     retry_limit_exceeded: bool,
+    /// The upstream read bound armed for this attempt is the per-try timeout (`Some(false)`) or
+    /// the per-try idle timeout (`Some(true)`).
+    per_try_armed: Option<bool>,
+    /// Route `timeout` in force (for `x-envoy-expected-rq-timeout-ms`) and when it started.
+    route_timeout: Option<(Duration, Instant)>,
 }
 
 /// Holds one `active_faults` of an HCM's fault filter.
@@ -153,6 +158,8 @@ fn new_ctx() -> RequestCtx {
         retry_slot: None,
         retry_overflow: false,
         retry_limit_exceeded: false,
+        per_try_armed: None,
+        route_timeout: None,
     }
 }
 
@@ -296,7 +303,12 @@ impl Router {
                         u32::from(pingsail_filters::route::http_to_grpc_status(a.status))
                     })
                 }
-                _ => u32::from(pingsail_filters::route::http_to_grpc_status(status)),
+                _ => ctx
+                    .failure
+                    .and_then(Failure::grpc_status)
+                    .unwrap_or_else(|| {
+                        u32::from(pingsail_filters::route::http_to_grpc_status(status))
+                    }),
             };
             resp.insert_header("grpc-status", grpc_status.to_string())?;
             if !body.is_empty() {
@@ -344,7 +356,7 @@ impl Router {
     fn decorate_response(&self, ctx: &RequestCtx, resp: &mut ResponseHeader) {
         // The router's own local replies (overflow, timeouts, resets) carry the attempt count.
         if ctx.cluster.is_some()
-            && ctx.failure.is_some_and(|f| f != Failure::FaultAbort)
+            && ctx.failure.is_some_and(Failure::from_router)
             && ctx
                 .route()
                 .is_some_and(|(_, vh, _)| vh.attempt_count_in_response)
@@ -836,7 +848,20 @@ impl ProxyHttp for Router {
                     }
                 }
                 ctx.cluster = Some(cluster);
-                ctx.retry = a.retry_policy.clone();
+                ctx.retry = a.retry_policy.clone().filter(|p| {
+                    p.retriable_request_headers.is_empty() || {
+                        let req = session.req_header();
+                        p.request_retriable(&RequestView {
+                            path: std::str::from_utf8(req.raw_path()).unwrap_or("/"),
+                            method: req.method.as_str(),
+                            authority: authority(req),
+                            scheme: "http",
+                            headers: &req.headers,
+                            is_grpc: false,
+                            random: 0,
+                        })
+                    }
+                });
                 ctx.auto_host = a.auto_host_rewrite;
                 let now = Instant::now();
                 let grpc = a.grpc_timeout.and_then(|g| {
@@ -896,11 +921,12 @@ impl ProxyHttp for Router {
                     req.insert_header("x-envoy-original-host", original)?;
                     set_authority(req, h)?;
                 }
-                if let Some(t) = a.timeout {
-                    req.insert_header("x-envoy-expected-rq-timeout-ms", t.as_millis().to_string())?;
-                } else {
-                    req.remove_header("x-envoy-expected-rq-timeout-ms");
-                }
+                // Set per attempt in upstream_request_filter.
+                req.remove_header("x-envoy-expected-rq-timeout-ms");
+                ctx.route_timeout = match ctx.deadline {
+                    Some((_, Failure::UpstreamTimeout)) => a.timeout.map(|t| (t, now)),
+                    _ => None,
+                };
                 // Shadow traffic: a copy of the request as it goes upstream, fire-and-forget.
                 for (name, ppm) in &a.mirrors {
                     if rand::random::<u64>() % 1_000_000 >= *ppm {
@@ -968,6 +994,21 @@ impl ProxyHttp for Router {
         {
             upstream_request
                 .insert_header("x-envoy-attempt-count", (ctx.retries + 1).to_string())?;
+        }
+        // Envoy's expected timeout for this attempt: the per-try timeout when it is shorter than
+        // what is left of the route timeout.
+        let per_try = ctx.retry.as_ref().and_then(|p| p.per_try_timeout);
+        let left = ctx.route_timeout.map(|(t, start)| {
+            let elapsed = Duration::from_millis(start.elapsed().as_millis() as u64);
+            t.saturating_sub(elapsed)
+        });
+        let expected = match (per_try, left) {
+            (Some(p), Some(l)) => Some(p.min(l)),
+            (p, l) => p.or(l),
+        };
+        if let Some(t) = expected.filter(|t| !t.is_zero()) {
+            upstream_request
+                .insert_header("x-envoy-expected-rq-timeout-ms", t.as_millis().to_string())?;
         }
         // Envoy's HTTP/1 encoder announces an empty body (`content-length: 0`) on a headers-only
         // request unless the method never carries one. An HTTP/1 request without framing
@@ -1084,10 +1125,31 @@ impl ProxyHttp for Router {
             .as_ref()
             .and_then(|f| f.hcm.stream_idle_timeout)
             .map(|d| (d, Failure::StreamIdleTimeoutUpstream));
-        let bound = match (route_left, idle) {
-            (Some(r), Some(i)) => Some(if i.0 < r.0 { i } else { r }),
-            (r, i) => r.or(i),
+        // A route-level idle_timeout replaces the connection manager's stream_idle_timeout.
+        let idle = match ctx.route().map(|(_, _, r)| &r.action) {
+            Some(Action::Forward(a)) if a.idle_timeout.is_some() => a
+                .idle_timeout
+                .flatten()
+                .map(|d| (d, Failure::StreamIdleTimeoutUpstream)),
+            _ => idle,
         };
+        let shorter = |a: Option<(Duration, Failure)>, b: Option<(Duration, Failure)>| match (a, b)
+        {
+            (Some(x), Some(y)) => Some(if y.0 < x.0 { y } else { x }),
+            (x, y) => x.or(y),
+        };
+        let mut bound = shorter(route_left, idle);
+        ctx.per_try_armed = None;
+        if let Some(p) = ctx.retry.clone() {
+            for (t, is_idle) in [(p.per_try_timeout, false), (p.per_try_idle_timeout, true)] {
+                if let Some(t) = t
+                    && bound.is_none_or(|b| t < b.0)
+                {
+                    bound = Some((t, Failure::UpstreamTimeout));
+                    ctx.per_try_armed = Some(is_idle);
+                }
+            }
+        }
         if let Some((d, kind)) = bound {
             peer.options.read_timeout = Some(d);
             ctx.read_timeout_kind = Some(kind);
@@ -1165,13 +1227,24 @@ impl ProxyHttp for Router {
             };
             c.record(p, o);
         }
+        let timed_out = matches!(e.etype(), ErrorType::ReadTimedout);
+        let per_try = timed_out.then_some(ctx.per_try_armed).flatten();
+        if let (Some(is_idle), Some(s)) = (per_try, &ctx.cluster_stats) {
+            if is_idle {
+                s.rq_per_try_idle_timeout.inc();
+            } else {
+                s.rq_per_try_timeout.inc();
+            }
+        }
         let outcome = match e.etype() {
             ErrorType::H2Error => Outcome::RefusedStream,
+            ErrorType::ReadTimedout => Outcome::PerTryTimeout,
             _ => Outcome::Reset,
         };
+        // A route timeout or stream idle timeout ends the request; a per-try timeout may retry.
         let retry = ctx.status == 0
             && !session.as_ref().retry_buffer_truncated()
-            && !matches!(e.etype(), ErrorType::ReadTimedout)
+            && (!timed_out || per_try.is_some())
             && retry_due(ctx, outcome);
         if retry {
             ctx.picked = None;
@@ -1210,12 +1283,25 @@ impl ProxyHttp for Router {
                 .get("grpc-status")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
-            if retry_due(
+            let headers_hit = ctx.retry.as_ref().is_some_and(|p| {
+                !p.retriable_headers.is_empty()
+                    && p.retriable_response_headers(&RequestView {
+                        path: "",
+                        method: "",
+                        authority: "",
+                        scheme: "http",
+                        headers: &resp.headers,
+                        is_grpc: false,
+                        random: 0,
+                    })
+            });
+            if retry_due_or(
                 ctx,
                 Outcome::Response {
                     status,
                     grpc_status,
                 },
+                headers_hit,
             ) {
                 ctx.picked = None;
                 if let Some(s) = &ctx.cluster_stats
@@ -1305,6 +1391,7 @@ impl ProxyHttp for Router {
             };
         };
         if f == Failure::UpstreamTimeout
+            && ctx.per_try_armed.is_none()
             && let Some(s) = &ctx.cluster_stats
         {
             s.rq_timeout.inc();
@@ -1313,9 +1400,14 @@ impl ProxyHttp for Router {
         let code = f.status();
         // Pingora does not reuse the downstream connection after an upstream-phase error; say so.
         session.set_keepalive(None);
+        let body = if ctx.retries > 0 {
+            f.body_after_retries()
+        } else {
+            f.body()
+        };
         if ctx.status == 0
             && let Err(err) = self
-                .local_reply(session, ctx, code, f.body().as_bytes(), &[])
+                .local_reply(session, ctx, code, body.as_bytes(), &[])
                 .await
         {
             tracing::debug!("failed to send local reply: {err}");
@@ -1419,10 +1511,21 @@ fn response_flags(ctx: &RequestCtx) -> String {
 /// A retry condition matched: decides whether the retry happens (the policy's `num_retries`, the
 /// cluster's `max_retries` breaker) and keeps Envoy's counters.
 fn retry_due(ctx: &mut RequestCtx, outcome: Outcome) -> bool {
+    retry_due_or(ctx, outcome, false)
+}
+
+/// [`retry_due`], with `also` as one more retriable condition (`retriable-headers`).
+fn retry_due_or(ctx: &mut RequestCtx, outcome: Outcome, also: bool) -> bool {
     let Some(p) = &ctx.retry else {
         return false;
     };
-    if !p.retriable(outcome) {
+    if !(also || p.retriable(outcome)) {
+        // A retried attempt ended in something not worth retrying: the retry succeeded.
+        if ctx.retry_slot.take().is_some()
+            && let Some(s) = &ctx.cluster_stats
+        {
+            s.rq_retry_success.inc();
+        }
         return false;
     }
     if ctx.retries >= p.num_retries {

@@ -589,9 +589,9 @@ fn route_action(
             "upgrade_configs",
             "max_grpc_timeout",
             "grpc_timeout_offset",
+            "idle_timeout",
         ],
         &[
-            ("idle_timeout", RESILIENCE),
             ("hedge_policy", RESILIENCE),
             ("retry_policy_typed_config", RESILIENCE),
             ("rate_limits", "rate limiting"),
@@ -833,6 +833,13 @@ fn route_action(
         grpc_timeout,
         cluster_not_found_status,
         websocket,
+        idle_timeout: match &ra.idle_timeout {
+            Some(d) => {
+                let d = duration(d, &path.field("idle_timeout"))?;
+                Some((!d.is_zero()).then_some(d))
+            }
+            None => None,
+        },
     })
 }
 
@@ -952,21 +959,37 @@ fn retry_policy(p: &r::RetryPolicy, path: &Path) -> Result<RetryPolicy> {
             "host_selection_retry_max_attempts",
             "retry_back_off",
             "per_try_timeout",
+            "per_try_idle_timeout",
+            "retriable_headers",
+            "retriable_request_headers",
         ],
         &[
-            ("per_try_idle_timeout", RESILIENCE),
             ("retry_priority", RESILIENCE),
-            ("retriable_headers", RESILIENCE),
-            ("retriable_request_headers", RESILIENCE),
             ("rate_limited_retry_back_off", RESILIENCE),
             ("retry_options_predicates", RESILIENCE),
         ],
     )?;
-    if p.per_try_timeout.is_some() {
-        return err(
-            &path.field("per_try_timeout"),
-            ErrorKind::NotYet(RESILIENCE),
-        );
+    let opt_dur = |d: &Option<envoy_types::pb::google::protobuf::Duration>,
+                   f: &str|
+     -> Result<Option<Duration>> {
+        match d {
+            Some(d) => {
+                let d = duration(d, &path.field(f))?;
+                Ok((!d.is_zero()).then_some(d))
+            }
+            None => Ok(None),
+        }
+    };
+    let per_try_timeout = opt_dur(&p.per_try_timeout, "per_try_timeout")?;
+    let per_try_idle_timeout = opt_dur(&p.per_try_idle_timeout, "per_try_idle_timeout")?;
+    let mut retriable_headers = Vec::new();
+    for (i, h) in p.retriable_headers.iter().enumerate() {
+        retriable_headers.push(header_matcher(h, &path.at("retriable_headers", i))?);
+    }
+    let mut retriable_request_headers = Vec::new();
+    for (i, h) in p.retriable_request_headers.iter().enumerate() {
+        retriable_request_headers
+            .push(header_matcher(h, &path.at("retriable_request_headers", i))?);
     }
     let on = RetryOn::parse(&p.retry_on).or_else(|t| {
         invalid(
@@ -1032,6 +1055,10 @@ fn retry_policy(p: &r::RetryPolicy, path: &Path) -> Result<RetryPolicy> {
             .max(1),
         backoff_base: base,
         backoff_max: max,
+        per_try_timeout,
+        per_try_idle_timeout,
+        retriable_headers,
+        retriable_request_headers,
     })
 }
 
