@@ -31,6 +31,7 @@ scenario!(fault_percentages);
 scenario!(circuit_breaking);
 scenario!(outlier_detection);
 scenario!(timeouts_retries);
+scenario!(connection_pool);
 
 /// The harness must not pass vacuously: on real Envoy vs Envoy, comparing a random header by
 /// value and asserting a wrong upstream must both be reported.

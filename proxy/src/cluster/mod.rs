@@ -89,6 +89,8 @@ pub struct ClusterState {
     pub breakers: Arc<Breakers>,
     /// outlier-detection counters
     pub detector: Arc<outlier::Detector>,
+    /// Requests sent per upstream connection (by socket), for `max_requests_per_connection`.
+    conn_requests: parking_lot::Mutex<HashMap<i32, u32>>,
 }
 
 /// Circuit-breaker state of a cluster (DEFAULT priority).
@@ -224,6 +226,25 @@ impl ClusterState {
         if let (Some(cfg), Some(h)) = (&self.config.outlier, &picked.outlier) {
             self.detector.record(cfg, h, self.endpoint_count(), o);
         }
+    }
+
+    /// Counts a request on upstream connection `fd` (`reused` = pooled); true when it is the last
+    /// one `max_requests_per_connection` allows.
+    pub fn last_request_on(&self, fd: i32, reused: bool) -> bool {
+        let Some(max) = self.config.conn.max_requests_per_connection else {
+            return false;
+        };
+        let mut m = self.conn_requests.lock();
+        let n = m.entry(fd).or_insert(0);
+        if !reused {
+            *n = 0;
+        }
+        *n += 1;
+        if *n >= max {
+            m.remove(&fd);
+            return true;
+        }
+        false
     }
 
     /// Outlier state of each current endpoint (for `/clusters`).
@@ -411,6 +432,7 @@ impl ClusterManager {
                     rr: prev.rr.clone(),
                     breakers: prev.breakers.clone(),
                     detector: prev.detector.clone(),
+                    conn_requests: Default::default(),
                     config: cfg,
                 }),
                 None => Arc::new(ClusterState {
@@ -418,6 +440,7 @@ impl ClusterManager {
                     rr: Arc::new(AtomicUsize::new(rand::random::<u16>() as usize)),
                     breakers: Arc::default(),
                     detector: Arc::default(),
+                    conn_requests: Default::default(),
                     config: cfg,
                 }),
             };

@@ -111,6 +111,8 @@ pub struct RequestCtx {
     per_try_armed: Option<bool>,
     /// Route `timeout` in force (for `x-envoy-expected-rq-timeout-ms`) and when it started.
     route_timeout: Option<(Duration, Instant)>,
+    /// This request is the last `max_requests_per_connection` allows on its connection.
+    last_on_connection: bool,
 }
 
 /// Holds one `active_faults` of an HCM's fault filter.
@@ -160,6 +162,7 @@ fn new_ctx() -> RequestCtx {
         retry_limit_exceeded: false,
         per_try_armed: None,
         route_timeout: None,
+        last_on_connection: false,
     }
 }
 
@@ -995,6 +998,10 @@ impl ProxyHttp for Router {
             upstream_request
                 .insert_header("x-envoy-attempt-count", (ctx.retries + 1).to_string())?;
         }
+        // max_requests_per_connection: the last request closes its HTTP/1 connection.
+        if ctx.last_on_connection && upstream_request.version != http::Version::HTTP_2 {
+            upstream_request.insert_header(http::header::CONNECTION, "close")?;
+        }
         // Envoy's expected timeout for this attempt: the per-try timeout when it is shorter than
         // what is left of the route timeout.
         let per_try = ctx.retry.as_ref().and_then(|p| p.per_try_timeout);
@@ -1164,15 +1171,19 @@ impl ProxyHttp for Router {
     async fn connected_to_upstream(
         &self,
         _session: &mut Session,
-        _reused: bool,
+        reused: bool,
         _peer: &HttpPeer,
-        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(unix)] fd: std::os::unix::io::RawFd,
         #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
         _digest: Option<&pingora_core::protocols::Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(a) = &mut ctx.admitted {
             a.connected();
+        }
+        #[cfg(unix)]
+        if let Some(c) = &ctx.cluster {
+            ctx.last_on_connection = c.last_request_on(fd, reused);
         }
         Ok(())
     }
