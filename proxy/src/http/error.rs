@@ -10,8 +10,11 @@ pub enum Failure {
     ClusterNotFound,
     /// The cluster has no usable endpoint.
     NoHealthyUpstream,
-    /// TCP connect refused / unreachable.
+    /// TCP connect unreachable / failed.
     ConnectFailure,
+    /// TCP connect refused (RST): like [`Failure::ConnectFailure`] with the socket error in the
+    /// details.
+    ConnectRefused,
     /// TCP connect timed out.
     ConnectTimeout,
     /// The upstream closed or reset before sending response headers.
@@ -62,6 +65,7 @@ impl Failure {
             | Failure::Overflow
             | Failure::RetryOverflow
             | Failure::ConnectFailure
+            | Failure::ConnectRefused
             | Failure::ConnectTimeout
             | Failure::ConnectionTermination => 503,
             Failure::UpstreamTimeout | Failure::StreamDuration => 504,
@@ -87,7 +91,7 @@ impl Failure {
             | Failure::InvalidUrl
             | Failure::MissingHost => "",
             Failure::NoHealthyUpstream => "no healthy upstream",
-            Failure::ConnectFailure => {
+            Failure::ConnectFailure | Failure::ConnectRefused => {
                 "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"
             }
             Failure::ConnectTimeout => {
@@ -118,7 +122,7 @@ impl Failure {
     /// replies differently then).
     pub fn body_after_retries(self) -> &'static str {
         match self {
-            Failure::ConnectFailure => {
+            Failure::ConnectFailure | Failure::ConnectRefused => {
                 "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: remote connection failure"
             }
             Failure::ConnectTimeout => {
@@ -153,6 +157,7 @@ impl Failure {
             self,
             Failure::NoHealthyUpstream
                 | Failure::ConnectFailure
+                | Failure::ConnectRefused
                 | Failure::ConnectTimeout
                 | Failure::ConnectionTermination
                 | Failure::UpstreamTimeout
@@ -168,7 +173,7 @@ impl Failure {
             Failure::NoRoute => "NR",
             Failure::ClusterNotFound => "NC",
             Failure::NoHealthyUpstream => "UH",
-            Failure::ConnectFailure | Failure::ConnectTimeout => "UF",
+            Failure::ConnectFailure | Failure::ConnectRefused | Failure::ConnectTimeout => "UF",
             Failure::ConnectionTermination => "UC",
             Failure::UpstreamTimeout => "UT",
             Failure::StreamDuration => "UMSDR",
@@ -196,10 +201,13 @@ impl Failure {
             Failure::ConnectFailure | Failure::ConnectTimeout => {
                 "upstream_reset_before_response_started{remote_connection_failure}"
             }
+            Failure::ConnectRefused => {
+                "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}"
+            }
             Failure::ConnectionTermination => {
                 "upstream_reset_before_response_started{connection_termination}"
             }
-            Failure::UpstreamTimeout => "upstream_response_timeout",
+            Failure::UpstreamTimeout => "response_timeout",
             Failure::StreamDuration => "max_duration_timeout",
             Failure::UpstreamProtocolError => {
                 "upstream_reset_before_response_started{protocol_error}"
@@ -240,11 +248,10 @@ impl Failure {
         use pingora_error::ErrorType as E;
         match e.etype() {
             E::ConnectTimedout => Failure::ConnectTimeout,
-            E::ConnectRefused
-            | E::ConnectNoRoute
-            | E::ConnectError
-            | E::BindError
-            | E::SocketError => Failure::ConnectFailure,
+            E::ConnectRefused => Failure::ConnectRefused,
+            E::ConnectNoRoute | E::ConnectError | E::BindError | E::SocketError => {
+                Failure::ConnectFailure
+            }
             E::ReadTimedout | E::WriteTimedout => Failure::UpstreamTimeout,
             E::InvalidHTTPHeader | E::H1Error | E::H2Error | E::InvalidH2 => {
                 Failure::UpstreamProtocolError

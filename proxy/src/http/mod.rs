@@ -113,6 +113,9 @@ pub struct RequestCtx {
     route_timeout: Option<(Duration, Instant)>,
     /// This request is the last `max_requests_per_connection` allows on its connection.
     last_on_connection: bool,
+    /// Response flags raised before the final failure, in the order they were raised (Envoy
+    /// prints flags in that order): DI, URX, UO.
+    flag_events: [Option<&'static str>; 3],
 }
 
 /// Holds one `active_faults` of an HCM's fault filter.
@@ -163,10 +166,25 @@ fn new_ctx() -> RequestCtx {
         per_try_armed: None,
         route_timeout: None,
         last_on_connection: false,
+        flag_events: [None; 3],
     }
 }
 
 impl RequestCtx {
+    /// Records a response flag once, in order.
+    fn raise(&mut self, flag: &'static str) {
+        for slot in self.flag_events.iter_mut() {
+            match slot {
+                Some(f) if *f == flag => return,
+                Some(_) => {}
+                None => {
+                    *slot = Some(flag);
+                    return;
+                }
+            }
+        }
+    }
+
     fn route(&self) -> Option<(&RouteTable, &VirtualHost, &Route)> {
         let t = self.table.as_deref()?;
         let vh = t.vhosts.get(self.vhost)?;
@@ -459,6 +477,7 @@ impl Router {
         {
             stats.fault.delays_injected.inc();
             ctx.delay_injected = true;
+            ctx.raise("DI");
             pingora_timeout::sleep(d).await;
         }
         let abort = {
@@ -1383,9 +1402,10 @@ impl ProxyHttp for Router {
             },
             (None, _) => match e.etype() {
                 ErrorType::HTTPStatus(s) if *s >= 500 => Some(Failure::ConnectionTermination),
-                ErrorType::ConnectTimedout
-                | ErrorType::ConnectRefused
-                | ErrorType::ConnectError => Some(Failure::ConnectFailure),
+                ErrorType::ConnectRefused => Some(Failure::ConnectRefused),
+                ErrorType::ConnectTimedout | ErrorType::ConnectError => {
+                    Some(Failure::ConnectFailure)
+                }
                 ErrorType::ReadTimedout => Some(Failure::UpstreamTimeout),
                 _ => Some(Failure::ConnectionTermination),
             },
@@ -1479,39 +1499,19 @@ impl ProxyHttp for Router {
     }
 }
 
-/// `%RESPONSE_FLAGS%`: every flag that applies, in Envoy's order, comma-separated; `-` for none.
+/// `%RESPONSE_FLAGS%`: Envoy 1.40 prints the flags in the order they were raised: the events
+/// of the request (DI, URX, UO), then the final failure's flag; `-` for none.
 fn response_flags(ctx: &RequestCtx) -> String {
-    const ORDER: [&str; 30] = [
-        "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE",
-        "DC", "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF",
-        "DO", "DR", "UDO",
-    ];
-    let mut set = [false; 30];
-    let mut mark = |f: &str| {
-        if let Some(i) = ORDER.iter().position(|o| *o == f) {
-            set[i] = true;
-        }
-    };
-    if let Some(f) = ctx.failure {
-        mark(f.flag());
-    }
-    if ctx.delay_injected {
-        mark("DI");
-    }
-    if ctx.retry_overflow {
-        mark("UO");
-    }
-    if ctx.retry_limit_exceeded {
-        mark("URX");
-    }
     let mut out = String::new();
-    for (i, f) in ORDER.iter().enumerate() {
-        if set[i] {
-            if !out.is_empty() {
-                out.push(',');
-            }
-            out.push_str(f);
+    let failure = ctx.failure.map(|f| f.flag()).filter(|f| *f != "-");
+    for f in ctx.flag_events.iter().flatten().copied().chain(failure) {
+        if out.split(',').any(|x| x == f) {
+            continue;
         }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(f);
     }
     if out.is_empty() {
         out.push('-');
@@ -1541,6 +1541,7 @@ fn retry_due_or(ctx: &mut RequestCtx, outcome: Outcome, also: bool) -> bool {
     }
     if ctx.retries >= p.num_retries {
         ctx.retry_limit_exceeded = true;
+        ctx.raise("URX");
         if let Some(s) = &ctx.cluster_stats {
             s.rq_retry_limit_exceeded.inc();
         }
@@ -1552,6 +1553,7 @@ fn retry_due_or(ctx: &mut RequestCtx, outcome: Outcome, also: bool) -> bool {
         Some(slot) => ctx.retry_slot = Some(slot),
         None => {
             ctx.retry_overflow = true;
+            ctx.raise("UO");
             if let Some(s) = &ctx.cluster_stats {
                 s.rq_retry_overflow.inc();
             }
