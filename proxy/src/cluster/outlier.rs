@@ -297,3 +297,106 @@ impl Detector {
 pub fn interval(cfg: &OutlierDetection) -> Duration {
     cfg.interval.max(Duration::from_millis(1))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> OutlierDetection {
+        OutlierDetection {
+            consecutive_5xx: 2,
+            consecutive_gateway_failure: 5,
+            consecutive_local_origin_failure: 5,
+            interval: Duration::from_millis(10),
+            base_ejection_time: Duration::from_millis(100),
+            max_ejection_time: Duration::from_millis(160),
+            max_ejection_percent: 50,
+            enforcing_consecutive_5xx: 100,
+            enforcing_consecutive_gateway_failure: 0,
+            enforcing_consecutive_local_origin_failure: 100,
+            split_external_local_origin_errors: false,
+            enforcing_success_rate: 100,
+            success_rate_minimum_hosts: 5,
+            success_rate_request_volume: 100,
+            success_rate_stdev_factor: 1900,
+            enforcing_local_origin_success_rate: 100,
+            failure_percentage_threshold: 85,
+            enforcing_failure_percentage: 0,
+            enforcing_failure_percentage_local_origin: 0,
+            failure_percentage_minimum_hosts: 5,
+            failure_percentage_request_volume: 50,
+            always_eject_one_host: false,
+        }
+    }
+
+    #[test]
+    fn ejection_percent_counts_the_new_host() {
+        let (c, d) = (cfg(), Detector::default());
+        let hosts: Vec<HostState> = (0..3).map(|_| HostState::default()).collect();
+        for h in &hosts {
+            d.record(&c, h, 3, Outcome::Status(503));
+            d.record(&c, h, 3, Outcome::Status(500));
+        }
+        // (0 + 1) / 3 = 33 % ≤ 50 % ejects; (1 + 1) / 3 = 67 % does not.
+        assert_eq!(hosts.iter().filter(|h| h.ejected()).count(), 1);
+        assert_eq!(d.overflow.load(Ordering::Relaxed), 2);
+        // Without the split, a connect failure counts as a 503.
+        let (c, d) = (cfg(), Detector::default());
+        let h = HostState::default();
+        d.record(&c, &h, 1, Outcome::ConnectFailed);
+        assert!(!h.ejected());
+        d.record(&c, &h, 1, Outcome::Status(200));
+        d.record(&c, &h, 1, Outcome::ConnectFailed);
+        assert!(!h.ejected(), "a success resets the count");
+    }
+
+    #[test]
+    fn ejection_time_grows_and_is_capped() {
+        let mut c = cfg();
+        c.max_ejection_percent = 100;
+        let d = Detector::default();
+        let h = HostState::default();
+        let eject = || {
+            d.record(&c, &h, 1, Outcome::Status(503));
+            d.record(&c, &h, 1, Outcome::Status(503));
+        };
+        eject();
+        assert!(h.ejected());
+        assert_eq!(h.backoff.load(Ordering::Relaxed), 1);
+        std::thread::sleep(Duration::from_millis(110));
+        d.sweep(&c, &[&h]);
+        assert!(!h.ejected(), "back after base_ejection_time");
+        eject();
+        assert_eq!(h.backoff.load(Ordering::Relaxed), 2);
+        std::thread::sleep(Duration::from_millis(110));
+        d.sweep(&c, &[&h]);
+        assert!(
+            h.ejected(),
+            "the second ejection lasts min(2 × 100, 160) ms"
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        d.sweep(&c, &[&h]);
+        assert!(!h.ejected());
+        eject();
+        // 3 × 100 ms is over the 160 ms cap: the multiplier stops at 2.
+        assert_eq!(h.backoff.load(Ordering::Relaxed), 2);
+        // A healthy host's multiplier decays one step per sweep.
+        std::thread::sleep(Duration::from_millis(170));
+        d.sweep(&c, &[&h]);
+        d.sweep(&c, &[&h]);
+        assert_eq!(h.backoff.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn unenforced_detection_only_counts() {
+        let mut c = cfg();
+        c.enforcing_consecutive_5xx = 0;
+        let d = Detector::default();
+        let h = HostState::default();
+        d.record(&c, &h, 1, Outcome::Status(503));
+        d.record(&c, &h, 1, Outcome::Status(503));
+        assert!(!h.ejected());
+        assert_eq!(d.detected[0].load(Ordering::Relaxed), 1);
+        assert_eq!(d.enforced[0].load(Ordering::Relaxed), 0);
+    }
+}

@@ -94,18 +94,12 @@ pub struct RequestCtx {
     request_deadline: Option<Instant>,
     /// An injected fault holds one `active_faults` until the request ends.
     fault_active: Option<FaultGuard>,
-    /// The fault filter delayed this request (flag DI).
-    delay_injected: bool,
     /// The fault filter's abort (status, gRPC status) for [`Failure::FaultAbort`].
     fault_abort: Option<pingsail_filters::fault::Abort>,
     /// The cluster's circuit breaker admitted this request.
     admitted: Option<crate::cluster::Admitted>,
     /// The retry in flight holds a `max_retries` slot.
     retry_slot: Option<crate::cluster::RetrySlot>,
-    /// A retry was due but `max_retries` was reached (flag UO).
-    retry_overflow: bool,
-    /// A retry was due but the policy's `num_retries` were used up (flag URX).
-    retry_limit_exceeded: bool,
     /// The upstream read bound armed for this attempt is the per-try timeout (`Some(false)`) or
     /// the per-try idle timeout (`Some(true)`).
     per_try_armed: Option<bool>,
@@ -157,12 +151,9 @@ fn new_ctx() -> RequestCtx {
         read_timeout_kind: None,
         request_deadline: None,
         fault_active: None,
-        delay_injected: false,
         fault_abort: None,
         admitted: None,
         retry_slot: None,
-        retry_overflow: false,
-        retry_limit_exceeded: false,
         per_try_armed: None,
         route_timeout: None,
         last_on_connection: false,
@@ -476,7 +467,6 @@ impl Router {
             && try_activate(ctx)
         {
             stats.fault.delays_injected.inc();
-            ctx.delay_injected = true;
             ctx.raise("DI");
             pingora_timeout::sleep(d).await;
         }
@@ -1540,7 +1530,6 @@ fn retry_due_or(ctx: &mut RequestCtx, outcome: Outcome, also: bool) -> bool {
         return false;
     }
     if ctx.retries >= p.num_retries {
-        ctx.retry_limit_exceeded = true;
         ctx.raise("URX");
         if let Some(s) = &ctx.cluster_stats {
             s.rq_retry_limit_exceeded.inc();
@@ -1552,7 +1541,6 @@ fn retry_due_or(ctx: &mut RequestCtx, outcome: Outcome, also: bool) -> bool {
     match ctx.cluster.as_ref().and_then(|c| c.retry_slot()) {
         Some(slot) => ctx.retry_slot = Some(slot),
         None => {
-            ctx.retry_overflow = true;
             ctx.raise("UO");
             if let Some(s) = &ctx.cluster_stats {
                 s.rq_retry_overflow.inc();
