@@ -50,8 +50,6 @@ pub enum Failure {
     FaultAbort,
     /// A circuit breaker (max_requests / max_pending_requests / max_connections) overflowed.
     Overflow,
-    /// `max_retries` overflowed while a retry was due: the failed attempt's reply stands.
-    RetryOverflow,
 }
 
 impl Failure {
@@ -63,7 +61,6 @@ impl Failure {
             | Failure::NoHealthyUpstream
             | Failure::FaultAbort
             | Failure::Overflow
-            | Failure::RetryOverflow
             | Failure::ConnectFailure
             | Failure::ConnectRefused
             | Failure::ConnectTimeout
@@ -112,7 +109,7 @@ impl Failure {
             Failure::StreamIdleTimeout | Failure::StreamIdleTimeoutUpstream => "stream timeout",
             Failure::RequestTimeout => "request timeout",
             Failure::FaultAbort => "fault filter abort",
-            Failure::Overflow | Failure::RetryOverflow => {
+            Failure::Overflow => {
                 "upstream connect error or disconnect/reset before headers. reset reason: overflow"
             }
         }
@@ -134,7 +131,7 @@ impl Failure {
             Failure::UpstreamProtocolError => {
                 "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: protocol error"
             }
-            Failure::Overflow | Failure::RetryOverflow => {
+            Failure::Overflow => {
                 "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: overflow"
             }
             other => other.body(),
@@ -163,8 +160,7 @@ impl Failure {
                 | Failure::UpstreamTimeout
                 | Failure::UpstreamProtocolError
                 | Failure::Overflow
-                | Failure::RetryOverflow
-        )
+            )
     }
 
     /// Envoy's short response flag.
@@ -188,7 +184,7 @@ impl Failure {
             Failure::StreamIdleTimeout | Failure::StreamIdleTimeoutUpstream => "SI",
             Failure::RequestTimeout => "DT",
             Failure::FaultAbort => "FI",
-            Failure::Overflow | Failure::RetryOverflow => "UO",
+            Failure::Overflow => "UO",
         }
     }
 
@@ -224,7 +220,7 @@ impl Failure {
             }
             Failure::RequestTimeout => "request_overall_timeout",
             Failure::FaultAbort => "fault_filter_abort",
-            Failure::Overflow | Failure::RetryOverflow => {
+            Failure::Overflow => {
                 "upstream_reset_before_response_started{overflow}"
             }
         }
