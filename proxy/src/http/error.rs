@@ -160,7 +160,7 @@ impl Failure {
                 | Failure::UpstreamTimeout
                 | Failure::UpstreamProtocolError
                 | Failure::Overflow
-            )
+        )
     }
 
     /// Envoy's short response flag.
@@ -220,9 +220,7 @@ impl Failure {
             }
             Failure::RequestTimeout => "request_overall_timeout",
             Failure::FaultAbort => "fault_filter_abort",
-            Failure::Overflow => {
-                "upstream_reset_before_response_started{overflow}"
-            }
+            Failure::Overflow => "upstream_reset_before_response_started{overflow}",
         }
     }
 
