@@ -32,6 +32,7 @@ scenario!(circuit_breaking);
 scenario!(outlier_detection);
 scenario!(timeouts_retries);
 scenario!(connection_pool);
+scenario!(outlier_statistical);
 
 /// The harness must not pass vacuously: on real Envoy vs Envoy, comparing a random header by
 /// value and asserting a wrong upstream must both be reported.
