@@ -1304,16 +1304,20 @@ impl ProxyHttp for Router {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
             let headers_hit = ctx.retry.as_ref().is_some_and(|p| {
-                !p.retriable_headers.is_empty()
-                    && p.retriable_response_headers(&RequestView {
-                        path: "",
-                        method: "",
-                        authority: "",
-                        scheme: "http",
-                        headers: &resp.headers,
-                        is_grpc: false,
-                        random: 0,
-                    })
+                // `envoy-ratelimited`: the upstream (an Envoy rate limiter) set x-envoy-ratelimited.
+                (p.on
+                    .contains(pingsail_filters::retry::RetryOn::ENVOY_RATELIMITED)
+                    && resp.headers.contains_key("x-envoy-ratelimited"))
+                    || !p.retriable_headers.is_empty()
+                        && p.retriable_response_headers(&RequestView {
+                            path: "",
+                            method: "",
+                            authority: "",
+                            scheme: "http",
+                            headers: &resp.headers,
+                            is_grpc: false,
+                            random: 0,
+                        })
             });
             if retry_due_or(
                 ctx,
