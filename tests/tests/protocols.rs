@@ -1041,3 +1041,103 @@ static_resources:
     }
     assert_eq!(results[0].len(), results[1].len(), "{:?}", results[1]);
 }
+
+/// tcp_proxy honours the cluster's `max_connections` (the extra downstream connection is closed,
+/// `upstream_cx_overflow`) and feeds outlier detection with connect failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_breakers_and_outlier_match_envoy() {
+    use pingsail_tests::client::{Connection, RawReply, Request};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut results = Vec::new();
+    for kind in [ProxyUnderTest::Envoy, ProxyUnderTest::Pingsail] {
+        let echo = EchoServer::start("a").await.unwrap();
+        let dead = pingsail_tests::net::closed_port().unwrap();
+        let ip = random_loopback_ip();
+        let tcp = |name: &str, port: u16, cluster: &str| {
+            format!(
+                r#"
+  - name: {name}
+    address: {{socket_address: {{address: "{ip}", port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: {name}
+          cluster: {cluster}"#
+            )
+        };
+        let boot = format!(
+            r#"
+admin: {{address: {{socket_address: {{address: "{ip}", port_value: 15000}}}}}}
+static_resources:
+  listeners:{one}{dead_l}
+  clusters:
+  - name: one
+    connect_timeout: 1s
+    circuit_breakers: {{thresholds: [{{max_connections: 1}}]}}
+    load_assignment: {{cluster_name: one, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]}}
+  - name: dead
+    connect_timeout: 1s
+    common_lb_config: {{healthy_panic_threshold: {{value: 0}}}}
+    outlier_detection: {{consecutive_5xx: 2, interval: 30s, base_ejection_time: 30s, max_ejection_percent: 100}}
+    load_assignment: {{cluster_name: dead, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {dead}}}}}}}}}]}}]}}
+"#,
+            one = tcp("one", 9090, "one"),
+            dead_l = tcp("dead", 9091, "dead"),
+            port = echo.port(),
+        );
+        let proxy = kind.start(&boot, ip).await.unwrap();
+        // The first connection holds the only upstream connection.
+        let mut first = Connection::connect((ip, 9090).into()).await.unwrap();
+        let reply = first
+            .send_raw(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let first_ok = matches!(reply, RawReply::Response(ref r) if r.status == 200);
+        // The second is closed without reaching the upstream.
+        let mut second = tokio::net::TcpStream::connect((ip, 9090)).await.unwrap();
+        let _ = second.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        let mut buf = [0u8; 64];
+        let n =
+            tokio::time::timeout(std::time::Duration::from_secs(5), second.read(&mut buf)).await;
+        let second_closed = matches!(n, Ok(Ok(0)) | Ok(Err(_)));
+        drop(first);
+        // Two refused connects eject the dead endpoint.
+        for _ in 0..2 {
+            let mut c = tokio::net::TcpStream::connect((ip, 9091)).await.unwrap();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), c.read(&mut buf)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let admin = (ip, 15000).into();
+        let stats = pingsail_tests::client::send(
+            admin,
+            &Request::get("/stats?filter=cluster\\.(one|dead)\\.(upstream_cx_overflow|outlier_detection\\.ejections_enforced_consecutive_5xx)$")
+                .header("host", "admin"),
+        )
+        .await
+        .unwrap()
+        .body_text();
+        let clusters =
+            pingsail_tests::client::send(admin, &Request::get("/clusters").header("host", "admin"))
+                .await
+                .unwrap()
+                .body_text();
+        let ejected = clusters
+            .lines()
+            .any(|l| l.starts_with("dead::") && l.ends_with("health_flags::/failed_outlier_check"));
+        drop(proxy);
+        results.push((first_ok, second_closed, stats, ejected));
+    }
+    assert_eq!(
+        results[0],
+        (
+            true,
+            true,
+            "cluster.dead.outlier_detection.ejections_enforced_consecutive_5xx: 1\ncluster.dead.upstream_cx_overflow: 0\ncluster.one.upstream_cx_overflow: 1\n".to_owned(),
+            true
+        ),
+        "envoy"
+    );
+    assert_eq!(results[0], results[1], "pingsail differs from envoy");
+}

@@ -104,6 +104,8 @@ pub struct Breakers {
     pub retries: AtomicU64,
     /// HTTP/1 connections believed open (opened for requests; closed on upstream errors)
     pub conns: AtomicU64,
+    /// tcp_proxy upstream connections open
+    pub tcp_conns: AtomicU64,
     waiters: tokio::sync::Notify,
 }
 
@@ -146,6 +148,16 @@ pub struct RetrySlot(Arc<Breakers>);
 impl Drop for RetrySlot {
     fn drop(&mut self) {
         self.0.retries.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An open tcp_proxy upstream connection (released when dropped).
+#[derive(Debug)]
+pub struct TcpSlot(Arc<Breakers>);
+
+impl Drop for TcpSlot {
+    fn drop(&mut self) {
+        self.0.tcp_conns.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -209,6 +221,16 @@ impl ClusterState {
             breakers: self.breakers.clone(),
             connecting,
         })
+    }
+
+    /// A tcp_proxy connection slot under `max_connections` (None = overflow).
+    pub fn tcp_slot(&self) -> Option<TcpSlot> {
+        let b = &self.breakers;
+        if b.tcp_conns.load(Ordering::Relaxed) >= self.config.breakers.max_connections {
+            return None;
+        }
+        b.tcp_conns.fetch_add(1, Ordering::Relaxed);
+        Some(TcpSlot(self.breakers.clone()))
     }
 
     /// A retry slot under `max_retries`, or None when the breaker is open.
