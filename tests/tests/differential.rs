@@ -33,6 +33,7 @@ scenario!(outlier_detection);
 scenario!(timeouts_retries);
 scenario!(connection_pool);
 scenario!(outlier_statistical);
+scenario!(hash_with_ejection);
 
 /// The harness must not pass vacuously: on real Envoy vs Envoy, comparing a random header by
 /// value and asserting a wrong upstream must both be reported.

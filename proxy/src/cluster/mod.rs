@@ -21,6 +21,8 @@ pub struct EndpointSet {
     pub endpoints: Arc<[Endpoint]>,
     schedule: lb::Schedule,
     hash: Option<lb::HashTable>,
+    /// The hash keys and weights the table was built from (to rebuild it over healthy hosts).
+    hash_keys: Vec<(String, u32)>,
     active: Box<[Arc<AtomicU32>]>,
     /// outlier-detection state per endpoint (carried by address like `active`)
     outlier: Box<[Arc<outlier::HostState>]>,
@@ -48,6 +50,7 @@ impl EndpointSet {
 
     fn new(cfg: &Cluster, endpoints: Arc<[Endpoint]>) -> Self {
         let schedule = lb::Schedule::new(&endpoints);
+        let mut hash_keys = Vec::new();
         let hash = cfg.hash_lb.as_ref().and_then(|h| {
             let keys: Vec<(String, u32)> = endpoints
                 .iter()
@@ -61,7 +64,9 @@ impl EndpointSet {
                     (key, e.weight)
                 })
                 .collect();
-            lb::HashTable::build(h, &keys)
+            let table = lb::HashTable::build(h, &keys);
+            hash_keys = keys;
+            table
         });
         let active = endpoints
             .iter()
@@ -72,6 +77,7 @@ impl EndpointSet {
             endpoints,
             schedule,
             hash,
+            hash_keys,
             active,
             outlier,
         }
@@ -91,6 +97,21 @@ pub struct ClusterState {
     pub detector: Arc<outlier::Detector>,
     /// Requests sent per upstream connection (by socket), for `max_requests_per_connection`.
     conn_requests: parking_lot::Mutex<HashMap<i32, u32>>,
+    /// Ring / Maglev table over the hosts not ejected (Envoy rebuilds its hashing balancer over the
+    /// healthy hosts); rebuilt when the ejected set or the endpoints change.
+    healthy_hash: arc_swap::ArcSwapOption<HealthyHash>,
+}
+
+/// A consistent-hash table over a subset of an endpoint set.
+#[derive(Debug)]
+struct HealthyHash {
+    /// the endpoint set it was built for (pointer identity)
+    set: usize,
+    /// which endpoints were ejected then
+    ejected: Vec<bool>,
+    table: lb::HashTable,
+    /// subset index → endpoint index
+    index: Vec<usize>,
 }
 
 /// Circuit-breaker state of a cluster (DEFAULT priority).
@@ -269,6 +290,36 @@ impl ClusterState {
         false
     }
 
+    /// The hash table over the hosts not ejected now (cached until that set changes).
+    fn healthy_hash(&self, set: &Arc<EndpointSet>) -> Option<Arc<HealthyHash>> {
+        let id = Arc::as_ptr(set) as usize;
+        if let Some(h) = self.healthy_hash.load_full()
+            && h.set == id
+            && h.ejected.len() == set.outlier.len()
+            && h.ejected
+                .iter()
+                .zip(set.outlier.iter())
+                .all(|(e, o)| *e == o.ejected())
+        {
+            return Some(h);
+        }
+        let lb = self.config.hash_lb.as_ref()?;
+        let ejected: Vec<bool> = set.outlier.iter().map(|o| o.ejected()).collect();
+        let index: Vec<usize> = (0..set.hash_keys.len())
+            .filter(|i| !ejected.get(*i).copied().unwrap_or(false))
+            .collect();
+        let keys: Vec<(String, u32)> = index.iter().map(|i| set.hash_keys[*i].clone()).collect();
+        let table = lb::HashTable::build(lb, &keys)?;
+        let h = Arc::new(HealthyHash {
+            set: id,
+            ejected,
+            table,
+            index,
+        });
+        self.healthy_hash.store(Some(h.clone()));
+        Some(h)
+    }
+
     /// Outlier state of each current endpoint (for `/clusters`).
     pub fn host_ejected(&self) -> Vec<bool> {
         self.set
@@ -339,6 +390,10 @@ impl ClusterState {
             ejected > 0 && !panic
         };
         let ejected = |i: usize| skip_ejected && set.outlier.get(i).is_some_and(|h| h.ejected());
+        let healthy_hash = match self.config.lb {
+            LbPolicy::RingHash | LbPolicy::Maglev if skip_ejected => self.healthy_hash(&set),
+            _ => None,
+        };
         let mut attempt = 0u32;
         let mut skips = 0usize;
         while attempt < attempts.max(1) {
@@ -352,9 +407,10 @@ impl ClusterState {
                         |i: usize| set.active.get(i).map_or(0, |a| a.load(Ordering::Relaxed));
                     lb::least_request(&set.endpoints, load, &mut rng)?
                 }
-                LbPolicy::RingHash | LbPolicy::Maglev => {
-                    set.hash.as_ref()?.choose(hash, attempt + skips as u32)?
-                }
+                LbPolicy::RingHash | LbPolicy::Maglev => match &healthy_hash {
+                    Some(h) => *h.index.get(h.table.choose(hash, attempt)?)?,
+                    None => set.hash.as_ref()?.choose(hash, attempt + skips as u32)?,
+                },
             };
             if ejected(i) && skips < 4 * n {
                 skips += 1;
@@ -455,6 +511,7 @@ impl ClusterManager {
                     breakers: prev.breakers.clone(),
                     detector: prev.detector.clone(),
                     conn_requests: Default::default(),
+                    healthy_hash: Default::default(),
                     config: cfg,
                 }),
                 None => Arc::new(ClusterState {
@@ -463,6 +520,7 @@ impl ClusterManager {
                     breakers: Arc::default(),
                     detector: Arc::default(),
                     conn_requests: Default::default(),
+                    healthy_hash: Default::default(),
                     config: cfg,
                 }),
             };
