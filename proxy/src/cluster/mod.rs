@@ -95,8 +95,9 @@ pub struct ClusterState {
     pub breakers: Arc<Breakers>,
     /// outlier-detection counters
     pub detector: Arc<outlier::Detector>,
-    /// Requests sent per upstream connection (by socket), for `max_requests_per_connection`.
-    conn_requests: parking_lot::Mutex<HashMap<i32, u32>>,
+    /// Requests sent per upstream connection (by socket) and when it opened, for
+    /// `max_requests_per_connection` and `max_connection_duration`.
+    conn_requests: parking_lot::Mutex<HashMap<i32, (u32, std::time::Instant)>>,
     /// Ring / Maglev table over the hosts not ejected (Envoy rebuilds its hashing balancer over the
     /// healthy hosts); rebuilt when the ejected set or the endpoints change.
     healthy_hash: arc_swap::ArcSwapOption<HealthyHash>,
@@ -272,22 +273,29 @@ impl ClusterState {
     }
 
     /// Counts a request on upstream connection `fd` (`reused` = pooled); true when it is the last
-    /// one `max_requests_per_connection` allows.
+    /// one `max_requests_per_connection` or `max_connection_duration` allows.
     pub fn last_request_on(&self, fd: i32, reused: bool) -> bool {
-        let Some(max) = self.config.conn.max_requests_per_connection else {
+        let conn = &self.config.conn;
+        if conn.max_requests_per_connection.is_none() && conn.max_connection_duration.is_none() {
             return false;
-        };
+        }
         let mut m = self.conn_requests.lock();
-        let n = m.entry(fd).or_insert(0);
+        let now = std::time::Instant::now();
+        let e = m.entry(fd).or_insert((0, now));
         if !reused {
-            *n = 0;
+            *e = (0, now);
         }
-        *n += 1;
-        if *n >= max {
+        e.0 += 1;
+        let last = conn
+            .max_requests_per_connection
+            .is_some_and(|max| e.0 >= max)
+            || conn
+                .max_connection_duration
+                .is_some_and(|d| now.duration_since(e.1) >= d);
+        if last {
             m.remove(&fd);
-            return true;
         }
-        false
+        last
     }
 
     /// The hash table over the hosts not ejected now (cached until that set changes).
