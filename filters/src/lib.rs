@@ -6,6 +6,7 @@
 //! Pingora sessions; the proxy maps Pingora's phases onto these decisions.
 
 pub mod cors;
+pub mod fault;
 pub mod headers;
 pub mod jwt;
 pub mod matcher;

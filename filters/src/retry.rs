@@ -91,6 +91,14 @@ pub struct RetryPolicy {
     pub backoff_base: Duration,
     /// `retry_back_off.max_interval` (default 10 × base)
     pub backoff_max: Duration,
+    /// `per_try_timeout`
+    pub per_try_timeout: Option<Duration>,
+    /// `per_try_idle_timeout`
+    pub per_try_idle_timeout: Option<Duration>,
+    /// `retriable_headers`: a response matching any of them is retriable (`retriable-headers`).
+    pub retriable_headers: Vec<crate::matcher::HeaderMatcher>,
+    /// `retriable_request_headers`: only requests matching one of them are retried.
+    pub retriable_request_headers: Vec<crate::matcher::HeaderMatcher>,
 }
 
 /// How an attempt ended, as far as retry decisions care.
@@ -102,6 +110,8 @@ pub enum Outcome {
     Reset,
     /// HTTP/2 REFUSED_STREAM.
     RefusedStream,
+    /// The per-try (or per-try idle) timeout expired.
+    PerTryTimeout,
     /// A response with this status and optional gRPC status.
     Response {
         /// HTTP status
@@ -131,6 +141,11 @@ impl RetryPolicy {
             Outcome::RefusedStream => {
                 on.contains(RetryOn::REFUSED_STREAM) || on.contains(RetryOn::RESET)
             }
+            Outcome::PerTryTimeout => {
+                on.contains(RetryOn::FIVE_XX)
+                    || on.contains(RetryOn::GATEWAY_ERROR)
+                    || on.contains(RetryOn::RESET)
+            }
             Outcome::Response {
                 status,
                 grpc_status,
@@ -149,6 +164,21 @@ impl RetryPolicy {
                     })
             }
         }
+    }
+
+    /// `retriable-headers`: does the response match one of `retriable_headers`?
+    pub fn retriable_response_headers(&self, resp: &impl crate::matcher::HeaderSource) -> bool {
+        self.on.contains(RetryOn::RETRIABLE_HEADERS)
+            && self.retriable_headers.iter().any(|m| m.matches(resp))
+    }
+
+    /// `retriable_request_headers`: may this request be retried at all?
+    pub fn request_retriable(&self, req: &impl crate::matcher::HeaderSource) -> bool {
+        self.retriable_request_headers.is_empty()
+            || self
+                .retriable_request_headers
+                .iter()
+                .any(|m| m.matches(req))
     }
 
     /// Fully jittered exponential back-off before retry number `retry` (1-based), as Envoy's
@@ -181,6 +211,10 @@ mod tests {
             host_selection_max_attempts: 5,
             backoff_base: Duration::from_millis(25),
             backoff_max: Duration::from_millis(250),
+            per_try_timeout: None,
+            per_try_idle_timeout: None,
+            retriable_headers: Vec::new(),
+            retriable_request_headers: Vec::new(),
         };
         assert!(p.retriable(Outcome::ConnectFailure));
         assert!(p.retriable(Outcome::Response {

@@ -180,6 +180,8 @@ pub struct VirtualHost {
     pub cors: Option<Arc<CorsPolicy>>,
     /// Per-route configs of the authorization filters (`typed_per_filter_config`).
     pub authz: PerFilterAuthz,
+    /// Per-filter fault config: (filter name it is keyed by, config).
+    pub fault: Option<(ArcStr, Arc<crate::fault::FaultConfig>)>,
     /// `include_request_attempt_count`: `x-envoy-attempt-count` on upstream requests.
     pub attempt_count_in_request: bool,
     /// `include_attempt_count_in_response`: `x-envoy-attempt-count` on responses.
@@ -362,6 +364,8 @@ pub struct Route {
     pub cors: Option<Arc<CorsPolicy>>,
     /// Per-route configs of the authorization filters (`typed_per_filter_config`).
     pub authz: PerFilterAuthz,
+    /// Per-route fault config (filter name it is keyed by, config), overriding the virtual host's.
+    pub fault: Option<(ArcStr, Arc<crate::fault::FaultConfig>)>,
 }
 
 /// `typed_per_filter_config` entries of the authorization filters, keyed by filter name (a route's
@@ -503,6 +507,9 @@ pub struct RouteAction {
     pub cluster_not_found_status: u16,
     /// Route-level websocket `upgrade_configs.enabled`, overriding the connection manager's.
     pub websocket: Option<bool>,
+    /// `idle_timeout`: overrides the connection manager's `stream_idle_timeout` (`Some(None)` =
+    /// disabled).
+    pub idle_timeout: Option<Option<Duration>>,
 }
 
 /// How a `grpc-timeout` request header bounds the stream.

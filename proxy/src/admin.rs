@@ -134,7 +134,20 @@ fn route(admin: &Admin, method: &str, path: &str, query: &str) -> (u16, &'static
         "/clusters" => (200, "text/plain", clusters(&admin.shared)),
         "/stats" => {
             let mut s = String::new();
-            for (k, v) in admin.shared.stats.counters() {
+            // `filter=REGEX` keeps the stats whose name the regex finds a match in.
+            let filter = query
+                .split('&')
+                .find_map(|q| q.strip_prefix("filter="))
+                .map(percent_decode);
+            let filter = match filter.map(|f| regex::Regex::new(&f)) {
+                Some(Ok(r)) => Some(r),
+                Some(Err(e)) => return (400, "text/plain", format!("Invalid regex: {e}\n")),
+                None => None,
+            };
+            for (k, v) in all_stats(&admin.shared) {
+                if filter.as_ref().is_some_and(|r| !r.is_match(&k)) {
+                    continue;
+                }
                 let _ = writeln!(s, "{k}: {v}");
             }
             (200, "text/plain", s)
@@ -420,6 +433,102 @@ fn redacted(
     s
 }
 
+/// The registry's counters plus the gauges and counters kept in cluster runtime state (circuit
+/// breakers, outlier detection), sorted by name.
+fn all_stats(shared: &Shared) -> Vec<(String, u64)> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = shared.stats.counters();
+    for (n, c) in shared.clusters.all().iter() {
+        let t = &c.config.breakers;
+        let b = &c.breakers;
+        let rq = b.requests.load(Relaxed);
+        let pending = b.pending.load(Relaxed);
+        let retries = b.retries.load(Relaxed);
+        let cb = format!("cluster.{n}.circuit_breakers.default");
+        // A breaker is open while its resource is in use up to the limit.
+        let open = |n: u64, max: u64| u64::from(n > 0 && n >= max);
+        out.push((format!("{cb}.rq_open"), open(rq, t.max_requests)));
+        out.push((
+            format!("{cb}.rq_pending_open"),
+            open(pending, t.max_pending_requests),
+        ));
+        out.push((format!("{cb}.rq_retry_open"), open(retries, t.max_retries)));
+        out.push((format!("{cb}.cx_open"), open(rq, t.max_connections)));
+        out.push((format!("{cb}.cx_pool_open"), 0));
+        if t.track_remaining {
+            out.push((
+                format!("{cb}.remaining_rq"),
+                t.max_requests.saturating_sub(rq),
+            ));
+            out.push((
+                format!("{cb}.remaining_pending"),
+                t.max_pending_requests.saturating_sub(pending),
+            ));
+            out.push((
+                format!("{cb}.remaining_retries"),
+                t.max_retries.saturating_sub(retries),
+            ));
+            out.push((
+                format!("{cb}.remaining_cx"),
+                t.max_connections.saturating_sub(rq),
+            ));
+            out.push((format!("{cb}.remaining_cx_pools"), u64::from(u32::MAX)));
+        }
+        if c.config.outlier.is_some() {
+            let d = &c.detector;
+            let od = format!("cluster.{n}.outlier_detection");
+            out.push((
+                format!("{od}.ejections_active"),
+                d.ejections_active.load(Relaxed),
+            ));
+            out.push((
+                format!("{od}.ejections_enforced_total"),
+                d.enforced_total.load(Relaxed),
+            ));
+            out.push((format!("{od}.ejections_overflow"), d.overflow.load(Relaxed)));
+            // Envoy's full set, including detectors pingsail does not run (always 0) and the
+            // legacy aliases.
+            let kinds = crate::cluster::outlier::KIND_NAMES;
+            let get = |arr: &[std::sync::atomic::AtomicU64; 5], k: &str| {
+                kinds
+                    .iter()
+                    .position(|x| *x == k)
+                    .map_or(0, |i| arr[i].load(Relaxed))
+            };
+            for k in [
+                "consecutive_5xx",
+                "consecutive_gateway_failure",
+                "consecutive_local_origin_failure",
+                "degradation",
+                "failure_percentage",
+                "local_origin_failure_percentage",
+                "local_origin_success_rate",
+                "success_rate",
+            ] {
+                out.push((format!("{od}.ejections_detected_{k}"), get(&d.detected, k)));
+                if k != "degradation" {
+                    out.push((format!("{od}.ejections_enforced_{k}"), get(&d.enforced, k)));
+                }
+            }
+            out.push((
+                format!("{od}.ejections_consecutive_5xx"),
+                get(&d.detected, "consecutive_5xx"),
+            ));
+            out.push((
+                format!("{od}.ejections_success_rate"),
+                get(&d.detected, "success_rate"),
+            ));
+            // Legacy: consecutive 5xx and success-rate detections, enforced or not.
+            out.push((
+                format!("{od}.ejections_total"),
+                get(&d.detected, "consecutive_5xx") + get(&d.detected, "success_rate"),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
 fn clusters(shared: &Shared) -> String {
     let mut s = String::new();
     let all = shared.clusters.all();
@@ -428,14 +537,28 @@ fn clusters(shared: &Shared) -> String {
     for n in names {
         let c = &all[n];
         let _ = writeln!(s, "{n}::observability_name::{n}");
-        let _ = writeln!(s, "{n}::default_priority::max_connections::1024");
-        let _ = writeln!(s, "{n}::default_priority::max_pending_requests::1024");
-        let _ = writeln!(s, "{n}::default_priority::max_requests::1024");
-        let _ = writeln!(s, "{n}::default_priority::max_retries::3");
+        let t = &c.config.breakers;
+        let _ = writeln!(
+            s,
+            "{n}::default_priority::max_connections::{}",
+            t.max_connections
+        );
+        let _ = writeln!(
+            s,
+            "{n}::default_priority::max_pending_requests::{}",
+            t.max_pending_requests
+        );
+        let _ = writeln!(s, "{n}::default_priority::max_requests::{}", t.max_requests);
+        let _ = writeln!(s, "{n}::default_priority::max_retries::{}", t.max_retries);
         let _ = writeln!(s, "{n}::added_via_api::false");
-        for e in c.endpoints().iter() {
+        let ejected = c.host_ejected();
+        for (i, e) in c.endpoints().iter().enumerate() {
             let Some(addr) = e.addr else { continue };
-            let _ = writeln!(s, "{n}::{addr}::health_flags::healthy");
+            if ejected.get(i).copied().unwrap_or(false) {
+                let _ = writeln!(s, "{n}::{addr}::health_flags::/failed_outlier_check");
+            } else {
+                let _ = writeln!(s, "{n}::{addr}::health_flags::healthy");
+            }
             let _ = writeln!(s, "{n}::{addr}::weight::{}", e.weight);
             let _ = writeln!(
                 s,
@@ -450,7 +573,7 @@ fn clusters(shared: &Shared) -> String {
 /// Envoy's Prometheus naming with its default tag extraction for the stats we have.
 fn prometheus(shared: &Shared) -> String {
     let mut by_metric: std::collections::BTreeMap<String, Vec<(String, u64)>> = Default::default();
-    for (name, value) in shared.stats.counters() {
+    for (name, value) in all_stats(shared) {
         let (metric, labels) = match name.split_once('.') {
             Some(("cluster", rest)) => match rest.rsplit_once('.') {
                 Some((c, stat)) => (
@@ -486,4 +609,29 @@ fn prometheus(shared: &Shared) -> String {
         }
     }
     s
+}
+
+/// Decodes `%XX` escapes (and `+` as space) in a query value.
+fn percent_decode(s: &str) -> String {
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+            (b'+', _, _) => out.push(b' '),
+            (c, _, _) => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

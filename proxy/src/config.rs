@@ -200,6 +200,17 @@ pub enum ChainKind {
     Tcp(Arc<TcpProxy>),
 }
 
+/// `envoy.filters.http.fault` in an HCM's chain.
+#[derive(Debug)]
+pub struct FaultFilter {
+    /// The filter's `name` (per-route configs are keyed by it).
+    pub name: ArcStr,
+    /// Filter-level config, used when the route has none.
+    pub config: Arc<pingsail_filters::fault::FaultConfig>,
+    /// The filter comes before the CORS filter (Istio's order).
+    pub before_cors: bool,
+}
+
 /// HTTP codec selection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
@@ -307,6 +318,8 @@ pub struct HttpConnectionManager {
     pub cors_filter: bool,
     /// jwt_authn and rbac HTTP filters, in chain order (they run before CORS and the router).
     pub authz: Vec<crate::authz::HttpAuthz>,
+    /// The fault filter, when in the chain.
+    pub fault: Option<Arc<FaultFilter>>,
     /// `access_log`
     pub access_logs: Vec<Arc<crate::access_log::AccessLog>>,
 }
@@ -407,6 +420,14 @@ pub struct Cluster {
     pub tls: Option<Arc<crate::tls::UpstreamTls>>,
     /// `transport_socket_matches`: (criteria, TLS or plaintext), first match wins, else `tls`.
     pub tls_matches: Vec<TlsMatch>,
+    /// `circuit_breakers.thresholds` for the DEFAULT priority (Envoy's defaults when absent).
+    pub breakers: Thresholds,
+    /// `outlier_detection`
+    pub outlier: Option<Arc<OutlierDetection>>,
+    /// `common_lb_config.healthy_panic_threshold` in percent (default 50; 0 disables panic routing).
+    pub panic_threshold: f64,
+    /// Upstream HTTP connection options (`HttpProtocolOptions`).
+    pub conn: ConnOptions,
 }
 
 /// One `transport_socket_matches` entry: the criteria and the transport (TLS, or plaintext).
@@ -425,4 +446,94 @@ impl Cluster {
         }
         (usize::MAX, self.tls.as_ref())
     }
+}
+
+/// `circuit_breakers.thresholds` of one priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    /// `max_connections` (default 1024)
+    pub max_connections: u64,
+    /// `max_pending_requests` (default 1024)
+    pub max_pending_requests: u64,
+    /// `max_requests` (default 1024)
+    pub max_requests: u64,
+    /// `max_retries` (default 3)
+    pub max_retries: u64,
+    /// `track_remaining`: publish `circuit_breakers.default.remaining_*`.
+    pub track_remaining: bool,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3,
+            track_remaining: false,
+        }
+    }
+}
+
+/// Upstream connection management (`HttpProtocolOptions.common_http_protocol_options`,
+/// `http2_protocol_options`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConnOptions {
+    /// `idle_timeout` (Envoy's default 1 h)
+    pub idle_timeout: Option<Duration>,
+    /// `max_requests_per_connection` (None = unlimited)
+    pub max_requests_per_connection: Option<u32>,
+    /// `max_connection_duration`
+    pub max_connection_duration: Option<Duration>,
+    /// `http2_protocol_options.max_concurrent_streams`
+    pub max_concurrent_streams: Option<u32>,
+}
+
+/// `outlier_detection`, with Envoy's defaults filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutlierDetection {
+    /// `consecutive_5xx` (5)
+    pub consecutive_5xx: u32,
+    /// `consecutive_gateway_failure` (5)
+    pub consecutive_gateway_failure: u32,
+    /// `consecutive_local_origin_failure` (5)
+    pub consecutive_local_origin_failure: u32,
+    /// `interval` (10 s)
+    pub interval: Duration,
+    /// `base_ejection_time` (30 s)
+    pub base_ejection_time: Duration,
+    /// `max_ejection_time` (300 s)
+    pub max_ejection_time: Duration,
+    /// `max_ejection_percent` (10)
+    pub max_ejection_percent: u32,
+    /// `enforcing_consecutive_5xx` (100)
+    pub enforcing_consecutive_5xx: u32,
+    /// `enforcing_consecutive_gateway_failure` (0)
+    pub enforcing_consecutive_gateway_failure: u32,
+    /// `enforcing_consecutive_local_origin_failure` (100)
+    pub enforcing_consecutive_local_origin_failure: u32,
+    /// `split_external_local_origin_errors`
+    pub split_external_local_origin_errors: bool,
+    /// `enforcing_success_rate` (100)
+    pub enforcing_success_rate: u32,
+    /// `success_rate_minimum_hosts` (5)
+    pub success_rate_minimum_hosts: u32,
+    /// `success_rate_request_volume` (100)
+    pub success_rate_request_volume: u32,
+    /// `success_rate_stdev_factor` (1900, i.e. 1.9)
+    pub success_rate_stdev_factor: u32,
+    /// `enforcing_local_origin_success_rate` (100)
+    pub enforcing_local_origin_success_rate: u32,
+    /// `failure_percentage_threshold` (85)
+    pub failure_percentage_threshold: u32,
+    /// `enforcing_failure_percentage` (0)
+    pub enforcing_failure_percentage: u32,
+    /// `enforcing_failure_percentage_local_origin` (0)
+    pub enforcing_failure_percentage_local_origin: u32,
+    /// `failure_percentage_minimum_hosts` (5)
+    pub failure_percentage_minimum_hosts: u32,
+    /// `failure_percentage_request_volume` (50)
+    pub failure_percentage_request_volume: u32,
+    /// `always_eject_one_host`
+    pub always_eject_one_host: bool,
 }

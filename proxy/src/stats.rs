@@ -34,6 +34,42 @@ pub struct HttpStats {
     pub no_route: Counter,
     /// no_cluster
     pub no_cluster: Counter,
+    /// `fault.*`: present once a fault filter served a request on this prefix
+    pub fault: FaultStats,
+}
+
+/// `http.<stat_prefix>.fault.*`
+#[derive(Debug, Default)]
+pub struct FaultStats {
+    /// a fault filter is configured (the stats are shown)
+    pub enabled: std::sync::atomic::AtomicBool,
+    /// delays_injected
+    pub delays_injected: Counter,
+    /// aborts_injected
+    pub aborts_injected: Counter,
+    /// faults_overflow
+    pub faults_overflow: Counter,
+    /// active_faults (gauge)
+    pub active_faults: Gauge,
+}
+
+/// A gauge that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    /// +1
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    /// -1
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    /// current value
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// `cluster.<name>.*`
@@ -51,6 +87,22 @@ pub struct ClusterStats {
     pub rq_timeout: Counter,
     /// upstream_cx_none_healthy
     pub none_healthy: Counter,
+    /// upstream_rq_pending_overflow
+    pub rq_pending_overflow: Counter,
+    /// upstream_rq_active_overflow
+    pub rq_active_overflow: Counter,
+    /// upstream_cx_overflow
+    pub cx_overflow: Counter,
+    /// upstream_rq_retry_overflow
+    pub rq_retry_overflow: Counter,
+    /// upstream_rq_retry_limit_exceeded
+    pub rq_retry_limit_exceeded: Counter,
+    /// upstream_rq_retry_success
+    pub rq_retry_success: Counter,
+    /// upstream_rq_per_try_timeout
+    pub rq_per_try_timeout: Counter,
+    /// upstream_rq_per_try_idle_timeout
+    pub rq_per_try_idle_timeout: Counter,
 }
 
 /// `tcp.<stat_prefix>.*`
@@ -113,6 +165,26 @@ impl Stats {
             }
             out.push((format!("http.{p}.no_route"), s.no_route.get()));
             out.push((format!("http.{p}.no_cluster"), s.no_cluster.get()));
+            if s.fault.enabled.load(Ordering::Relaxed) {
+                let f = &s.fault;
+                out.push((
+                    format!("http.{p}.fault.aborts_injected"),
+                    f.aborts_injected.get(),
+                ));
+                out.push((
+                    format!("http.{p}.fault.delays_injected"),
+                    f.delays_injected.get(),
+                ));
+                out.push((
+                    format!("http.{p}.fault.faults_overflow"),
+                    f.faults_overflow.get(),
+                ));
+                out.push((
+                    format!("http.{p}.fault.active_faults"),
+                    f.active_faults.get(),
+                ));
+                out.push((format!("http.{p}.fault.response_rl_injected"), 0));
+            }
         }
         for (n, s) in self.cluster.read().iter() {
             out.push((format!("cluster.{n}.upstream_rq_total"), s.rq_total.get()));
@@ -131,6 +203,47 @@ impl Stats {
             out.push((
                 format!("cluster.{n}.upstream_cx_none_healthy"),
                 s.none_healthy.get(),
+            ));
+            out.push((
+                format!("cluster.{n}.upstream_rq_pending_overflow"),
+                s.rq_pending_overflow.get(),
+            ));
+            out.push((
+                format!("cluster.{n}.upstream_rq_active_overflow"),
+                s.rq_active_overflow.get(),
+            ));
+            out.push((
+                format!("cluster.{n}.upstream_cx_overflow"),
+                s.cx_overflow.get(),
+            ));
+            out.push((
+                format!("cluster.{n}.upstream_rq_retry_overflow"),
+                s.rq_retry_overflow.get(),
+            ));
+            out.push((
+                format!("cluster.{n}.upstream_rq_retry_limit_exceeded"),
+                s.rq_retry_limit_exceeded.get(),
+            ));
+            out.push((
+                format!("cluster.{n}.upstream_rq_retry_success"),
+                s.rq_retry_success.get(),
+            ));
+            // Every retry waits a jittered exponential back-off.
+            out.push((
+                format!("cluster.{n}.upstream_rq_retry_backoff_exponential"),
+                s.rq_retry.get(),
+            ));
+            out.push((
+                format!("cluster.{n}.upstream_rq_retry_backoff_ratelimited"),
+                0,
+            ));
+            out.push((
+                format!("cluster.{n}.upstream_rq_per_try_timeout"),
+                s.rq_per_try_timeout.get(),
+            ));
+            out.push((
+                format!("cluster.{n}.upstream_rq_per_try_idle_timeout"),
+                s.rq_per_try_idle_timeout.get(),
             ));
         }
         for (p, s) in self.tcp.read().iter() {

@@ -36,6 +36,12 @@ pub async fn proxy<D>(
         return;
     };
     let stats = shared.stats.cluster(&name);
+    // Circuit breaker: max_connections (Envoy closes the downstream connection).
+    let Some(_slot) = cluster.tcp_slot() else {
+        stats.cx_overflow.inc();
+        tracing::debug!(cluster = %name, "tcp_proxy: max_connections reached; closing");
+        return;
+    };
     let Some(picked) = cluster.pick(None, &[], 1, original_dst) else {
         stats.none_healthy.inc();
         tracing::debug!(cluster = %name, "tcp_proxy: no healthy upstream; closing");
@@ -70,9 +76,12 @@ pub async fn proxy<D>(
         Ok(Ok(s)) => s,
         _ => {
             stats.cx_connect_fail.inc();
+            cluster.record(&picked, crate::cluster::outlier::Outcome::ConnectFailed);
             return;
         }
     };
+    // A connection counts as a success for outlier detection.
+    cluster.record(&picked, crate::cluster::outlier::Outcome::Status(200));
     let _ = upstream.set_nodelay(true);
     stats.rq_total.inc();
     // Keep the active-request count for least-request while the connection lives.

@@ -26,6 +26,8 @@ pub struct Observation {
     pub upstream: Option<String>,
     /// The request as the echo upstream saw it (its JSON body), if the body parsed.
     pub echo: Option<EchoRecord>,
+    /// Wall time from sending to the complete response (a timing class, never compared exactly).
+    pub elapsed_ms: u64,
 }
 
 impl Observation {
@@ -37,6 +39,7 @@ impl Observation {
             body: resp.body_text(),
             upstream: resp.header("x-upstream").map(str::to_owned),
             echo: serde_json::from_slice(&resp.body).ok(),
+            elapsed_ms: 0,
         }
     }
 
@@ -100,6 +103,9 @@ pub struct CompareSpec {
     pub response_headers_present: Vec<String>,
     /// The response body, unless both responses carry an echo record (those hold random ids).
     pub body: bool,
+    /// With `body`: compare only the body lines containing this text (e.g. `health_flags` of an
+    /// admin `/clusters` page).
+    pub body_lines: Option<String>,
     /// For `repeat` requests: the allowed absolute difference of each outcome's share
     /// (e.g. 0.05). Default: 4 sigma of the difference of two binomial proportions.
     pub distribution_tolerance: Option<f64>,
@@ -185,7 +191,15 @@ pub fn compare(spec: &CompareSpec, a: &Observation, b: &Observation) -> Vec<Diff
         push_if_differs(&mut out, &format!("response header {name}"), f(a), f(b));
     }
     if spec.body && !(a.echo.is_some() && b.echo.is_some()) {
-        push_if_differs(&mut out, "body", a.body.clone(), b.body.clone());
+        let lines = |body: &str| match &spec.body_lines {
+            Some(pat) => body
+                .lines()
+                .filter(|l| l.contains(pat.as_str()))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            None => body.to_owned(),
+        };
+        push_if_differs(&mut out, "body", lines(&a.body), lines(&b.body));
     }
     out
 }

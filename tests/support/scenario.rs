@@ -25,6 +25,9 @@
 //!     headers: [[host, reviews], [x-foo, bar]]   # sent in this order, no implicit host
 //!     body: optional text
 //!     repeat: 400                       # compare the outcome distribution instead
+//!     parallel: 8                       # send this many copies at once (fresh connections);
+//!                                       # compared as a distribution, like `repeat`
+//!     wait_ms: 100                      # pause before sending (e.g. for an outlier interval)
 //!     keepalive: true                   # reuse this side's connection to that port
 //!     raw: "GET / HTTP/1.1\r\n\r\n"     # instead of method/path/headers/body
 //!     compare: {...}                    # replaces the scenario-level compare
@@ -36,6 +39,8 @@
 //!       upstream_path: /rewritten?q=1   # raw request target the echo upstream saw
 //!       upstream_headers: {x-added: "a, b", x-removed: "<absent>"}
 //!       response_headers: {location: "https://reviews/x", x-gone: "<absent>"}
+//!       min_ms: 1000                    # timing class: every response took at least this long
+//!       max_ms: 200                     # … and at most this long
 //! ```
 //!
 //! In `expect`, header values are all values joined with `", "`; `<absent>` means "not sent",
@@ -118,6 +123,12 @@ pub struct RequestSpec {
     pub body: Option<String>,
     #[serde(default = "one")]
     pub repeat: u32,
+    /// Send this many copies concurrently, each on its own connection.
+    #[serde(default)]
+    pub parallel: u32,
+    /// Pause before this request (both sides pause in parallel).
+    #[serde(default)]
+    pub wait_ms: u64,
     #[serde(default)]
     pub keepalive: bool,
     pub raw: Option<String>,
@@ -144,6 +155,10 @@ pub struct Expect {
     pub upstream_headers: BTreeMap<String, String>,
     /// Response headers at the client: all values joined with `", "`, or `<absent>`.
     pub response_headers: BTreeMap<String, String>,
+    /// Timing class: each response took at least this many milliseconds.
+    pub min_ms: Option<u64>,
+    /// Timing class: each response took at most this many milliseconds.
+    pub max_ms: Option<u64>,
 }
 
 fn default_method() -> String {
@@ -213,7 +228,7 @@ impl Scenario {
                     summary(&obs_b)
                 );
             }
-            if req.repeat > 1 {
+            if req.repeat > 1 || req.parallel > 1 {
                 let (da, db) = (distribution(&obs_a), distribution(&obs_b));
                 for d in compare_distributions(&da, &db, spec.distribution_tolerance) {
                     push(&req.name, d.field, d.a, d.b);
@@ -284,7 +299,16 @@ fn summary(obs: &[Observation]) -> String {
         [one] => format!(
             "{} {:?} headers={:?} echo={:?}",
             one.outcome_key(),
-            one.body.chars().take(200).collect::<String>(),
+            one.body
+                .chars()
+                .take(
+                    if std::env::var("PINGSAIL_DIFF_VERBOSE").as_deref() == Ok("full") {
+                        usize::MAX
+                    } else {
+                        200
+                    }
+                )
+                .collect::<String>(),
             one.response_headers,
             one.echo
                 .as_ref()
@@ -336,6 +360,22 @@ fn check_expect(
             ));
         }
     };
+    if let Some(min) = expect.min_ms {
+        check(
+            "min_ms".to_owned(),
+            min.to_string(),
+            &|o| o.elapsed_ms >= min,
+            &|o| format!("{} ms", o.elapsed_ms),
+        );
+    }
+    if let Some(max) = expect.max_ms {
+        check(
+            "max_ms".to_owned(),
+            max.to_string(),
+            &|o| o.elapsed_ms <= max,
+            &|o| format!("{} ms", o.elapsed_ms),
+        );
+    }
     if let Some(status) = expect.status {
         check(
             "status".to_owned(),
@@ -488,15 +528,52 @@ impl Side {
     }
 
     async fn observe_n(&mut self, req: &RequestSpec) -> Vec<Observation> {
+        if req.wait_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(req.wait_ms)).await;
+        }
+        if req.parallel > 1 {
+            let addr = SocketAddr::from((self.ip, req.port));
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..req.parallel {
+                let req = req.clone();
+                set.spawn(async move {
+                    let start = std::time::Instant::now();
+                    let mut o = match Self::observe_fresh(addr, &req).await {
+                        Ok(o) => o,
+                        Err(e) => Observation::from_error(&error_class(&e)),
+                    };
+                    o.elapsed_ms = start.elapsed().as_millis() as u64;
+                    o
+                });
+            }
+            let mut out = Vec::new();
+            while let Some(r) = set.join_next().await {
+                out.push(r.unwrap_or_else(|_| Observation::from_error("panicked")));
+            }
+            return out;
+        }
         let mut out = Vec::with_capacity(req.repeat as usize);
         for _ in 0..req.repeat {
-            let obs = match self.observe(req).await {
+            let start = std::time::Instant::now();
+            let mut obs = match self.observe(req).await {
                 Ok(o) => o,
                 Err(e) => Observation::from_error(&error_class(&e)),
             };
+            obs.elapsed_ms = start.elapsed().as_millis() as u64;
             out.push(obs);
         }
         out
+    }
+
+    async fn observe_fresh(addr: SocketAddr, req: &RequestSpec) -> Result<Observation> {
+        let mut conn = Connection::connect(addr).await?;
+        let request = Request {
+            method: req.method.clone(),
+            target: req.path.clone(),
+            headers: req.headers.clone(),
+            body: req.body.clone().map(String::into_bytes),
+        };
+        Ok(Observation::from_response(&conn.send(&request).await?))
     }
 
     async fn observe(&mut self, req: &RequestSpec) -> Result<Observation> {

@@ -28,6 +28,14 @@ scenario!(clusters);
 scenario!(tcp_proxy);
 scenario!(rbac);
 scenario!(path_bypass);
+scenario!(fault_injection);
+scenario!(fault_percentages);
+scenario!(circuit_breaking);
+scenario!(outlier_detection);
+scenario!(timeouts_retries);
+scenario!(connection_pool);
+scenario!(outlier_statistical);
+scenario!(hash_with_ejection);
 
 /// The harness must not pass vacuously: on real Envoy vs Envoy, comparing a random header by
 /// value and asserting a wrong upstream must both be reported.

@@ -904,3 +904,240 @@ static_resources:
         "\nenvoy    {e:?}\npingsail {p:?}"
     );
 }
+
+/// Response flags and details of the resilience features in the access log (DI, FI, UO, UT, URX,
+/// UF, UH), against Envoy's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resilience_response_flags_match_envoy() {
+    use pingsail_tests::client::{Connection, Request};
+    let mut results = Vec::new();
+    for kind in [ProxyUnderTest::Envoy, ProxyUnderTest::Pingsail] {
+        let echo = EchoServer::start("echo").await.unwrap();
+        let dead = pingsail_tests::net::closed_port().unwrap();
+        let ip = random_loopback_ip();
+        let dir = pingsail_tests::net::TempDir::new("flags").unwrap();
+        let log = dir.path().join("access.json");
+        let fault = |body: &str| {
+            format!(
+                r#"{{envoy.filters.http.fault: {{"@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault, {body}}}}}"#
+            )
+        };
+        let boot = format!(
+            r#"
+admin: {{address: {{socket_address: {{address: "{ip}", port_value: 15000}}}}}}
+static_resources:
+  listeners:
+  - name: front
+    address: {{socket_address: {{address: "{ip}", port_value: 9080}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: front
+          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: "{log}"
+              log_format:
+                json_format:
+                  path: "%REQ(:PATH)%"
+                  status: "%RESPONSE_CODE%"
+                  flags: "%RESPONSE_FLAGS%"
+                  details: "%RESPONSE_CODE_DETAILS%"
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /abort}}
+                route: {{cluster: live}}
+                typed_per_filter_config: {abort}
+              - match: {{prefix: /delay-abort}}
+                route: {{cluster: live}}
+                typed_per_filter_config: {delay_abort}
+              - match: {{prefix: /delay}}
+                route: {{cluster: live}}
+                typed_per_filter_config: {delay}
+              - match: {{prefix: /zero}}
+                route: {{cluster: zero}}
+              - match: {{prefix: /timeout}}
+                route: {{cluster: live, timeout: 0.1s}}
+              - match: {{prefix: /exhausted}}
+                route: {{cluster: live, retry_policy: {{retry_on: 5xx, num_retries: 1}}}}
+              - match: {{prefix: /dead-retried}}
+                route: {{cluster: dead, retry_policy: {{retry_on: connect-failure, num_retries: 1}}}}
+              - match: {{prefix: /dead}}
+                route: {{cluster: dead}}
+              - match: {{prefix: /empty}}
+                route: {{cluster: empty}}
+          http_filters:
+          - name: envoy.filters.http.fault
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault}}
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: live
+    connect_timeout: 1s
+    load_assignment: {{cluster_name: live, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]}}
+  - name: zero
+    connect_timeout: 1s
+    circuit_breakers: {{thresholds: [{{max_requests: 0}}]}}
+    load_assignment: {{cluster_name: zero, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]}}
+  - name: dead
+    connect_timeout: 1s
+    load_assignment: {{cluster_name: dead, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {dead}}}}}}}}}]}}]}}
+  - name: empty
+    connect_timeout: 1s
+    load_assignment: {{cluster_name: empty, endpoints: []}}
+"#,
+            log = log.display(),
+            port = echo.port(),
+            abort = fault("abort: {http_status: 418, percentage: {numerator: 100}}"),
+            delay = fault("delay: {fixed_delay: 0.05s, percentage: {numerator: 100}}"),
+            delay_abort = fault(
+                "delay: {fixed_delay: 0.05s, percentage: {numerator: 100}}, abort: {http_status: 503, percentage: {numerator: 100}}"
+            ),
+        );
+        let proxy = kind.start(&boot, ip).await.unwrap();
+        let paths = [
+            ("/abort", None),
+            ("/delay", None),
+            ("/delay-abort", None),
+            ("/zero", None),
+            ("/timeout", Some(("x-echo-delay-ms", "300"))),
+            ("/exhausted", Some(("x-echo-status", "503"))),
+            ("/dead-retried", None),
+            ("/dead", None),
+            ("/empty", None),
+        ];
+        for (path, extra) in paths {
+            let mut c = Connection::connect((ip, 9080).into()).await.unwrap();
+            let mut r = Request::new("GET", path).header("host", "svc");
+            if let Some((k, v)) = extra {
+                r = r.header(k, v);
+            }
+            c.send(&r).await.unwrap();
+        }
+        let mut text = String::new();
+        for _ in 0..100 {
+            text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.lines().count() >= paths.len() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        drop(proxy);
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        results.push(lines);
+    }
+    assert_eq!(results[0].len(), 9, "envoy: {:?}", results[0]);
+    for (e, p) in results[0].iter().zip(&results[1]) {
+        assert_eq!(e, p, "\nenvoy    {e}\npingsail {p}");
+    }
+    assert_eq!(results[0].len(), results[1].len(), "{:?}", results[1]);
+}
+
+/// tcp_proxy honours the cluster's `max_connections` (the extra downstream connection is closed,
+/// `upstream_cx_overflow`) and feeds outlier detection with connect failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_breakers_and_outlier_match_envoy() {
+    use pingsail_tests::client::{Connection, RawReply, Request};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut results = Vec::new();
+    for kind in [ProxyUnderTest::Envoy, ProxyUnderTest::Pingsail] {
+        let echo = EchoServer::start("a").await.unwrap();
+        let dead = pingsail_tests::net::closed_port().unwrap();
+        let ip = random_loopback_ip();
+        let tcp = |name: &str, port: u16, cluster: &str| {
+            format!(
+                r#"
+  - name: {name}
+    address: {{socket_address: {{address: "{ip}", port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: {name}
+          cluster: {cluster}"#
+            )
+        };
+        let boot = format!(
+            r#"
+admin: {{address: {{socket_address: {{address: "{ip}", port_value: 15000}}}}}}
+static_resources:
+  listeners:{one}{dead_l}
+  clusters:
+  - name: one
+    connect_timeout: 1s
+    circuit_breakers: {{thresholds: [{{max_connections: 1}}]}}
+    load_assignment: {{cluster_name: one, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]}}
+  - name: dead
+    connect_timeout: 1s
+    common_lb_config: {{healthy_panic_threshold: {{value: 0}}}}
+    outlier_detection: {{consecutive_5xx: 2, interval: 30s, base_ejection_time: 30s, max_ejection_percent: 100}}
+    load_assignment: {{cluster_name: dead, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {dead}}}}}}}}}]}}]}}
+"#,
+            one = tcp("one", 9090, "one"),
+            dead_l = tcp("dead", 9091, "dead"),
+            port = echo.port(),
+        );
+        let proxy = kind.start(&boot, ip).await.unwrap();
+        // The first connection holds the only upstream connection.
+        let mut first = Connection::connect((ip, 9090).into()).await.unwrap();
+        let reply = first
+            .send_raw(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let first_ok = matches!(reply, RawReply::Response(ref r) if r.status == 200);
+        // The second is closed without reaching the upstream.
+        let mut second = tokio::net::TcpStream::connect((ip, 9090)).await.unwrap();
+        let _ = second.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        let mut buf = [0u8; 64];
+        let n =
+            tokio::time::timeout(std::time::Duration::from_secs(5), second.read(&mut buf)).await;
+        let second_closed = matches!(n, Ok(Ok(0)) | Ok(Err(_)));
+        drop(first);
+        // Two refused connects eject the dead endpoint.
+        for _ in 0..2 {
+            let mut c = tokio::net::TcpStream::connect((ip, 9091)).await.unwrap();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), c.read(&mut buf)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let admin = (ip, 15000).into();
+        let stats = pingsail_tests::client::send(
+            admin,
+            &Request::get("/stats?filter=cluster\\.(one|dead)\\.(upstream_cx_overflow|outlier_detection\\.ejections_enforced_consecutive_5xx)$")
+                .header("host", "admin"),
+        )
+        .await
+        .unwrap()
+        .body_text();
+        let clusters =
+            pingsail_tests::client::send(admin, &Request::get("/clusters").header("host", "admin"))
+                .await
+                .unwrap()
+                .body_text();
+        let ejected = clusters
+            .lines()
+            .any(|l| l.starts_with("dead::") && l.ends_with("health_flags::/failed_outlier_check"));
+        drop(proxy);
+        results.push((first_ok, second_closed, stats, ejected));
+    }
+    assert_eq!(
+        results[0],
+        (
+            true,
+            true,
+            "cluster.dead.outlier_detection.ejections_enforced_consecutive_5xx: 1\ncluster.dead.upstream_cx_overflow: 0\ncluster.one.upstream_cx_overflow: 1\n".to_owned(),
+            true
+        ),
+        "envoy"
+    );
+    assert_eq!(results[0], results[1], "pingsail differs from envoy");
+}

@@ -1014,3 +1014,56 @@ async fn initial_fetch_timeout_envoy() -> Result<()> {
 async fn initial_fetch_timeout_pingsail() -> Result<()> {
     initial_fetch_timeout(Side::Pingsail).await
 }
+
+/// Outlier-detection state is kept across an EDS update for endpoints that stay: an ejected host
+/// stays ejected when another endpoint joins.
+async fn outlier_state_survives_eds_update(side: Side) -> Result<()> {
+    let m = Mesh::new(true).await?;
+    m.istiod.set_yaml(
+        CLUSTER,
+        &cluster_yaml(&["a"]).replace(
+            "  connect_timeout: 1s\n",
+            "  connect_timeout: 1s\n  common_lb_config: { healthy_panic_threshold: { value: 0 } }\n  outlier_detection: { consecutive_5xx: 2, interval: 30s, base_ejection_time: 30s, max_ejection_percent: 100 }\n",
+        ),
+    )?;
+    let p = Proxy::start(side, &m.bootstrap(true)).await?;
+    ack_all(&m).await.with_context(|| p.diagnostics())?;
+    let fail = Request::get("/")
+        .header("host", "svc")
+        .header("x-echo-status", "503");
+    for _ in 0..2 {
+        let r = client::send(m.listener(), &fail).await?;
+        assert_eq!(r.header("x-upstream"), Some("a1"), "{side:?}");
+    }
+    // The ejection is applied asynchronously in Envoy.
+    m.until("a1 ejected", |r| {
+        r.status == 503 && r.body_text() == "no healthy upstream"
+    })
+    .await?;
+    m.istiod.set_yaml(
+        ENDPOINT,
+        &cla_yaml("a", &[(m.echoes[0].addr(), 1), (m.echoes[1].addr(), 1)]),
+    )?;
+    m.istiod.wait_acked(ENDPOINT, T).await?;
+    m.until("a2 in service", |r| r.header("x-upstream") == Some("a2"))
+        .await?;
+    for _ in 0..10 {
+        let r = m.get().await?;
+        assert_eq!(
+            r.header("x-upstream"),
+            Some("a2"),
+            "{side:?}: a1 came back after the EDS update"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn outlier_state_survives_eds_update_envoy() -> Result<()> {
+    outlier_state_survives_eds_update(Side::Envoy).await
+}
+
+#[tokio::test]
+async fn outlier_state_survives_eds_update_pingsail() -> Result<()> {
+    outlier_state_survives_eds_update(Side::Pingsail).await
+}

@@ -12,6 +12,7 @@ fn vh(name: &str, domains: &[&str]) -> VirtualHost {
         retry_policy: None,
         cors: None,
         authz: PerFilterAuthz::default(),
+        fault: None,
         attempt_count_in_request: false,
         attempt_count_in_response: false,
     }
@@ -73,6 +74,7 @@ fn prefix_rewrite_slash() {
         grpc_timeout: None,
         cluster_not_found_status: 503,
         websocket: None,
+        idle_timeout: None,
     };
     let m = PathMatch::Prefix("/api".into());
     // Envoy 1.40 substitutes the prefix literally: "/" + "/x".

@@ -10,8 +10,11 @@ pub enum Failure {
     ClusterNotFound,
     /// The cluster has no usable endpoint.
     NoHealthyUpstream,
-    /// TCP connect refused / unreachable.
+    /// TCP connect unreachable / failed.
     ConnectFailure,
+    /// TCP connect refused (RST): like [`Failure::ConnectFailure`] with the socket error in the
+    /// details.
+    ConnectRefused,
     /// TCP connect timed out.
     ConnectTimeout,
     /// The upstream closed or reset before sending response headers.
@@ -49,6 +52,11 @@ pub enum Failure {
     /// ext_authz denied the request or the authorization service failed (reply written by the
     /// filter).
     ExtAuthzDenied,
+    /// The fault filter aborted the request (status from the fault config; 503 here is only the
+    /// fallback).
+    FaultAbort,
+    /// A circuit breaker (max_requests / max_pending_requests / max_connections) overflowed.
+    Overflow,
 }
 
 impl Failure {
@@ -58,7 +66,10 @@ impl Failure {
             Failure::NoRoute => 404,
             Failure::ClusterNotFound
             | Failure::NoHealthyUpstream
+            | Failure::FaultAbort
+            | Failure::Overflow
             | Failure::ConnectFailure
+            | Failure::ConnectRefused
             | Failure::ConnectTimeout
             | Failure::ConnectionTermination => 503,
             Failure::UpstreamTimeout | Failure::StreamDuration => 504,
@@ -87,7 +98,7 @@ impl Failure {
             | Failure::InvalidUrl
             | Failure::MissingHost => "",
             Failure::NoHealthyUpstream => "no healthy upstream",
-            Failure::ConnectFailure => {
+            Failure::ConnectFailure | Failure::ConnectRefused => {
                 "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"
             }
             Failure::ConnectTimeout => {
@@ -110,7 +121,59 @@ impl Failure {
             Failure::RbacDenied => "RBAC: access denied",
             Failure::JwtDenied => "Jwt verification fails",
             Failure::ExtAuthzDenied => "",
+            Failure::FaultAbort => "fault filter abort",
+            Failure::Overflow => {
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+            }
         }
+    }
+
+    /// Body of the reply when the request was retried before this failure (Envoy words reset
+    /// replies differently then).
+    pub fn body_after_retries(self) -> &'static str {
+        match self {
+            Failure::ConnectFailure | Failure::ConnectRefused => {
+                "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: remote connection failure"
+            }
+            Failure::ConnectTimeout => {
+                "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: connection timeout"
+            }
+            Failure::ConnectionTermination => {
+                "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: connection termination"
+            }
+            Failure::UpstreamProtocolError => {
+                "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: protocol error"
+            }
+            Failure::Overflow => {
+                "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: overflow"
+            }
+            other => other.body(),
+        }
+    }
+
+    /// The gRPC status of the reply to a gRPC request when Envoy sets one explicitly (otherwise
+    /// it is derived from the HTTP status).
+    pub fn grpc_status(self) -> Option<u32> {
+        match self {
+            Failure::StreamDuration => Some(4),
+            _ => None,
+        }
+    }
+
+    /// The router (not the connection manager) answers this failure: its replies carry
+    /// `x-envoy-attempt-count` when the virtual host asks for it.
+    pub fn from_router(self) -> bool {
+        matches!(
+            self,
+            Failure::NoHealthyUpstream
+                | Failure::ConnectFailure
+                | Failure::ConnectRefused
+                | Failure::ConnectTimeout
+                | Failure::ConnectionTermination
+                | Failure::UpstreamTimeout
+                | Failure::UpstreamProtocolError
+                | Failure::Overflow
+        )
     }
 
     /// Envoy's short response flag.
@@ -119,7 +182,7 @@ impl Failure {
             Failure::NoRoute => "NR",
             Failure::ClusterNotFound => "NC",
             Failure::NoHealthyUpstream => "UH",
-            Failure::ConnectFailure | Failure::ConnectTimeout => "UF",
+            Failure::ConnectFailure | Failure::ConnectRefused | Failure::ConnectTimeout => "UF",
             Failure::ConnectionTermination => "UC",
             Failure::UpstreamTimeout => "UT",
             Failure::StreamDuration => "UMSDR",
@@ -135,6 +198,8 @@ impl Failure {
             Failure::RequestTimeout => "DT",
             Failure::RbacDenied | Failure::JwtDenied => "-",
             Failure::ExtAuthzDenied => "UAEX",
+            Failure::FaultAbort => "FI",
+            Failure::Overflow => "UO",
         }
     }
 
@@ -147,10 +212,13 @@ impl Failure {
             Failure::ConnectFailure | Failure::ConnectTimeout => {
                 "upstream_reset_before_response_started{remote_connection_failure}"
             }
+            Failure::ConnectRefused => {
+                "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}"
+            }
             Failure::ConnectionTermination => {
                 "upstream_reset_before_response_started{connection_termination}"
             }
-            Failure::UpstreamTimeout => "upstream_response_timeout",
+            Failure::UpstreamTimeout => "response_timeout",
             Failure::StreamDuration => "max_duration_timeout",
             Failure::UpstreamProtocolError => {
                 "upstream_reset_before_response_started{protocol_error}"
@@ -170,6 +238,8 @@ impl Failure {
             Failure::RbacDenied => "rbac_access_denied_matched_policy",
             Failure::JwtDenied => "jwt_authn_access_denied",
             Failure::ExtAuthzDenied => "ext_authz_denied",
+            Failure::FaultAbort => "fault_filter_abort",
+            Failure::Overflow => "upstream_reset_before_response_started{overflow}",
         }
     }
 
@@ -191,11 +261,10 @@ impl Failure {
         use pingora_error::ErrorType as E;
         match e.etype() {
             E::ConnectTimedout => Failure::ConnectTimeout,
-            E::ConnectRefused
-            | E::ConnectNoRoute
-            | E::ConnectError
-            | E::BindError
-            | E::SocketError => Failure::ConnectFailure,
+            E::ConnectRefused => Failure::ConnectRefused,
+            E::ConnectNoRoute | E::ConnectError | E::BindError | E::SocketError => {
+                Failure::ConnectFailure
+            }
             E::ReadTimedout | E::WriteTimedout => Failure::UpstreamTimeout,
             E::InvalidHTTPHeader | E::H1Error | E::H2Error | E::InvalidH2 => {
                 Failure::UpstreamProtocolError

@@ -103,6 +103,33 @@ pub struct RequestCtx {
     request_deadline: Option<Instant>,
     /// Dynamic metadata written by filters (jwt_authn payloads, RBAC results).
     metadata: pingsail_filters::metadata::DynamicMetadata,
+    /// An injected fault holds one `active_faults` until the request ends.
+    fault_active: Option<FaultGuard>,
+    /// The fault filter's abort (status, gRPC status) for [`Failure::FaultAbort`].
+    fault_abort: Option<pingsail_filters::fault::Abort>,
+    /// The cluster's circuit breaker admitted this request.
+    admitted: Option<crate::cluster::Admitted>,
+    /// The retry in flight holds a `max_retries` slot.
+    retry_slot: Option<crate::cluster::RetrySlot>,
+    /// The upstream read bound armed for this attempt is the per-try timeout (`Some(false)`) or
+    /// the per-try idle timeout (`Some(true)`).
+    per_try_armed: Option<bool>,
+    /// Route `timeout` in force (for `x-envoy-expected-rq-timeout-ms`) and when it started.
+    route_timeout: Option<(Duration, Instant)>,
+    /// This request is the last `max_requests_per_connection` allows on its connection.
+    last_on_connection: bool,
+    /// Response flags raised before the final failure, in the order they were raised (Envoy
+    /// prints flags in that order): DI, URX, UO.
+    flag_events: [Option<&'static str>; 3],
+}
+
+/// Holds one `active_faults` of an HCM's fault filter.
+pub struct FaultGuard(Arc<HttpStats>);
+
+impl Drop for FaultGuard {
+    fn drop(&mut self) {
+        self.0.fault.active_faults.dec();
+    }
 }
 
 fn new_ctx() -> RequestCtx {
@@ -135,10 +162,32 @@ fn new_ctx() -> RequestCtx {
         read_timeout_kind: None,
         request_deadline: None,
         metadata: Default::default(),
+        fault_active: None,
+        fault_abort: None,
+        admitted: None,
+        retry_slot: None,
+        per_try_armed: None,
+        route_timeout: None,
+        last_on_connection: false,
+        flag_events: [None; 3],
     }
 }
 
 impl RequestCtx {
+    /// Records a response flag once, in order.
+    fn raise(&mut self, flag: &'static str) {
+        for slot in self.flag_events.iter_mut() {
+            match slot {
+                Some(f) if *f == flag => return,
+                Some(_) => {}
+                None => {
+                    *slot = Some(flag);
+                    return;
+                }
+            }
+        }
+    }
+
     fn route(&self) -> Option<(&RouteTable, &VirtualHost, &Route)> {
         let t = self.table.as_deref()?;
         let vh = t.vhosts.get(self.vhost)?;
@@ -272,10 +321,20 @@ impl Router {
             // mapped to grpc-status and the body as grpc-message.
             let mut resp = ResponseHeader::build(200, Some(6))?;
             resp.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
-            resp.insert_header(
-                "grpc-status",
-                pingsail_filters::route::http_to_grpc_status(status).to_string(),
-            )?;
+            let grpc_status = match ctx.fault_abort {
+                Some(a) if ctx.failure == Some(Failure::FaultAbort) => {
+                    a.grpc_status.unwrap_or_else(|| {
+                        u32::from(pingsail_filters::route::http_to_grpc_status(a.status))
+                    })
+                }
+                _ => ctx
+                    .failure
+                    .and_then(Failure::grpc_status)
+                    .unwrap_or_else(|| {
+                        u32::from(pingsail_filters::route::http_to_grpc_status(status))
+                    }),
+            };
+            resp.insert_header("grpc-status", grpc_status.to_string())?;
             if !body.is_empty() {
                 resp.insert_header("grpc-message", percent_encode(body))?;
             }
@@ -319,6 +378,15 @@ impl Router {
 
     /// Headers every response gets from the connection manager (server, CORS decoration).
     fn decorate_response(&self, ctx: &RequestCtx, resp: &mut ResponseHeader) {
+        // The router's own local replies (overflow, timeouts, resets) carry the attempt count.
+        if ctx.cluster.is_some()
+            && ctx.failure.is_some_and(Failure::from_router)
+            && ctx
+                .route()
+                .is_some_and(|(_, vh, _)| vh.attempt_count_in_response)
+        {
+            let _ = resp.insert_header("x-envoy-attempt-count", (ctx.retries + 1).to_string());
+        }
         if let Some(f) = &ctx.facts
             && !f.hcm.server_pass_through
         {
@@ -329,7 +397,125 @@ impl Router {
         }
     }
 
+    /// The fault filter: delay and/or abort as the most specific fault config says. Returns true
+    /// when the request was answered (aborted).
+    async fn inject_fault(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        facts: &ConnFacts,
+        ff: &crate::config::FaultFilter,
+        vh: &VirtualHost,
+        route: &Route,
+    ) -> Result<bool> {
+        let stats = &facts.stats;
+        if !stats
+            .fault
+            .enabled
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            stats
+                .fault
+                .enabled
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let pick = |f: &Option<(ArcStr, Arc<pingsail_filters::fault::FaultConfig>)>| {
+            f.as_ref()
+                .filter(|(name, _)| *name == ff.name)
+                .map(|(_, c)| c.clone())
+        };
+        let cfg = pick(&route.fault)
+            .or_else(|| pick(&vh.fault))
+            .unwrap_or_else(|| ff.config.clone());
+        if cfg.delay.is_none() && cfg.abort.is_none() {
+            return Ok(false);
+        }
+        let cluster = match &route.action {
+            Action::Forward(a) => match &a.cluster {
+                ClusterSpecifier::Cluster(c) => Some(c.as_str()),
+                _ => None,
+            },
+            _ => None,
+        };
+        let (delay, applies) = {
+            let req = session.req_header();
+            let path = std::str::from_utf8(req.raw_path()).unwrap_or("/");
+            let view = RequestView {
+                path,
+                method: req.method.as_str(),
+                authority: authority(req),
+                scheme: "http",
+                headers: &req.headers,
+                is_grpc: false,
+                random: 0,
+            };
+            if !cfg.applies(&view, cluster) {
+                (None, false)
+            } else {
+                (cfg.delay(&view, rand::random()), true)
+            }
+        };
+        if !applies {
+            return Ok(false);
+        }
+        // Each injection takes the request's one `active_faults` slot, or overflows
+        // `max_active_faults` (and is skipped).
+        let try_activate = |ctx: &mut RequestCtx| {
+            if ctx.fault_active.is_some() {
+                return true;
+            }
+            if cfg
+                .max_active_faults
+                .is_some_and(|m| stats.fault.active_faults.get() >= m)
+            {
+                stats.fault.faults_overflow.inc();
+                return false;
+            }
+            stats.fault.active_faults.inc();
+            ctx.fault_active = Some(FaultGuard(facts.stats.clone()));
+            true
+        };
+        if let Some(d) = delay
+            && try_activate(ctx)
+        {
+            stats.fault.delays_injected.inc();
+            ctx.raise("DI");
+            pingora_timeout::sleep(d).await;
+        }
+        let abort = {
+            let req = session.req_header();
+            let view = RequestView {
+                path: "",
+                method: req.method.as_str(),
+                authority: "",
+                scheme: "http",
+                headers: &req.headers,
+                is_grpc: false,
+                random: 0,
+            };
+            cfg.abort(&view, rand::random())
+        };
+        if let Some(a) = abort
+            && try_activate(ctx)
+        {
+            stats.fault.aborts_injected.inc();
+            ctx.fault_abort = Some(a);
+            return self.fail(session, ctx, Failure::FaultAbort).await;
+        }
+        Ok(false)
+    }
+
     async fn fail(&self, session: &mut Session, ctx: &mut RequestCtx, f: Failure) -> Result<bool> {
+        if f == Failure::Overflow {
+            ctx.failure = Some(f);
+            let over = [(
+                HeaderName::from_static("x-envoy-overloaded"),
+                HeaderValue::from_static("true"),
+            )];
+            self.local_reply(session, ctx, f.status(), f.body().as_bytes(), &over)
+                .await?;
+            return Ok(true);
+        }
         ctx.failure = Some(f);
         if f.closes_connection() {
             session.set_keepalive(None);
@@ -347,6 +533,11 @@ impl Router {
             && let Action::Forward(a) = &r.action
         {
             status = a.cluster_not_found_status;
+        }
+        if f == Failure::FaultAbort
+            && let Some(a) = ctx.fault_abort
+        {
+            status = a.status;
         }
         self.local_reply(session, ctx, status, f.body().as_bytes(), &[])
             .await?;
@@ -558,6 +749,13 @@ impl ProxyHttp for Router {
         let vh = &table.vhosts[vidx];
         let route = &vh.routes[ridx];
 
+        if let Some(ff) = hcm.fault.as_ref().filter(|f| f.before_cors)
+            && self
+                .inject_fault(session, ctx, &facts, ff, vh, route)
+                .await?
+        {
+            return Ok(true);
+        }
         // CORS.
         if hcm.cors_filter
             && let Some(policy) = route.cors.as_ref().or(vh.cors.as_ref())
@@ -579,6 +777,13 @@ impl ProxyHttp for Router {
             }
         }
 
+        if let Some(ff) = hcm.fault.as_ref().filter(|f| !f.before_cors)
+            && self
+                .inject_fault(session, ctx, &facts, ff, vh, route)
+                .await?
+        {
+            return Ok(true);
+        }
         match &route.action {
             Action::Direct(d) => {
                 let body = d.body.as_deref().unwrap_or(b"");
@@ -677,9 +882,37 @@ impl ProxyHttp for Router {
                     self.shared.stats.cluster(&cluster_name).none_healthy.inc();
                     return self.fail(session, ctx, Failure::NoHealthyUpstream).await;
                 }
-                ctx.cluster_stats = Some(self.shared.stats.cluster(&cluster_name));
+                // Circuit breakers (the request waits here while it is pending).
+                let h2 = cluster.config.http2
+                    || (cluster.config.use_downstream_protocol
+                        && session.as_downstream().is_http2());
+                let cstats = self.shared.stats.cluster(&cluster_name);
+                match cluster.admit(h2, &cstats).await {
+                    Ok(a) => {
+                        ctx.admitted = Some(a);
+                        ctx.cluster_stats = Some(cstats);
+                    }
+                    Err(_) => {
+                        ctx.cluster_stats = Some(cstats);
+                        ctx.cluster = Some(cluster);
+                        return self.fail(session, ctx, Failure::Overflow).await;
+                    }
+                }
                 ctx.cluster = Some(cluster);
-                ctx.retry = a.retry_policy.clone();
+                ctx.retry = a.retry_policy.clone().filter(|p| {
+                    p.retriable_request_headers.is_empty() || {
+                        let req = session.req_header();
+                        p.request_retriable(&RequestView {
+                            path: std::str::from_utf8(req.raw_path()).unwrap_or("/"),
+                            method: req.method.as_str(),
+                            authority: authority(req),
+                            scheme: "http",
+                            headers: &req.headers,
+                            is_grpc: false,
+                            random: 0,
+                        })
+                    }
+                });
                 ctx.auto_host = a.auto_host_rewrite;
                 let now = Instant::now();
                 let grpc = a.grpc_timeout.and_then(|g| {
@@ -739,11 +972,12 @@ impl ProxyHttp for Router {
                     req.insert_header("x-envoy-original-host", original)?;
                     set_authority(req, h)?;
                 }
-                if let Some(t) = a.timeout {
-                    req.insert_header("x-envoy-expected-rq-timeout-ms", t.as_millis().to_string())?;
-                } else {
-                    req.remove_header("x-envoy-expected-rq-timeout-ms");
-                }
+                // Set per attempt in upstream_request_filter.
+                req.remove_header("x-envoy-expected-rq-timeout-ms");
+                ctx.route_timeout = match ctx.deadline {
+                    Some((_, Failure::UpstreamTimeout)) => a.timeout.map(|t| (t, now)),
+                    _ => None,
+                };
                 // Shadow traffic: a copy of the request as it goes upstream, fire-and-forget.
                 for (name, ppm) in &a.mirrors {
                     if rand::random::<u64>() % 1_000_000 >= *ppm {
@@ -811,6 +1045,25 @@ impl ProxyHttp for Router {
         {
             upstream_request
                 .insert_header("x-envoy-attempt-count", (ctx.retries + 1).to_string())?;
+        }
+        // max_requests_per_connection: the last request closes its HTTP/1 connection.
+        if ctx.last_on_connection && upstream_request.version != http::Version::HTTP_2 {
+            upstream_request.insert_header(http::header::CONNECTION, "close")?;
+        }
+        // Envoy's expected timeout for this attempt: the per-try timeout when it is shorter than
+        // what is left of the route timeout.
+        let per_try = ctx.retry.as_ref().and_then(|p| p.per_try_timeout);
+        let left = ctx.route_timeout.map(|(t, start)| {
+            let elapsed = Duration::from_millis(start.elapsed().as_millis() as u64);
+            t.saturating_sub(elapsed)
+        });
+        let expected = match (per_try, left) {
+            (Some(p), Some(l)) => Some(p.min(l)),
+            (p, l) => p.or(l),
+        };
+        if let Some(t) = expected.filter(|t| !t.is_zero()) {
+            upstream_request
+                .insert_header("x-envoy-expected-rq-timeout-ms", t.as_millis().to_string())?;
         }
         // Envoy's HTTP/1 encoder announces an empty body (`content-length: 0`) on a headers-only
         // request unless the method never carries one. An HTTP/1 request without framing
@@ -949,9 +1202,13 @@ impl ProxyHttp for Router {
         if h2 {
             peer.options.set_http_version(2, 2);
             // Envoy multiplexes without a practical stream limit on one upstream h2 connection
-            // (Pingora's default is one stream per connection).
-            peer.options.max_h2_streams = 1024;
+            // (Pingora's default is one stream per connection); `max_concurrent_streams` caps it.
+            peer.options.max_h2_streams = cfg
+                .conn
+                .max_concurrent_streams
+                .map_or(1024, |n| n.max(1) as usize);
         }
+        peer.options.idle_timeout = cfg.conn.idle_timeout;
         // Route timeouts bound the wait for upstream bytes (see docs/COMPATIBILITY.md); the HCM's
         // stream_idle_timeout bounds silence when it is shorter (or when there is no route deadline).
         let route_left = ctx.deadline.map(|(deadline, kind)| {
@@ -967,10 +1224,31 @@ impl ProxyHttp for Router {
             .as_ref()
             .and_then(|f| f.hcm.stream_idle_timeout)
             .map(|d| (d, Failure::StreamIdleTimeoutUpstream));
-        let bound = match (route_left, idle) {
-            (Some(r), Some(i)) => Some(if i.0 < r.0 { i } else { r }),
-            (r, i) => r.or(i),
+        // A route-level idle_timeout replaces the connection manager's stream_idle_timeout.
+        let idle = match ctx.route().map(|(_, _, r)| &r.action) {
+            Some(Action::Forward(a)) if a.idle_timeout.is_some() => a
+                .idle_timeout
+                .flatten()
+                .map(|d| (d, Failure::StreamIdleTimeoutUpstream)),
+            _ => idle,
         };
+        let shorter = |a: Option<(Duration, Failure)>, b: Option<(Duration, Failure)>| match (a, b)
+        {
+            (Some(x), Some(y)) => Some(if y.0 < x.0 { y } else { x }),
+            (x, y) => x.or(y),
+        };
+        let mut bound = shorter(route_left, idle);
+        ctx.per_try_armed = None;
+        if let Some(p) = ctx.retry.clone() {
+            for (t, is_idle) in [(p.per_try_timeout, false), (p.per_try_idle_timeout, true)] {
+                if let Some(t) = t
+                    && bound.is_none_or(|b| t < b.0)
+                {
+                    bound = Some((t, Failure::UpstreamTimeout));
+                    ctx.per_try_armed = Some(is_idle);
+                }
+            }
+        }
         if let Some((d, kind)) = bound {
             peer.options.read_timeout = Some(d);
             ctx.read_timeout_kind = Some(kind);
@@ -980,6 +1258,26 @@ impl ProxyHttp for Router {
         }
         ctx.upstream_start = Some(Instant::now());
         Ok(Box::new(peer))
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora_core::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(a) = &mut ctx.admitted {
+            a.connected();
+        }
+        #[cfg(unix)]
+        if let Some(c) = &ctx.cluster {
+            ctx.last_on_connection = c.last_request_on(fd, reused);
+        }
+        Ok(())
     }
 
     fn fail_to_connect(
@@ -992,17 +1290,14 @@ impl ProxyHttp for Router {
         if let Some(s) = &ctx.cluster_stats {
             s.cx_connect_fail.inc();
         }
-        ctx.picked = None;
-        let retry = ctx
-            .retry
-            .as_ref()
-            .is_some_and(|p| p.retriable(Outcome::ConnectFailure) && ctx.retries < p.num_retries);
-        if retry {
-            ctx.retries += 1;
-            if let Some(s) = &ctx.cluster_stats {
-                s.rq_retry.inc();
-            }
+        if let Some(a) = &mut ctx.admitted {
+            a.connection_lost();
         }
+        if let (Some(c), Some(p)) = (&ctx.cluster, &ctx.picked) {
+            c.record(p, crate::cluster::outlier::Outcome::ConnectFailed);
+        }
+        ctx.picked = None;
+        let retry = retry_due(ctx, Outcome::ConnectFailure);
         e.set_retry(retry);
         e
     }
@@ -1021,18 +1316,40 @@ impl ProxyHttp for Router {
             e.set_retry(true);
             return e;
         }
+        if let Some(a) = &mut ctx.admitted {
+            a.connection_lost();
+        }
+        if ctx.status == 0
+            && let (Some(c), Some(p)) = (&ctx.cluster, &ctx.picked)
+        {
+            let o = match e.etype() {
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                    crate::cluster::outlier::Outcome::Timeout
+                }
+                _ => crate::cluster::outlier::Outcome::Reset,
+            };
+            c.record(p, o);
+        }
+        let timed_out = matches!(e.etype(), ErrorType::ReadTimedout);
+        let per_try = timed_out.then_some(ctx.per_try_armed).flatten();
+        if let (Some(is_idle), Some(s)) = (per_try, &ctx.cluster_stats) {
+            if is_idle {
+                s.rq_per_try_idle_timeout.inc();
+            } else {
+                s.rq_per_try_timeout.inc();
+            }
+        }
         let outcome = match e.etype() {
             ErrorType::H2Error => Outcome::RefusedStream,
+            ErrorType::ReadTimedout => Outcome::PerTryTimeout,
             _ => Outcome::Reset,
         };
+        // A route timeout or stream idle timeout ends the request; a per-try timeout may retry.
         let retry = ctx.status == 0
             && !session.as_ref().retry_buffer_truncated()
-            && ctx
-                .retry
-                .as_ref()
-                .is_some_and(|p| p.retriable(outcome) && ctx.retries < p.num_retries);
+            && (!timed_out || per_try.is_some())
+            && retry_due(ctx, outcome);
         if retry {
-            ctx.retries += 1;
             ctx.picked = None;
         }
         e.set_retry(retry);
@@ -1060,25 +1377,44 @@ impl ProxyHttp for Router {
             ctx.failure = Some(Failure::UpstreamProtocolError);
             return Error::e_explain(ErrorType::InvalidHTTPHeader, "204 response with a body");
         }
-        if let Some(p) = &ctx.retry {
+        if let (Some(c), Some(p)) = (&ctx.cluster, &ctx.picked) {
+            c.record(p, crate::cluster::outlier::Outcome::Status(status));
+        }
+        if ctx.retry.is_some() {
             let grpc_status = resp
                 .headers
                 .get("grpc-status")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
-            if ctx.retries < p.num_retries
-                && p.retriable(Outcome::Response {
+            let headers_hit = ctx.retry.as_ref().is_some_and(|p| {
+                // `envoy-ratelimited`: the upstream (an Envoy rate limiter) set x-envoy-ratelimited.
+                (p.on
+                    .contains(pingsail_filters::retry::RetryOn::ENVOY_RATELIMITED)
+                    && resp.headers.contains_key("x-envoy-ratelimited"))
+                    || !p.retriable_headers.is_empty()
+                        && p.retriable_response_headers(&RequestView {
+                            path: "",
+                            method: "",
+                            authority: "",
+                            scheme: "http",
+                            headers: &resp.headers,
+                            is_grpc: false,
+                            random: 0,
+                        })
+            });
+            if retry_due_or(
+                ctx,
+                Outcome::Response {
                     status,
                     grpc_status,
-                })
-            {
-                ctx.retries += 1;
+                },
+                headers_hit,
+            ) {
                 ctx.picked = None;
-                if let Some(s) = &ctx.cluster_stats {
-                    s.rq_retry.inc();
-                    if let Some(i) = class_index(status) {
-                        s.rq_class[i].inc();
-                    }
+                if let Some(s) = &ctx.cluster_stats
+                    && let Some(i) = class_index(status)
+                {
+                    s.rq_class[i].inc();
                 }
                 ctx.retry_status = true;
                 let mut e =
@@ -1143,9 +1479,10 @@ impl ProxyHttp for Router {
             },
             (None, _) => match e.etype() {
                 ErrorType::HTTPStatus(s) if *s >= 500 => Some(Failure::ConnectionTermination),
-                ErrorType::ConnectTimedout
-                | ErrorType::ConnectRefused
-                | ErrorType::ConnectError => Some(Failure::ConnectFailure),
+                ErrorType::ConnectRefused => Some(Failure::ConnectRefused),
+                ErrorType::ConnectTimedout | ErrorType::ConnectError => {
+                    Some(Failure::ConnectFailure)
+                }
                 ErrorType::ReadTimedout => Some(Failure::UpstreamTimeout),
                 _ => Some(Failure::ConnectionTermination),
             },
@@ -1162,6 +1499,7 @@ impl ProxyHttp for Router {
             };
         };
         if f == Failure::UpstreamTimeout
+            && ctx.per_try_armed.is_none()
             && let Some(s) = &ctx.cluster_stats
         {
             s.rq_timeout.inc();
@@ -1170,9 +1508,14 @@ impl ProxyHttp for Router {
         let code = f.status();
         // Pingora does not reuse the downstream connection after an upstream-phase error; say so.
         session.set_keepalive(None);
+        let body = if ctx.retries > 0 {
+            f.body_after_retries()
+        } else {
+            f.body()
+        };
         if ctx.status == 0
             && let Err(err) = self
-                .local_reply(session, ctx, code, f.body().as_bytes(), &[])
+                .local_reply(session, ctx, code, body.as_bytes(), &[])
                 .await
         {
             tracing::debug!("failed to send local reply: {err}");
@@ -1198,14 +1541,8 @@ impl ProxyHttp for Router {
             return;
         }
         let req = session.req_header();
-        let flags =
-            ctx.failure
-                .map(|f| f.flag())
-                .unwrap_or(if ctx.retries > 0 && ctx.status >= 500 {
-                    "URX"
-                } else {
-                    "-"
-                });
+        let flags_buf = response_flags(ctx);
+        let flags = flags_buf.as_str();
         let path = String::from_utf8_lossy(req.raw_path());
         let resp = session.response_written().map(|r| &r.headers);
         let entry = Entry {
@@ -1237,6 +1574,72 @@ impl ProxyHttp for Router {
             log.write(&entry);
         }
     }
+}
+
+/// `%RESPONSE_FLAGS%`: Envoy 1.40 prints the flags in the order they were raised: the events
+/// of the request (DI, URX, UO), then the final failure's flag; `-` for none.
+fn response_flags(ctx: &RequestCtx) -> String {
+    let mut out = String::new();
+    let failure = ctx.failure.map(|f| f.flag()).filter(|f| *f != "-");
+    for f in ctx.flag_events.iter().flatten().copied().chain(failure) {
+        if out.split(',').any(|x| x == f) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(f);
+    }
+    if out.is_empty() {
+        out.push('-');
+    }
+    out
+}
+
+/// A retry condition matched: decides whether the retry happens (the policy's `num_retries`, the
+/// cluster's `max_retries` breaker) and keeps Envoy's counters.
+fn retry_due(ctx: &mut RequestCtx, outcome: Outcome) -> bool {
+    retry_due_or(ctx, outcome, false)
+}
+
+/// [`retry_due`], with `also` as one more retriable condition (`retriable-headers`).
+fn retry_due_or(ctx: &mut RequestCtx, outcome: Outcome, also: bool) -> bool {
+    let Some(p) = &ctx.retry else {
+        return false;
+    };
+    if !(also || p.retriable(outcome)) {
+        // A retried attempt ended in something not worth retrying: the retry succeeded.
+        if ctx.retry_slot.take().is_some()
+            && let Some(s) = &ctx.cluster_stats
+        {
+            s.rq_retry_success.inc();
+        }
+        return false;
+    }
+    if ctx.retries >= p.num_retries {
+        ctx.raise("URX");
+        if let Some(s) = &ctx.cluster_stats {
+            s.rq_retry_limit_exceeded.inc();
+        }
+        return false;
+    }
+    // The previous retry (if any) is over; this one needs a slot of its own.
+    ctx.retry_slot = None;
+    match ctx.cluster.as_ref().and_then(|c| c.retry_slot()) {
+        Some(slot) => ctx.retry_slot = Some(slot),
+        None => {
+            ctx.raise("UO");
+            if let Some(s) = &ctx.cluster_stats {
+                s.rq_retry_overflow.inc();
+            }
+            return false;
+        }
+    }
+    ctx.retries += 1;
+    if let Some(s) = &ctx.cluster_stats {
+        s.rq_retry.inc();
+    }
+    true
 }
 
 /// The downstream read timeout: the stream idle bound, shortened to what is left until the request

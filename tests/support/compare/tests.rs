@@ -20,6 +20,7 @@ fn echo_obs(upstream: &str, path: &str, rid: &str) -> Observation {
             ],
             body: String::new(),
         }),
+        elapsed_ms: 0,
     }
 }
 

@@ -61,6 +61,10 @@ fn translate_cluster_with(
         "upstream_bind_config",
         "transport_socket",
         "transport_socket_matches",
+        "circuit_breakers",
+        "outlier_detection",
+        "max_requests_per_connection",
+        "upstream_connection_options",
     ];
     if control_plane {
         allowed.extend_from_slice(CONTROL_PLANE_ONLY);
@@ -70,11 +74,7 @@ fn translate_cluster_with(
         path,
         &allowed,
         &[
-            ("circuit_breakers", RESILIENCE),
-            ("outlier_detection", RESILIENCE),
-            ("health_checks", RESILIENCE),
-            ("max_requests_per_connection", RESILIENCE),
-            ("upstream_connection_options", RESILIENCE),
+            ("health_checks", "active health checking"),
             ("per_connection_buffer_limit_bytes", RESILIENCE),
             ("cleanup_interval", RESILIENCE),
             ("least_request_lb_config", RESILIENCE),
@@ -117,17 +117,24 @@ fn translate_cluster_with(
         _ => return invalid(&path.field("lb_policy"), "unsupported lb_policy"),
     };
     let mut use_hostname_for_hashing = false;
+    let mut panic_threshold = 50.0;
     if let Some(cfg) = &cl.common_lb_config {
         let p = path.field("common_lb_config");
         only(
             cfg,
             &p,
-            &["consistent_hashing_lb_config"],
-            &[
-                ("healthy_panic_threshold", RESILIENCE),
-                ("locality_weighted_lb_config", RESILIENCE),
-            ],
+            &["consistent_hashing_lb_config", "healthy_panic_threshold"],
+            &[("locality_weighted_lb_config", RESILIENCE)],
         )?;
+        if let Some(t) = &cfg.healthy_panic_threshold {
+            if !(0.0..=100.0).contains(&t.value) {
+                return invalid(
+                    &p.field("healthy_panic_threshold").field("value"),
+                    format!("value must be inside range [0, 100], got {}", t.value),
+                );
+            }
+            panic_threshold = t.value;
+        }
         if let Some(ch) = &cfg.consistent_hashing_lb_config {
             only(
                 ch,
@@ -314,7 +321,34 @@ fn translate_cluster_with(
             return err(&p.field("typed_config"), ErrorKind::UnknownType(url));
         }
     }
-    let (http2, use_downstream_protocol) = protocol_options(cl, path)?;
+    let (http2, use_downstream_protocol, mut conn) = protocol_options(cl, path)?;
+    if let Some(v) = &cl.max_requests_per_connection {
+        conn.max_requests_per_connection = (v.value > 0).then_some(v.value);
+    }
+    if let Some(o) = &cl.upstream_connection_options {
+        // TCP keepalive probes on upstream sockets: accepted (the kernel's defaults apply).
+        let p = path.field("upstream_connection_options");
+        only(
+            o,
+            &p,
+            &["tcp_keepalive"],
+            &[(
+                "set_local_interface_name_on_upstream_connections",
+                RESILIENCE,
+            )],
+        )?;
+    }
+    let breakers = match &cl.circuit_breakers {
+        Some(cb) if !control_plane => circuit_breakers(cb, &path.field("circuit_breakers"))?,
+        _ => config::Thresholds::default(),
+    };
+    let outlier = match &cl.outlier_detection {
+        Some(od) => Some(std::sync::Arc::new(outlier_detection(
+            od,
+            &path.field("outlier_detection"),
+        )?)),
+        None => None,
+    };
     Ok(config::Cluster {
         name: cl.name.as_str().into(),
         discovery,
@@ -332,6 +366,198 @@ fn translate_cluster_with(
         bind_source,
         tls,
         tls_matches,
+        breakers,
+        outlier,
+        panic_threshold,
+        conn,
+    })
+}
+
+fn circuit_breakers(cb: &c::CircuitBreakers, path: &Path) -> Result<config::Thresholds> {
+    only(
+        cb,
+        path,
+        &["thresholds"],
+        &[("per_host_thresholds", RESILIENCE)],
+    )?;
+    let mut out = config::Thresholds::default();
+    for (i, t) in cb.thresholds.iter().enumerate() {
+        let p = path.at("thresholds", i);
+        only(
+            t,
+            &p,
+            &[
+                "priority",
+                "max_connections",
+                "max_pending_requests",
+                "max_requests",
+                "max_retries",
+                "track_remaining",
+                "max_connection_pools",
+            ],
+            &[("retry_budget", RESILIENCE)],
+        )?;
+        // Routes use the DEFAULT priority (pingsail does not honour a route `priority`).
+        use envoy_types::pb::envoy::config::core::v3::RoutingPriority as RP;
+        if RP::try_from(t.priority) != Ok(RP::Default) {
+            continue;
+        }
+        let v = |x: &Option<envoy_types::pb::google::protobuf::UInt32Value>, d: u64| {
+            x.as_ref().map_or(d, |v| u64::from(v.value))
+        };
+        out = config::Thresholds {
+            max_connections: v(&t.max_connections, 1024),
+            max_pending_requests: v(&t.max_pending_requests, 1024),
+            max_requests: v(&t.max_requests, 1024),
+            max_retries: v(&t.max_retries, 3),
+            track_remaining: t.track_remaining,
+        };
+    }
+    Ok(out)
+}
+
+fn outlier_detection(od: &c::OutlierDetection, path: &Path) -> Result<config::OutlierDetection> {
+    only(
+        od,
+        path,
+        &[
+            "consecutive_5xx",
+            "interval",
+            "base_ejection_time",
+            "max_ejection_percent",
+            "enforcing_consecutive_5xx",
+            "enforcing_success_rate",
+            "success_rate_minimum_hosts",
+            "success_rate_request_volume",
+            "success_rate_stdev_factor",
+            "consecutive_gateway_failure",
+            "enforcing_consecutive_gateway_failure",
+            "split_external_local_origin_errors",
+            "consecutive_local_origin_failure",
+            "enforcing_consecutive_local_origin_failure",
+            "enforcing_local_origin_success_rate",
+            "failure_percentage_threshold",
+            "enforcing_failure_percentage",
+            "enforcing_failure_percentage_local_origin",
+            "failure_percentage_minimum_hosts",
+            "failure_percentage_request_volume",
+            "max_ejection_time",
+            "always_eject_one_host",
+        ],
+        &[
+            ("max_ejection_time_jitter", RESILIENCE),
+            (
+                "successful_active_health_check_uneject_host",
+                "active health checking",
+            ),
+            ("monitors", RESILIENCE),
+            ("detect_degraded_hosts", RESILIENCE),
+        ],
+    )?;
+    let u = |x: &Option<envoy_types::pb::google::protobuf::UInt32Value>, d: u32| {
+        x.as_ref().map_or(d, |v| v.value)
+    };
+    let pct = |x: &Option<envoy_types::pb::google::protobuf::UInt32Value>,
+               d: u32,
+               f: &str|
+     -> Result<u32> {
+        let v = u(x, d);
+        if v > 100 {
+            return invalid(
+                &path.field(f),
+                format!("value must be less than or equal to 100, got {v}"),
+            );
+        }
+        Ok(v)
+    };
+    let dur = |x: &Option<envoy_types::pb::google::protobuf::Duration>,
+               d: Duration,
+               f: &str|
+     -> Result<Duration> {
+        match x {
+            Some(v) => {
+                let v = duration(v, &path.field(f))?;
+                if v.is_zero() {
+                    return invalid(&path.field(f), "value must be greater than 0s");
+                }
+                Ok(v)
+            }
+            None => Ok(d),
+        }
+    };
+    let base = dur(
+        &od.base_ejection_time,
+        Duration::from_secs(30),
+        "base_ejection_time",
+    )?;
+    let max = dur(
+        &od.max_ejection_time,
+        Duration::from_secs(300),
+        "max_ejection_time",
+    )?;
+    // Envoy: base_ejection_time must not exceed max_ejection_time (the default max grows to base).
+    let max = if od.max_ejection_time.is_none() {
+        max.max(base)
+    } else {
+        max
+    };
+    if base > max {
+        return invalid(
+            &path.field("base_ejection_time"),
+            "base_ejection_time must be less than or equal to max_ejection_time",
+        );
+    }
+    Ok(config::OutlierDetection {
+        consecutive_5xx: u(&od.consecutive_5xx, 5),
+        consecutive_gateway_failure: u(&od.consecutive_gateway_failure, 5),
+        consecutive_local_origin_failure: u(&od.consecutive_local_origin_failure, 5),
+        interval: dur(&od.interval, Duration::from_secs(10), "interval")?,
+        base_ejection_time: base,
+        max_ejection_time: max,
+        max_ejection_percent: pct(&od.max_ejection_percent, 10, "max_ejection_percent")?,
+        enforcing_consecutive_5xx: pct(
+            &od.enforcing_consecutive_5xx,
+            100,
+            "enforcing_consecutive_5xx",
+        )?,
+        enforcing_consecutive_gateway_failure: pct(
+            &od.enforcing_consecutive_gateway_failure,
+            0,
+            "enforcing_consecutive_gateway_failure",
+        )?,
+        enforcing_consecutive_local_origin_failure: pct(
+            &od.enforcing_consecutive_local_origin_failure,
+            100,
+            "enforcing_consecutive_local_origin_failure",
+        )?,
+        split_external_local_origin_errors: od.split_external_local_origin_errors,
+        enforcing_success_rate: pct(&od.enforcing_success_rate, 100, "enforcing_success_rate")?,
+        success_rate_minimum_hosts: u(&od.success_rate_minimum_hosts, 5),
+        success_rate_request_volume: u(&od.success_rate_request_volume, 100),
+        success_rate_stdev_factor: u(&od.success_rate_stdev_factor, 1900),
+        enforcing_local_origin_success_rate: pct(
+            &od.enforcing_local_origin_success_rate,
+            100,
+            "enforcing_local_origin_success_rate",
+        )?,
+        failure_percentage_threshold: pct(
+            &od.failure_percentage_threshold,
+            85,
+            "failure_percentage_threshold",
+        )?,
+        enforcing_failure_percentage: pct(
+            &od.enforcing_failure_percentage,
+            0,
+            "enforcing_failure_percentage",
+        )?,
+        enforcing_failure_percentage_local_origin: pct(
+            &od.enforcing_failure_percentage_local_origin,
+            0,
+            "enforcing_failure_percentage_local_origin",
+        )?,
+        failure_percentage_minimum_hosts: u(&od.failure_percentage_minimum_hosts, 5),
+        failure_percentage_request_volume: u(&od.failure_percentage_request_volume, 50),
+        always_eject_one_host: od.always_eject_one_host.is_some_and(|b| b.value),
     })
 }
 
@@ -346,9 +572,16 @@ pub fn translate_load_assignment(
     Ok(load_assignment(la, path, &Discovery::Static, false)?.0)
 }
 
-fn protocol_options(cl: &c::Cluster, path: &Path) -> Result<(bool, bool)> {
+fn protocol_options(cl: &c::Cluster, path: &Path) -> Result<(bool, bool, config::ConnOptions)> {
     let mut http2 = cl.http2_protocol_options.is_some();
     let mut downstream = false;
+    let mut conn = config::ConnOptions {
+        idle_timeout: Some(Duration::from_secs(3600)),
+        ..Default::default()
+    };
+    if let Some(h2) = &cl.http2_protocol_options {
+        conn.max_concurrent_streams = h2.max_concurrent_streams.map(|v| v.value);
+    }
     for (name, any) in &cl.typed_extension_protocol_options {
         let p = path.field("typed_extension_protocol_options").field(name);
         let o: up::HttpProtocolOptions = unpack(any, &p)?;
@@ -366,21 +599,41 @@ fn protocol_options(cl: &c::Cluster, path: &Path) -> Result<(bool, bool)> {
             ],
         )?;
         if let Some(common) = &o.common_http_protocol_options {
+            let cp = p.field("common_http_protocol_options");
             only(
                 common,
-                &p.field("common_http_protocol_options"),
-                &["idle_timeout"],
+                &cp,
                 &[
-                    ("max_requests_per_connection", RESILIENCE),
-                    ("max_connection_duration", RESILIENCE),
+                    "idle_timeout",
+                    "max_requests_per_connection",
+                    "max_connection_duration",
+                ],
+                &[
+                    ("max_headers_count", RESILIENCE),
+                    ("max_stream_duration", RESILIENCE),
+                    ("headers_with_underscores_action", RESILIENCE),
                 ],
             )?;
+            if let Some(d) = &common.idle_timeout {
+                let d = duration(d, &cp.field("idle_timeout"))?;
+                conn.idle_timeout = (!d.is_zero()).then_some(d);
+            }
+            if let Some(v) = &common.max_requests_per_connection {
+                conn.max_requests_per_connection = (v.value > 0).then_some(v.value);
+            }
+            if let Some(d) = &common.max_connection_duration {
+                let d = duration(d, &cp.field("max_connection_duration"))?;
+                conn.max_connection_duration = (!d.is_zero()).then_some(d);
+            }
         }
         use up::http_protocol_options::UpstreamProtocolOptions as U;
         match &o.upstream_protocol_options {
             Some(U::ExplicitHttpConfig(ex)) => {
                 use up::http_protocol_options::explicit_http_config::ProtocolConfig as P;
                 http2 = matches!(ex.protocol_config, Some(P::Http2ProtocolOptions(_)));
+                if let Some(P::Http2ProtocolOptions(h2)) = &ex.protocol_config {
+                    conn.max_concurrent_streams = h2.max_concurrent_streams.map(|v| v.value);
+                }
                 if matches!(ex.protocol_config, Some(P::Http3ProtocolOptions(_))) {
                     return err(
                         &p.field("explicit_http_config")
@@ -396,7 +649,7 @@ fn protocol_options(cl: &c::Cluster, path: &Path) -> Result<(bool, bool)> {
             None => {}
         }
     }
-    Ok((http2, downstream))
+    Ok((http2, downstream, conn))
 }
 
 fn load_assignment(

@@ -488,6 +488,7 @@ fn http_connection_manager(
     let mut cors_filter = false;
     let mut authz = Vec::new();
     let http_stat_prefix = format!("http.{}.", h.stat_prefix);
+    let mut fault_filter = None;
     let n = h.http_filters.len();
     for (i, f) in h.http_filters.iter().enumerate() {
         let p = path.at("http_filters", i);
@@ -528,21 +529,14 @@ fn http_connection_manager(
                 cors_filter = true;
             }
             "envoy.extensions.filters.http.fault.v3.HTTPFault" => {
-                // An empty fault filter does nothing: the per-route configs carry the policy.
+                // istiod's filter-level config is empty; the per-route configs carry the policy.
                 let fl: fault::HttpFault = unpack(&any, &tp)?;
-                only(
-                    &fl,
-                    &tp,
-                    &[],
-                    &[
-                        ("delay", RESILIENCE),
-                        ("abort", RESILIENCE),
-                        ("max_active_faults", RESILIENCE),
-                        ("headers", RESILIENCE),
-                        ("downstream_nodes", RESILIENCE),
-                        ("response_rate_limit", RESILIENCE),
-                    ],
-                )?;
+                let config = super::route::fault_config(&fl, &tp)?;
+                fault_filter = Some(Arc::new(crate::config::FaultFilter {
+                    name: f.name.as_str().into(),
+                    config: Arc::new(config),
+                    before_cors: !cors_filter,
+                }));
             }
             "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig" => {
                 let g: grpc_stats::FilterConfig = unpack(&any, &tp)?;
@@ -759,6 +753,7 @@ fn http_connection_manager(
         websocket,
         cors_filter,
         authz,
+        fault: fault_filter,
         access_logs: translate_access_logs(&h.access_log, &path.field("access_log"))?,
     })
 }

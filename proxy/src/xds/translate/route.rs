@@ -7,7 +7,10 @@
 use super::common::*;
 use envoy_types::pb::envoy::config::route::v3 as r;
 use envoy_types::pb::envoy::extensions::filters::http::cors::v3 as cors_pb;
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as fault_pb;
+use pingsail_filters::ArcStr;
 use pingsail_filters::cors::CorsPolicy;
+use pingsail_filters::fault::FaultConfig;
 use pingsail_filters::matcher::{
     HeaderMatcher, Pseudo, QueryMatcher, StringMatch, StringMatcher, ValueMatch,
 };
@@ -98,7 +101,7 @@ fn virtual_host(vh: &r::VirtualHost, path: &Path) -> Result<VirtualHost> {
         Some(p) => Some(Arc::new(retry_policy(p, &path.field("retry_policy"))?)),
         None => None,
     };
-    let (cors, authz) = per_filter(
+    let (cors, authz, fault) = per_filter(
         &vh.typed_per_filter_config,
         &path.field("typed_per_filter_config"),
     )?;
@@ -127,19 +130,26 @@ fn virtual_host(vh: &r::VirtualHost, path: &Path) -> Result<VirtualHost> {
         retry_policy,
         cors,
         authz,
+        fault,
         attempt_count_in_request: vh.include_request_attempt_count,
         attempt_count_in_response: vh.include_attempt_count_in_response,
     })
 }
 
-/// Per-filter configs: CORS, RBACPerRoute and jwt_authn PerRouteConfig are honoured; fault
-/// per-route belongs to a later issue.
+/// Per-filter configs of a route or virtual host: CORS, fault, RBACPerRoute, ExtAuthzPerRoute
+/// and jwt_authn PerRouteConfig are honoured.
+#[allow(clippy::type_complexity)]
 fn per_filter(
     map: &std::collections::HashMap<String, envoy_types::pb::google::protobuf::Any>,
     path: &Path,
-) -> Result<(Option<Arc<CorsPolicy>>, PerFilterAuthz)> {
+) -> Result<(
+    Option<Arc<CorsPolicy>>,
+    PerFilterAuthz,
+    Option<(ArcStr, Arc<FaultConfig>)>,
+)> {
     let mut cors = None;
     let mut authz = PerFilterAuthz::default();
+    let mut fault = None;
     let mut names: Vec<&String> = map.keys().collect();
     names.sort();
     for name in names {
@@ -151,7 +161,8 @@ fn per_filter(
                 cors = Some(Arc::new(cors_policy(&c, &p)?));
             }
             "envoy.extensions.filters.http.fault.v3.HTTPFault" => {
-                return err(&p, ErrorKind::NotYet(RESILIENCE));
+                let f: fault_pb::HttpFault = unpack(any, &p)?;
+                fault = Some((ArcStr::from(name.as_str()), Arc::new(fault_config(&f, &p)?)));
             }
             "envoy.extensions.filters.http.rbac.v3.RBACPerRoute" => {
                 let r = unpack(any, &p)?;
@@ -175,7 +186,117 @@ fn per_filter(
             other => return err(&p, ErrorKind::UnknownType(other.to_string())),
         }
     }
-    Ok((cors, authz))
+    Ok((cors, authz, fault))
+}
+
+fn fraction(
+    f: Option<&envoy_types::pb::envoy::r#type::v3::FractionalPercent>,
+) -> pingsail_filters::fault::Fraction {
+    use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType as D;
+    let Some(f) = f else {
+        // An absent percentage is 0 %.
+        return pingsail_filters::fault::Fraction {
+            numerator: 0,
+            denominator: 100,
+        };
+    };
+    pingsail_filters::fault::Fraction {
+        numerator: f.numerator,
+        denominator: match D::try_from(f.denominator) {
+            Ok(D::Hundred) => 100,
+            Ok(D::TenThousand) => 10_000,
+            Ok(D::Million) | Err(_) => 1_000_000,
+        },
+    }
+}
+
+/// Translates an `HTTPFault` (filter-level or per-route).
+pub fn fault_config(f: &fault_pb::HttpFault, path: &Path) -> Result<FaultConfig> {
+    use pingsail_filters::fault::{AbortSource, DelaySource, FaultAbort, FaultDelay};
+    only(
+        f,
+        path,
+        &[
+            "delay",
+            "abort",
+            "upstream_cluster",
+            "headers",
+            "downstream_nodes",
+            "max_active_faults",
+            "disable_downstream_cluster_stats",
+        ],
+        &[
+            ("response_rate_limit", RESILIENCE),
+            ("delay_percent_runtime", "runtime"),
+            ("abort_percent_runtime", "runtime"),
+            ("delay_duration_runtime", "runtime"),
+            ("abort_http_status_runtime", "runtime"),
+            ("max_active_faults_runtime", "runtime"),
+            ("response_rate_limit_percent_runtime", "runtime"),
+            ("abort_grpc_status_runtime", "runtime"),
+            ("filter_metadata", "telemetry issue"),
+        ],
+    )?;
+    let delay = match &f.delay {
+        Some(d) => {
+            let p = path.field("delay");
+            only(d, &p, &["fixed_delay", "header_delay", "percentage"], &[])?;
+            use envoy_types::pb::envoy::extensions::filters::common::fault::v3::fault_delay::FaultDelaySecifier as S;
+            let source = match &d.fault_delay_secifier {
+                Some(S::FixedDelay(t)) => DelaySource::Fixed(duration(t, &p.field("fixed_delay"))?),
+                Some(S::HeaderDelay(_)) => DelaySource::Header,
+                None => return err(&p.field("fixed_delay"), ErrorKind::Required),
+            };
+            Some(FaultDelay {
+                source,
+                percentage: fraction(d.percentage.as_ref()),
+            })
+        }
+        None => None,
+    };
+    let abort = match &f.abort {
+        Some(a) => {
+            let p = path.field("abort");
+            only(
+                a,
+                &p,
+                &["http_status", "grpc_status", "header_abort", "percentage"],
+                &[("response_body", RESILIENCE)],
+            )?;
+            use fault_pb::fault_abort::ErrorType as E;
+            let source = match a.error_type {
+                Some(E::HttpStatus(s)) => {
+                    if !(200..600).contains(&s) {
+                        return invalid(
+                            &p.field("http_status"),
+                            format!("value must be inside range [200, 600), got {s}"),
+                        );
+                    }
+                    AbortSource::Http(s as u16)
+                }
+                Some(E::GrpcStatus(g)) => AbortSource::Grpc(g),
+                Some(E::HeaderAbort(_)) => AbortSource::Header,
+                None => return err(&p.field("http_status"), ErrorKind::Required),
+            };
+            Some(FaultAbort {
+                source,
+                percentage: fraction(a.percentage.as_ref()),
+            })
+        }
+        None => None,
+    };
+    let mut headers = Vec::new();
+    for (i, h) in f.headers.iter().enumerate() {
+        headers.push(header_matcher(h, &path.at("headers", i))?);
+    }
+    Ok(FaultConfig {
+        delay,
+        abort,
+        headers,
+        upstream_cluster: (!f.upstream_cluster.is_empty()).then(|| f.upstream_cluster.clone()),
+        downstream_nodes: f.downstream_nodes.clone(),
+        max_active_faults: f.max_active_faults.map(|v| u64::from(v.value)),
+    })
 }
 
 fn cors_policy(c: &cors_pb::CorsPolicy, path: &Path) -> Result<CorsPolicy> {
@@ -255,6 +376,10 @@ fn route(rt: &r::Route, path: &Path, vh_retry: Option<&Arc<RetryPolicy>>) -> Res
         return err(&path.field("match"), ErrorKind::Required);
     };
     let matcher = route_match(m, &path.field("match"))?;
+    let (cors, authz, fault) = per_filter(
+        &rt.typed_per_filter_config,
+        &path.field("typed_per_filter_config"),
+    )?;
     use r::route::Action as A;
     let action = match &rt.action {
         Some(A::Route(ra)) => Action::Forward(route_action(ra, &path.field("route"), vh_retry)?),
@@ -265,10 +390,6 @@ fn route(rt: &r::Route, path: &Path, vh_retry: Option<&Arc<RetryPolicy>>) -> Res
         }
         None => return err(&path.field("route"), ErrorKind::Required),
     };
-    let (cors, authz) = per_filter(
-        &rt.typed_per_filter_config,
-        &path.field("typed_per_filter_config"),
-    )?;
     Ok(Route {
         name: rt.name.as_str().into(),
         matcher,
@@ -289,6 +410,7 @@ fn route(rt: &r::Route, path: &Path, vh_retry: Option<&Arc<RetryPolicy>>) -> Res
         )?,
         cors,
         authz,
+        fault,
     })
 }
 
@@ -493,9 +615,9 @@ fn route_action(
             "upgrade_configs",
             "max_grpc_timeout",
             "grpc_timeout_offset",
+            "idle_timeout",
         ],
         &[
-            ("idle_timeout", RESILIENCE),
             ("hedge_policy", RESILIENCE),
             ("retry_policy_typed_config", RESILIENCE),
             ("rate_limits", "rate limiting"),
@@ -737,6 +859,13 @@ fn route_action(
         grpc_timeout,
         cluster_not_found_status,
         websocket,
+        idle_timeout: match &ra.idle_timeout {
+            Some(d) => {
+                let d = duration(d, &path.field("idle_timeout"))?;
+                Some((!d.is_zero()).then_some(d))
+            }
+            None => None,
+        },
     })
 }
 
@@ -856,21 +985,37 @@ fn retry_policy(p: &r::RetryPolicy, path: &Path) -> Result<RetryPolicy> {
             "host_selection_retry_max_attempts",
             "retry_back_off",
             "per_try_timeout",
+            "per_try_idle_timeout",
+            "retriable_headers",
+            "retriable_request_headers",
         ],
         &[
-            ("per_try_idle_timeout", RESILIENCE),
             ("retry_priority", RESILIENCE),
-            ("retriable_headers", RESILIENCE),
-            ("retriable_request_headers", RESILIENCE),
             ("rate_limited_retry_back_off", RESILIENCE),
             ("retry_options_predicates", RESILIENCE),
         ],
     )?;
-    if p.per_try_timeout.is_some() {
-        return err(
-            &path.field("per_try_timeout"),
-            ErrorKind::NotYet(RESILIENCE),
-        );
+    let opt_dur = |d: &Option<envoy_types::pb::google::protobuf::Duration>,
+                   f: &str|
+     -> Result<Option<Duration>> {
+        match d {
+            Some(d) => {
+                let d = duration(d, &path.field(f))?;
+                Ok((!d.is_zero()).then_some(d))
+            }
+            None => Ok(None),
+        }
+    };
+    let per_try_timeout = opt_dur(&p.per_try_timeout, "per_try_timeout")?;
+    let per_try_idle_timeout = opt_dur(&p.per_try_idle_timeout, "per_try_idle_timeout")?;
+    let mut retriable_headers = Vec::new();
+    for (i, h) in p.retriable_headers.iter().enumerate() {
+        retriable_headers.push(header_matcher(h, &path.at("retriable_headers", i))?);
+    }
+    let mut retriable_request_headers = Vec::new();
+    for (i, h) in p.retriable_request_headers.iter().enumerate() {
+        retriable_request_headers
+            .push(header_matcher(h, &path.at("retriable_request_headers", i))?);
     }
     let on = RetryOn::parse(&p.retry_on).or_else(|t| {
         invalid(
@@ -936,6 +1081,10 @@ fn retry_policy(p: &r::RetryPolicy, path: &Path) -> Result<RetryPolicy> {
             .max(1),
         backoff_base: base,
         backoff_max: max,
+        per_try_timeout,
+        per_try_idle_timeout,
+        retriable_headers,
+        retriable_request_headers,
     })
 }
 
