@@ -882,3 +882,246 @@ async fn h2_pingsail_client_to_envoy_server() -> Result<()> {
 async fn h2_pingsail_to_pingsail() -> Result<()> {
     h2_interop(Side::Pingsail, Side::Pingsail).await
 }
+
+/// The whole chain as in a pod: the fake istiod CA signs the agent's CSRs (CreateCertificate over
+/// TLS with a bearer token), the agent serves the result over SDS, pingsail (server) and Envoy
+/// (client) do mTLS with those certificates.
+#[tokio::test]
+async fn fake_ca_to_agent_to_pingsail() -> Result<()> {
+    use pingsail_agent::ca::{
+        Backoff, CaClient, CaClientConfig, KeySpec, RotationConfig, fetch_once,
+    };
+    use pingsail_agent::testing::{FAKE_CA_SERVER_NAME, FakeCa};
+    let ca = FakeCa::start(SERVER_ID, true)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let dir = TempDir::new("pingsail-ca")?;
+    let root = dir.path().join("root-cert.pem");
+    std::fs::write(&root, ca.root_pem())?;
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t")?;
+    let issue = |id: &'static str| {
+        let (root, token) = (root.clone(), token.clone());
+        let ca = &ca;
+        async move {
+            let mut cfg = CaClientConfig::new(ca.addr().to_string(), root);
+            cfg.server_name = Some(FAKE_CA_SERVER_NAME.into());
+            cfg.token_path = Some(token);
+            ca.set_identity(id);
+            let rotation = RotationConfig {
+                identity: id.into(),
+                key: KeySpec::EcdsaP256,
+                ttl: Duration::from_secs(3600),
+                grace_ratio: 0.5,
+                grace_jitter: 0.0,
+                backoff: Backoff::default(),
+            };
+            fetch_once(&CaClient::new(cfg), &rotation).await
+        }
+    };
+    let server_secret = issue(SERVER_ID).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let client_secret = issue(CLIENT_ID).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(ca.issued() >= 2, "the CA signed both CSRs");
+    let (_s1, server_sock) = sds(dir.path(), "server", server_secret).await;
+    let (_s2, client_sock) = sds(dir.path(), "client", client_secret).await;
+    let echo = EchoServer::start("app").await?;
+    let tcp = tcp_echo().await?;
+    let (server_ip, client_ip) = (random_loopback_ip(), random_loopback_ip());
+    let _server = Proxy::start(
+        Side::Pingsail,
+        &server_bootstrap(&server_sock, server_ip, echo.addr(), tcp),
+    )
+    .await?;
+    let _client = Proxy::start(
+        Side::Envoy,
+        &client_bootstrap(&client_sock, client_ip, server_ip, SERVER_ID, false),
+    )
+    .await?;
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let r = client::send(
+            SocketAddr::from((client_ip, 18080)),
+            &Request::get("/").header("host", "server"),
+        )
+        .await;
+        if r.as_ref().is_ok_and(|r| r.status == 200) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never served: {:?}",
+            r.map(|r| r.status)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        tcp_roundtrip(SocketAddr::from((client_ip, 18081)), b"chain").await,
+        b"chain"
+    );
+    Ok(())
+}
+
+/// TLS origination to a service outside the mesh (DestinationRule `SIMPLE` / `MUTUAL` with files):
+/// certificates and the CA from files, the server's identity checked by a SAN matcher.
+#[tokio::test]
+async fn tls_origination_simple_and_mutual_with_files() -> Result<()> {
+    let pki = TestPki::new("cluster.local", false).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let dir = TempDir::new("pingsail-origination")?;
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let (schain, skey, root) = pki
+        .issue_files(SERVER_ID, Duration::from_secs(3600))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (cchain, ckey, _) = pki
+        .issue_files(CLIENT_ID, Duration::from_secs(3600))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (schain, skey, root) = (
+        write("s.pem", &schain),
+        write("s.key", &skey),
+        write("root.pem", &root),
+    );
+    let (cchain, ckey) = (write("c.pem", &cchain), write("c.key", &ckey));
+    let echo = EchoServer::start("external").await?;
+    let (server_ip, client_ip) = (random_loopback_ip(), random_loopback_ip());
+    // The "external" server: Envoy terminating TLS; port 18443 plain TLS, 18444 requires a client
+    // certificate from the same CA.
+    let server_tls = |mutual: bool| {
+        let v = if mutual {
+            format!(
+                "\n            validation_context: {{ trusted_ca: {{ filename: {root} }} }}\n          require_client_certificate: true"
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            r#"
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            tls_certificates: [ {{ certificate_chain: {{ filename: {schain} }}, private_key: {{ filename: {skey} }} }} ]{v}"#
+        )
+    };
+    let server = format!(
+        r#"
+{admin}
+static_resources:
+  listeners:
+  - name: simple
+    address: {{ socket_address: {{ address: {server_ip}, port_value: 18443 }} }}
+    filter_chains:
+    - filters:{h}{t1}
+  - name: mutual
+    address: {{ socket_address: {{ address: {server_ip}, port_value: 18444 }} }}
+    filter_chains:
+    - filters:{h}{t2}
+  clusters:{c}
+"#,
+        admin = admin(server_ip),
+        h = hcm("app"),
+        t1 = server_tls(false),
+        t2 = server_tls(true),
+        c = static_cluster("app", echo.addr(), ""),
+    );
+    let _server = Envoy::start(&server).await?;
+    let up = |mutual: bool, san: &str| {
+        let cert = if mutual {
+            format!(
+                "\n          tls_certificates: [ {{ certificate_chain: {{ filename: {cchain} }}, private_key: {{ filename: {ckey} }} }} ]"
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            r#"
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: external.example.com
+        common_tls_context:
+          validation_context:
+            trusted_ca: {{ filename: {root} }}
+            match_typed_subject_alt_names: [ {{ san_type: URI, matcher: {{ exact: "{san}" }} }} ]{cert}"#
+        )
+    };
+    let client = format!(
+        r#"
+{admin}
+static_resources:
+  listeners:
+  - name: out_simple
+    address: {{ socket_address: {{ address: {client_ip}, port_value: 18080 }} }}
+    filter_chains: [ {{ filters: [ {hs} ] }} ]
+  - name: out_mutual
+    address: {{ socket_address: {{ address: {client_ip}, port_value: 18081 }} }}
+    filter_chains: [ {{ filters: [ {hm} ] }} ]
+  - name: out_mutual_without_cert
+    address: {{ socket_address: {{ address: {client_ip}, port_value: 18082 }} }}
+    filter_chains: [ {{ filters: [ {hn} ] }} ]
+  - name: out_wrong_san
+    address: {{ socket_address: {{ address: {client_ip}, port_value: 18083 }} }}
+    filter_chains: [ {{ filters: [ {hw} ] }} ]
+  clusters:{c1}{c2}{c3}{c4}
+"#,
+        admin = admin(client_ip),
+        hs = inline_hcm("simple"),
+        hm = inline_hcm("mutual"),
+        hn = inline_hcm("nocert"),
+        hw = inline_hcm("wrongsan"),
+        c1 = static_cluster(
+            "simple",
+            SocketAddr::from((server_ip, 18443)),
+            &up(false, SERVER_ID)
+        ),
+        c2 = static_cluster(
+            "mutual",
+            SocketAddr::from((server_ip, 18444)),
+            &up(true, SERVER_ID)
+        ),
+        c3 = static_cluster(
+            "nocert",
+            SocketAddr::from((server_ip, 18444)),
+            &up(false, SERVER_ID)
+        ),
+        c4 = static_cluster(
+            "wrongsan",
+            SocketAddr::from((server_ip, 18443)),
+            &up(false, CLIENT_ID)
+        ),
+    );
+    let _client = Proxy::start(Side::Pingsail, &client).await?;
+    let get = |port: u16| async move {
+        client::send(
+            SocketAddr::from((client_ip, port)),
+            &Request::get("/").header("host", "external.example.com"),
+        )
+        .await
+        .map(|r| r.status)
+        .ok()
+    };
+    assert_eq!(get(18080).await, Some(200), "SIMPLE");
+    assert_eq!(get(18081).await, Some(200), "MUTUAL");
+    assert_eq!(
+        get(18082).await,
+        Some(503),
+        "MUTUAL server, no client certificate"
+    );
+    assert_eq!(
+        get(18083).await,
+        Some(503),
+        "server SAN not the expected one"
+    );
+    Ok(())
+}
+
+/// A one-line HCM (flow style) routing everything to `cluster`.
+fn inline_hcm(cluster: &str) -> String {
+    format!(
+        r#"{{ name: envoy.filters.network.http_connection_manager, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager, stat_prefix: {cluster}, route_config: {{ virtual_hosts: [ {{ name: all, domains: ["*"], routes: [ {{ match: {{ prefix: / }}, route: {{ cluster: {cluster} }} }} ] }} ] }}, http_filters: [ {{ name: envoy.filters.http.router, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }} }} ] }} }}"#
+    )
+}
