@@ -361,6 +361,43 @@ impl Drop for Proc {
 /// `cargo build -p PACKAGE --bin BIN` with the cargo that built the tests (a no-op when fresh),
 /// then uses `<target-dir>/<profile>/BIN`: the test executable lives in `<target-dir>/<profile>/deps/`.
 /// `PINGSAIL_<BIN>_BIN` (upper case, `-` → `_`) skips all that and names the binary directly.
+/// Whether `bin` exists and is newer than every source file and manifest of the workspace.
+fn is_fresh(bin: &Path) -> bool {
+    fn newest(dir: &Path, acc: &mut std::time::SystemTime) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                newest(&p, acc);
+            } else if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
+                *acc = (*acc).max(t);
+            }
+        }
+    }
+    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
+        return false;
+    };
+    let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let mut latest = std::time::SystemTime::UNIX_EPOCH;
+    for f in ["Cargo.toml", "Cargo.lock"] {
+        if let Ok(t) = std::fs::metadata(root.join(f)).and_then(|m| m.modified()) {
+            latest = latest.max(t);
+        }
+    }
+    for member in ["proxy", "filters", "agent", "injector", "tests/support"] {
+        newest(&root.join(member).join("src"), &mut latest);
+        if let Ok(t) =
+            std::fs::metadata(root.join(member).join("Cargo.toml")).and_then(|m| m.modified())
+        {
+            latest = latest.max(t);
+        }
+    }
+    newest(&root.join("tests/support"), &mut latest);
+    built >= latest
+}
+
 pub fn cargo_bin(package: &str, bin: &str) -> Result<PathBuf> {
     static BUILT: bin_cache::Cache = bin_cache::Cache::new();
     let var = format!("PINGSAIL_{}_BIN", bin.to_uppercase().replace('-', "_"));
@@ -379,6 +416,14 @@ pub fn cargo_bin(package: &str, bin: &str) -> Result<PathBuf> {
             Some(p) => p.to_string(),
             None => bail!("cannot tell the profile from {}", profile_dir.display()),
         };
+        // `cargo test --workspace` has already built every member's binaries with the workspace's
+        // unified features; a `cargo build -p <one package>` would resolve features differently
+        // and rebuild most of the dependency tree. Use the existing binary when no source of the
+        // workspace is newer than it.
+        let existing = profile_dir.join(bin);
+        if is_fresh(&existing) {
+            return Ok(existing);
+        }
         let workspace = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
         run(Command::new(env!("CARGO"))
             .args([
