@@ -875,6 +875,33 @@ async fn istio_configdumps_over_ads() -> Result<()> {
             by_type.entry(t).or_default().push(v);
             expect.push((t, r.name.clone(), check(r)));
         }
+        // istiod always answers an EDS subscription, with an empty assignment for a service
+        // without endpoints; a dump holds only assignments that had endpoints.
+        let have: std::collections::BTreeSet<String> = by_type
+            .get(ENDPOINT)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["cluster_name"].as_str().map(str::to_string))
+            .collect();
+        let wanted: Vec<String> = by_type
+            .get(CLUSTER)
+            .into_iter()
+            .flatten()
+            .filter(|c| c["type"] == "EDS")
+            .filter_map(|c| {
+                c["eds_cluster_config"]["service_name"]
+                    .as_str()
+                    .or(c["name"].as_str())
+                    .map(str::to_string)
+            })
+            .filter(|n| !have.contains(n))
+            .collect();
+        for n in wanted {
+            by_type
+                .entry(ENDPOINT)
+                .or_default()
+                .push(serde_json::json!({ "cluster_name": n }));
+        }
         for t in [CLUSTER, ENDPOINT, LISTENER, ROUTE] {
             let items = by_type.remove(t).unwrap_or_default();
             istiod.set_yaml(t, &serde_json::to_string(&items)?)?;
