@@ -561,13 +561,8 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
         let local_uri = tls
             .local_uri(&apps.shared.secrets)
             .map(arcstr::ArcStr::from);
-        let conn = crate::authz::ConnView {
-            remote,
-            local: dst,
-            sni: seen.server_name.as_deref().unwrap_or(""),
-            peer_principal: peer_principal.as_deref(),
-        };
-        if !crate::authz::network_allows(&chain.network_rbac, &apps.shared.stats, conn) {
+        let sni = seen.server_name.as_deref().unwrap_or("");
+        if !network_allowed(&apps, &chain, remote, dst, sni, peer_principal.as_deref()) {
             return;
         }
         match &chain.kind {
@@ -596,7 +591,7 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                         matches!(sniffed, Ok(Ok(true)))
                     }
                 };
-                let facts = Arc::new(ConnFacts {
+                let Some(digest) = digest(ConnFacts {
                     hcm: hcm.clone(),
                     stats: apps.shared.stats.http(&hcm.stat_prefix),
                     remote,
@@ -606,33 +601,17 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                     tls: true,
                     peer_certs,
                     local_uri,
-                });
-                let header = match ResponseHeader::build(200, Some(0)) {
-                    Ok(h) => Box::new(h),
-                    Err(_) => return,
+                }) else {
+                    return;
                 };
-                let stream = crate::tls::stream::TlsDownstream::with_prefix(
-                    accepted,
-                    ProxyDigest::new(header, Some(Box::new(facts))),
-                    prefix,
-                );
-                let stream: Stream = Box::new(stream);
-                let app = if h2 { &apps.h2 } else { &apps.h1 };
-                tokio::select! {
-                    _ = app.process_new(stream, &drain) => {}
-                    _ = forced => {}
-                }
+                let stream =
+                    crate::tls::stream::TlsDownstream::with_prefix(accepted, digest, prefix);
+                serve_http(&apps, Box::new(stream), h2, &drain, forced).await;
             }
         }
         return;
     }
-    let conn = crate::authz::ConnView {
-        remote,
-        local: dst,
-        sni: "",
-        peer_principal: None,
-    };
-    if !crate::authz::network_allows(&chain.network_rbac, &apps.shared.stats, conn) {
+    if !network_allowed(&apps, &chain, remote, dst, "", None) {
         return;
     }
     match &chain.kind {
@@ -650,7 +629,7 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                 Codec::Auto if seen.alpn.iter().any(|a| a.starts_with("http/1")) => false,
                 Codec::Auto => sniff_codec(&tcp, listener.sniff_timeout).await == Sniffed::H2c,
             };
-            let facts = Arc::new(ConnFacts {
+            let Some(digest) = digest(ConnFacts {
                 hcm: hcm.clone(),
                 stats: apps.shared.stats.http(&hcm.stat_prefix),
                 remote,
@@ -660,21 +639,56 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                 tls: false,
                 peer_certs: None,
                 local_uri: None,
-            });
-            let mut stream = L4Stream::from(tcp);
-            let header = match ResponseHeader::build(200, Some(0)) {
-                Ok(h) => Box::new(h),
-                Err(_) => return,
+            }) else {
+                return;
             };
-            stream.set_proxy_digest(ProxyDigest::new(header, Some(Box::new(facts))));
-            let stream: Stream = Box::new(stream);
-            let app = if h2 { &apps.h2 } else { &apps.h1 };
-            tokio::select! {
-                _ = app.process_new(stream, &drain) => {}
-                _ = forced => {}
-            }
+            let mut stream = L4Stream::from(tcp);
+            stream.set_proxy_digest(digest);
+            serve_http(&apps, Box::new(stream), h2, &drain, forced).await;
         }
     }
+}
+
+/// The per-connection facts as the proxy digest Pingora hands to the HTTP callbacks.
+fn digest(facts: ConnFacts) -> Option<ProxyDigest> {
+    let header = ResponseHeader::build(200, Some(0)).ok()?;
+    Some(ProxyDigest::new(
+        Box::new(header),
+        Some(Box::new(Arc::new(facts))),
+    ))
+}
+
+/// Runs Pingora's HTTP server (h1 or h2) on a connection until it ends or its drain time is up.
+async fn serve_http(
+    apps: &Apps,
+    stream: Stream,
+    h2: bool,
+    drain: &watch::Receiver<bool>,
+    forced: impl std::future::Future<Output = ()>,
+) {
+    let app = if h2 { &apps.h2 } else { &apps.h1 };
+    tokio::select! {
+        _ = app.process_new(stream, drain) => {}
+        _ = forced => {}
+    }
+}
+
+/// The chain's network RBAC filters (evaluated once the peer identity is known).
+fn network_allowed(
+    apps: &Apps,
+    chain: &FilterChain,
+    remote: SocketAddr,
+    dst: SocketAddr,
+    sni: &str,
+    peer_principal: Option<&str>,
+) -> bool {
+    let conn = crate::authz::ConnView {
+        remote,
+        local: dst,
+        sni,
+        peer_principal,
+    };
+    crate::authz::network_allows(&chain.network_rbac, &apps.shared.stats, conn)
 }
 
 /// Reads decrypted bytes until they diverge from the HTTP/2 preface (false) or complete it (true);
