@@ -104,6 +104,8 @@ struct Inner {
     drop_streams: broadcast::Sender<()>,
     streams: std::sync::atomic::AtomicU64,
     nonce: std::sync::atomic::AtomicU64,
+    /// when each type was last changed by the test (`set`): ACK waits look at what came after
+    last_set: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Inner {
@@ -259,6 +261,7 @@ impl FakeIstiod {
             drop_streams: broadcast::channel(4).0,
             streams: Default::default(),
             nonce: Default::default(),
+            last_set: Mutex::new(HashMap::new()),
         });
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let svc = AggregatedDiscoveryServiceServer::new(Ads {
@@ -291,6 +294,10 @@ impl FakeIstiod {
     /// Replaces every resource of `type_url` with `resources` (a resource whose bytes did not change
     /// keeps its version) and pushes to every stream.
     pub fn set(&self, type_url: &str, resources: Vec<Any>) -> Result<()> {
+        self.inner
+            .last_set
+            .lock()
+            .insert(type_url.to_string(), std::time::Instant::now());
         {
             let mut r = self.inner.resources.lock();
             r.version += 1;
@@ -381,18 +388,17 @@ impl FakeIstiod {
     /// at least one was sent.
     pub async fn wait_acked(&self, type_url: &str, timeout: Duration) -> Result<()> {
         let t = type_url.to_string();
+        // Only responses sent after the test's last change of this type count.
+        let since = self.inner.last_set.lock().get(type_url).copied();
         self.wait_for(&format!("ACK of {type_url}"), timeout, move |seen, sent| {
-            let Some(stream) = sent
-                .iter()
-                .filter(|s| s.type_url == t)
-                .map(|s| s.stream)
-                .max()
-            else {
+            let fresh = |s: &&Sent| s.type_url == t && since.is_none_or(|at| s.at >= at);
+            let Some(stream) = sent.iter().filter(fresh).map(|s| s.stream).max() else {
                 return false;
             };
             let ours: Vec<_> = sent
                 .iter()
-                .filter(|s| s.type_url == t && s.stream == stream)
+                .filter(fresh)
+                .filter(|s| s.stream == stream)
                 .collect();
             let Some(last) = ours.last() else {
                 return false;
