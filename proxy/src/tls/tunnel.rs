@@ -57,6 +57,11 @@ impl Tunnel {
             let _g = rt.enter();
             UnixListener::bind(&path)?
         };
+        // Only this user may ask us to originate TLS with the workload's identity.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
         rt.spawn(async move {
             loop {
                 let Ok((s, _)) = listener.accept().await else {
