@@ -269,13 +269,9 @@ impl AdsClient {
 
     /// Applies a response and publishes; returns the NACK message, if any.
     fn apply(&mut self, update: Update) -> Option<String> {
-        let type_url = update.type_url;
         let result = self.store.apply(update);
         let mut errors: Vec<String> = result.err().into_iter().collect();
         errors.extend(self.publish_now());
-        if type_url == store::LISTENER && errors.is_empty() {
-            tracing::debug!("LDS applied");
-        }
         (!errors.is_empty()).then(|| errors.join("; "))
     }
 
@@ -320,21 +316,28 @@ impl AdsClient {
         loop {
             // On a reconnect, the types we already use are resubscribed with what we hold.
             self.delta_follow(&tx, &mut types, &mut first, started);
-            let deadline = self.store.next_deadline();
-            let msg = tokio::select! {
-                m = inbound.message() => m?,
-                _ = sleep_until(deadline) => {
-                    if self.store.promote(Instant::now()) {
-                        self.publish_now();
-                    }
-                    continue;
+            if let Some(resp) = self.next(&mut inbound).await? {
+                self.on_delta(resp, &tx, &mut types, &mut first, started);
+            }
+        }
+    }
+
+    /// The next response; `None` after time-based work (a warming deadline promoted something, or
+    /// the initial-fetch tick), so the caller re-evaluates its subscriptions.
+    async fn next<T>(&mut self, inbound: &mut tonic::Streaming<T>) -> Result<Option<T>, StreamEnd> {
+        let deadline = self.store.next_deadline();
+        tokio::select! {
+            m = inbound.message() => match m? {
+                Some(resp) => Ok(Some(resp)),
+                None => Err(StreamEnd::Closed),
+            },
+            _ = sleep_until(deadline) => {
+                if self.store.promote(Instant::now()) {
+                    self.publish_now();
                 }
-                _ = pingora_timeout::sleep(Duration::from_millis(250)), if !self.store.is_initialized() => continue,
-            };
-            let Some(resp) = msg else {
-                return Err(StreamEnd::Closed);
-            };
-            self.on_delta(resp, &tx, &mut types, &mut first, started);
+                Ok(None)
+            }
+            _ = pingora_timeout::sleep(Duration::from_millis(250)), if !self.store.is_initialized() => Ok(None),
         }
     }
 
@@ -498,21 +501,9 @@ impl AdsClient {
             .into_inner();
         loop {
             self.sotw_follow(&tx, &mut types, &mut first, started);
-            let deadline = self.store.next_deadline();
-            let msg = tokio::select! {
-                m = inbound.message() => m?,
-                _ = sleep_until(deadline) => {
-                    if self.store.promote(Instant::now()) {
-                        self.publish_now();
-                    }
-                    continue;
-                }
-                _ = pingora_timeout::sleep(Duration::from_millis(250)), if !self.store.is_initialized() => continue,
-            };
-            let Some(resp) = msg else {
-                return Err(StreamEnd::Closed);
-            };
-            self.on_sotw(resp, &tx, &mut types, &mut first, started);
+            if let Some(resp) = self.next(&mut inbound).await? {
+                self.on_sotw(resp, &tx, &mut types, &mut first, started);
+            }
         }
     }
 
@@ -539,9 +530,6 @@ impl AdsClient {
             st.received = true;
             st.nonce = resp.nonce.clone();
         }
-        // For routes and endpoints only what we asked for counts.
-        let wanted =
-            matches!(type_url, store::ROUTE | store::ENDPOINT).then(|| self.store.wanted(type_url));
         let update = Update {
             type_url,
             version: resp.version_info,
@@ -557,7 +545,6 @@ impl AdsClient {
             removed: Vec::new(),
             state_of_the_world: true,
         };
-        let _ = wanted;
         let error = self.apply(update);
         if let Some(e) = &error {
             tracing::warn!(type_url, "NACK: {e}");
