@@ -546,7 +546,7 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
         let Some(accepted) = accept_tls(&apps, tls, tcp, &listener, &offered).await else {
             return;
         };
-        let (alpn, peer_principal, peer_certs) = {
+        let (alpn, peer_principal) = {
             let conn = accepted.get_ref().1;
             (
                 conn.alpn_protocol().map(|a| a.to_vec()),
@@ -554,13 +554,8 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                     .and_then(|c| c.first())
                     .and_then(crate::tls::spiffe_id)
                     .map(arcstr::ArcStr::from),
-                conn.peer_certificates()
-                    .map(|c| Arc::new(c.iter().map(|d| d.to_vec()).collect::<Vec<_>>())),
             )
         };
-        let local_uri = tls
-            .local_uri(&apps.shared.secrets)
-            .map(arcstr::ArcStr::from);
         let sni = seen.server_name.as_deref().unwrap_or("");
         if !network_allowed(&apps, &chain, remote, dst, sni, peer_principal.as_deref()) {
             return;
@@ -591,6 +586,20 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                         matches!(sniffed, Ok(Ok(true)))
                     }
                 };
+                // The peer's certificates are copied only when XFCC depends on them, and ours is
+                // parsed only when XFCC is written.
+                use crate::config::XfccMode as X;
+                let peer_certs = matches!(
+                    hcm.xfcc.mode,
+                    X::ForwardOnly | X::SanitizeSet | X::AppendForward
+                )
+                .then(|| accepted.get_ref().1.peer_certificates())
+                .flatten()
+                .map(|c| Arc::new(c.iter().map(|d| d.to_vec()).collect::<Vec<_>>()));
+                let local_uri = matches!(hcm.xfcc.mode, X::SanitizeSet | X::AppendForward)
+                    .then(|| tls.local_uri(&apps.shared.secrets))
+                    .flatten()
+                    .map(arcstr::ArcStr::from);
                 let Some(digest) = digest(ConnFacts {
                     hcm: hcm.clone(),
                     stats: apps.shared.stats.http(&hcm.stat_prefix),

@@ -50,7 +50,8 @@ pub struct ConnFacts {
     pub peer_principal: Option<ArcStr>,
     /// the connection was TLS-terminated by us
     pub tls: bool,
-    /// the peer's certificate chain (DER, leaf first) on mTLS connections, for XFCC
+    /// the peer's certificate chain (DER, leaf first) on mTLS connections, kept only when the HCM's
+    /// XFCC mode depends on it (FORWARD_ONLY, APPEND_FORWARD, SANITIZE_SET)
     pub peer_certs: Option<Arc<Vec<Vec<u8>>>>,
     /// our own certificate's URI SAN (XFCC `By=`)
     pub local_uri: Option<ArcStr>,
