@@ -5,9 +5,12 @@
 //!   certificates;
 //! - [`sds`]: the SDS server on the workload Unix socket;
 //! - [`identity`]: both wired together from pilot-agent's environment (`pingsail-agent sds`);
+//! - [`lifecycle`]: the one Running → Draining → Stopping state the status server, signals and
+//!   supervisor share;
 //! - `testing` (feature `testing`): a fake istiod CA and a test PKI.
 pub mod ca;
 pub mod identity;
+pub mod lifecycle;
 pub mod sds;
 #[cfg(feature = "testing")]
 pub mod testing;
