@@ -7,11 +7,13 @@
 //! - [`identity`]: both wired together from pilot-agent's environment (`pingsail-agent sds`);
 //! - [`lifecycle`]: the one Running → Draining → Stopping state the status server, signals and
 //!   supervisor share;
+//! - [`standalone`]: the loopback mesh with a development CA (`pingsail-agent standalone`);
 //! - `testing` (feature `testing`): a fake istiod CA and a test PKI.
 pub mod ca;
 pub mod identity;
 pub mod lifecycle;
 pub mod sds;
+pub mod standalone;
 #[cfg(feature = "testing")]
 pub mod testing;
 

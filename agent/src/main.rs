@@ -27,18 +27,71 @@ enum Command {
     /// Workload certificates from istiod's CA (or mounted files), served over SDS on
     /// ./var/run/secrets/workload-spiffe-uds/socket; configured by pilot-agent's environment.
     Sds,
+    /// A small mesh on loopback with no Kubernetes and no istiod: a development CA, the workloads
+    /// and sidecars `<conf>/mesh.yaml` names (README "Standalone mesh").
+    Standalone(StandaloneArgs),
+}
+
+#[derive(clap::Args)]
+struct StandaloneArgs {
+    /// The directory holding mesh.yaml and the sidecars' bootstraps.
+    #[arg(long, default_value = "conf/standalone")]
+    conf: std::path::PathBuf,
+    /// The sidecar binary (default: pingsail-proxy beside this binary, else on PATH).
+    #[arg(long)]
+    proxy_binary: Option<std::path::PathBuf>,
+    /// Where the workloads' run directories go (default: a temporary directory removed at exit).
+    #[arg(long)]
+    run_dir: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Iptables(args) => iptables::main(*args),
         Command::Sds => ExitCode::from(sds_main() as u8),
+        Command::Standalone(args) => ExitCode::from(standalone_main(args) as u8),
     }
 }
 
-/// `pingsail-agent sds`: pilot-agent's environment variables (see `ca::config`), relative paths
-/// under the working directory; log level from RUST_LOG (default info).
-fn sds_main() -> i32 {
+fn standalone_main(args: StandaloneArgs) -> i32 {
+    init_logging();
+    let proxy_binary = args
+        .proxy_binary
+        .unwrap_or_else(|| sibling_binary("pingsail-proxy"));
+    let opts = pingsail_agent::standalone::Options {
+        conf: args.conf,
+        proxy_binary,
+        run_dir: args.run_dir,
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pingsail-agent standalone: runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(pingsail_agent::standalone::run(opts)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("pingsail-agent standalone: {e}");
+            1
+        }
+    }
+}
+
+/// `name` beside this executable when it exists there, else `name` (looked up on PATH).
+fn sibling_binary(name: &str) -> std::path::PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(name)))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| name.into())
+}
+
+fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -46,6 +99,12 @@ fn sds_main() -> i32 {
         )
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// `pingsail-agent sds`: pilot-agent's environment variables (see `ca::config`), relative paths
+/// under the working directory; log level from RUST_LOG (default info).
+fn sds_main() -> i32 {
+    init_logging();
     let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
     let base = match std::env::current_dir() {
         Ok(d) => d,

@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod config;
+pub mod dev;
 pub mod files;
 pub mod keys;
 pub mod manager;
