@@ -66,6 +66,16 @@ pub struct Cli {
 }
 
 /// Maps an Envoy log level to a tracing filter directive.
+/// The startup log filter for `level`. Pingora reports every failed attempt of a request (a retried
+/// 503, a refused connection) as a warning of its own; Envoy logs those at debug. Below debug,
+/// Pingora's own crates log errors only, so a retry policy doing its job stays quiet.
+pub fn startup_filter(level: &str) -> String {
+    match level {
+        "trace" | "debug" | "off" => level.to_string(),
+        _ => format!("{level},pingora_proxy=error,pingora_core=error"),
+    }
+}
+
 pub fn tracing_level(level: &str) -> Result<&'static str, String> {
     Ok(match level {
         "trace" => "trace",

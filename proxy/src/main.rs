@@ -2,7 +2,7 @@
 //! `pingsail-proxy -c bootstrap.yaml`: Envoy's command line, pingsail's data plane.
 
 use clap::Parser;
-use pingsail_proxy::cli::{Cli, tracing_level};
+use pingsail_proxy::cli::{Cli, startup_filter, tracing_level};
 use pingsail_proxy::xds::bootstrap;
 use std::sync::Arc;
 use tracing_subscriber::prelude::*;
@@ -14,7 +14,7 @@ fn main() {
         Ok(l) => l.unwrap_or("info"),
         Err(e) => fail(&e),
     };
-    let (filter, reload_handle) = reload::Layer::new(EnvFilter::new(level));
+    let (filter, reload_handle) = reload::Layer::new(EnvFilter::new(startup_filter(level)));
     tracing_subscriber::registry()
         .with(filter)
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
