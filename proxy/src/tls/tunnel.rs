@@ -5,8 +5,9 @@
 //! transport socket and the HTTP version; we dial TCP, do the TLS handshake with the cluster's
 //! `UpstreamTlsContext` (SPIFFE SAN matching, Istio's ALPN lists, the workload certificate current at
 //! that moment) and answer `200` — then bytes flow. Pingora pools the tunnel connection like any
-//! other, so one TLS connection carries many requests. (A Pingora-level custom connector would avoid
-//! the Unix-socket hop; it needs `HttpProxy::new_custom` to be public — see docs/COMPATIBILITY.md.)
+//! other, so one TLS connection carries many requests. It runs on the data-plane runtime, so it adds
+//! no thread hop. (Pingora's custom L4 connector with a virtual socket would avoid the Unix-socket
+//! copy, but Pingora 0.9.1 never reuses a pooled virtual socket — see docs/PINGORA-CHANGES.md.)
 
 use super::{Secrets, UpstreamTls, san_ok};
 use std::net::SocketAddr;
