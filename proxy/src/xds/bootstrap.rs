@@ -127,7 +127,7 @@ pub fn load(b: Bootstrap) -> Result<Loaded, BootstrapError> {
         let url = e
             .typed_config
             .as_ref()
-            .map(|a| translate::typed_struct_inner_type(a))
+            .map(translate::typed_struct_inner_type)
             .unwrap_or_default();
         // The internal-listener runtime (its listeners are refused one by one) and Istio's workload
         // metadata discovery (peer metadata for telemetry).
