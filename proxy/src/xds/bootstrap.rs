@@ -88,13 +88,61 @@ pub fn load(b: Bootstrap) -> Result<Loaded, BootstrapError> {
             "overload_manager",
             "stats_flush_interval",
             "dynamic_resources",
+            // Telemetry and logging only; validated below and accepted without effect (COMPATIBILITY.md).
+            "tracing",
+            "stats_sinks",
+            "stats_eviction_interval",
+            "deferred_stat_options",
+            "application_log_config",
+            "cluster_manager",
+            "bootstrap_extensions",
         ],
-        &[
-            ("cluster_manager", XDS),
-            ("tracing", "telemetry issue"),
-            ("stats_sinks", "telemetry issue"),
-        ],
+        &[],
     )?;
+    #[allow(deprecated)] // istiod's bootstrap still sets the bootstrap-level tracer
+    let tracing = &b.tracing;
+    if let Some(t) = tracing {
+        translate::telemetry::bootstrap_tracing(t, &root.field("tracing"))?;
+    }
+    for (i, s) in b.stats_sinks.iter().enumerate() {
+        translate::telemetry::stats_sink(s, &root.at("stats_sinks", i))?;
+    }
+    if let Some(cm) = &b.cluster_manager {
+        let p = root.field("cluster_manager");
+        // outlier event logs, deferred cluster creation and load reporting (LRS) to istiod do not
+        // change how traffic is routed.
+        translate::only_pub(
+            cm,
+            &p,
+            &[
+                "outlier_detection",
+                "enable_deferred_cluster_creation",
+                "load_stats_config",
+            ],
+            &[("local_cluster_name", XDS), ("upstream_bind_config", XDS)],
+        )?;
+    }
+    for (i, e) in b.bootstrap_extensions.iter().enumerate() {
+        let p = root.at("bootstrap_extensions", i);
+        let url = e
+            .typed_config
+            .as_ref()
+            .map(translate::typed_struct_inner_type)
+            .unwrap_or_default();
+        // The internal-listener runtime (its listeners are refused one by one) and Istio's workload
+        // metadata discovery (peer metadata for telemetry).
+        if !matches!(
+            url.as_str(),
+            "envoy.extensions.bootstrap.internal_listener.v3.InternalListener"
+                | "istio.workload.BootstrapExtension"
+        ) {
+            return Err(TranslateError {
+                path: p.field("typed_config"),
+                kind: ErrorKind::UnknownType(url),
+            }
+            .into());
+        }
+    }
     let admin = match &b.admin {
         Some(a) => {
             let p = root.field("admin");

@@ -5,6 +5,11 @@
 //!   `x-served-by: NAME`, `x-peer: <peer>`, `x-local: <local>` and body `NAME <method> <target>`.
 //! * `echo NAME ADDR...` — client-first TCP: reads one line, answers `NAME got=<line> peer=<peer>`.
 //! * `send ADDR TEXT` — connects, sends `TEXT\n`, prints the line it gets back (exit 1 on failure).
+//! * `tls ADDR SNI CERT KEY CA SAN ALPN TEXT` — an Istio-style mTLS client: handshakes offering the
+//!   comma-separated `ALPN` list with the PEM `CERT`/`KEY` (`-` for none), verifies the server's
+//!   chain against `CA` and its URI SAN against `SAN`, sends `TEXT` (`\r`/`\n` escapes decoded),
+//!   prints `alpn=<negotiated|->` and then everything it reads until the peer closes (exit 1 when
+//!   the handshake fails).
 //!
 //! Listeners print `listening <addr>` once per address when bound (the readiness signal).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -20,7 +25,10 @@ fn main() {
             listen(mode == "http", &args[1], &args[2..])
         }
         Some("send") if args.len() == 3 => send(&args[1], &args[2]),
-        _ => Err("usage: pod-app http|echo NAME ADDR... | send ADDR TEXT".into()),
+        Some("tls") if args.len() == 9 => tls(&args[1..]),
+        _ => Err("usage: pod-app http|echo NAME ADDR... | send ADDR TEXT \
+             | tls ADDR SNI CERT KEY CA SAN ALPN TEXT"
+            .into()),
     };
     if let Err(e) = r {
         eprintln!("pod-app: {e}");
@@ -125,4 +133,63 @@ fn send(addr: &str, text: &str) -> Result<(), String> {
     }
     println!("{}", line.trim_end());
     Ok(())
+}
+
+fn tls(a: &[String]) -> Result<(), String> {
+    use pingsail_filters::matcher::{StringMatch, StringMatcher};
+    use pingsail_proxy::tls::{Common, Material, Secrets, Source, UpstreamTls, pem_certs, pem_key};
+    use std::sync::Arc;
+    let (addr, sni, cert, key, ca, san, alpn, text) =
+        (&a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7]);
+    let read = |p: &str| std::fs::read(p).map_err(|e| format!("{p}: {e}"));
+    let cert = if cert == "-" {
+        None
+    } else {
+        Some(Source::Inline(Arc::new(Material::Cert {
+            chain: pem_certs(&read(cert)?)?,
+            key: Arc::new(pem_key(&read(key)?)?),
+        })))
+    };
+    let common = Common {
+        cert,
+        ca: Some(Source::Inline(Arc::new(Material::Roots(pem_certs(
+            &read(ca)?,
+        )?)))),
+        san: vec![StringMatcher::new(StringMatch::Exact(san.clone()), false)],
+        alpn: alpn
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(Into::into)
+            .collect(),
+        ..Default::default()
+    };
+    let config = UpstreamTls::new(common, sni.as_str().into())
+        .client_config(&Secrets::default())
+        .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from(sni.clone()).map_err(|e| e.to_string())?;
+    let conn = rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())?;
+    let dst: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let sock = TcpStream::connect_timeout(&dst, Duration::from_secs(10))
+        .map_err(|e| format!("{dst}: {e}"))?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .map_err(|e| format!("handshake with {dst}: {e}"))?;
+    }
+    let negotiated = tls
+        .conn
+        .alpn_protocol()
+        .map_or("-".to_string(), |p| String::from_utf8_lossy(p).into_owned());
+    println!("alpn={negotiated}");
+    let text = text.replace("\\r", "\r").replace("\\n", "\n");
+    tls.write_all(text.as_bytes()).map_err(|e| e.to_string())?;
+    tls.flush().map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    // A close without close_notify (the proxy relaying a TCP close) still ends the answer.
+    let _ = tls.read_to_end(&mut out);
+    print!("{}", String::from_utf8_lossy(&out));
+    std::io::stdout().flush().map_err(|e| e.to_string())
 }

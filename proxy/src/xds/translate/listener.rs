@@ -62,6 +62,10 @@ pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Liste
             "metadata",
             "access_log",
             "use_original_dst",
+            // pilot-agent's 15090/15021 listeners: no global connection limit or overload action is
+            // enforced, so exempting a listener from them holds trivially.
+            "ignore_global_conn_limit",
+            "bypass_overload_manager",
         ],
         &[
             ("transparent", CAPTURE),
@@ -308,6 +312,18 @@ fn filter_chain(fc: &l::FilterChain, path: &Path) -> Result<FilterChain> {
     })
 }
 
+/// The type an extension config names: its own, or the inner type of a TypedStruct.
+pub fn typed_struct_inner_type(any: &Any) -> String {
+    let url = type_name(&any.type_url);
+    if url != "udpa.type.v1.TypedStruct" && url != "xds.type.v3.TypedStruct" {
+        return url.to_string();
+    }
+    match <TypedStruct as prost::Message>::decode(any.value.as_slice()) {
+        Ok(ts) => type_name(&ts.type_url).to_string(),
+        Err(_) => url.to_string(),
+    }
+}
+
 /// `udpa.type.v1.TypedStruct` and `xds.type.v3.TypedStruct` share this wire shape.
 #[derive(Clone, PartialEq, prost::Message)]
 struct TypedStruct {
@@ -431,10 +447,10 @@ fn http_connection_manager(
             "rds",
             "forward_client_cert_details",
             "set_current_client_cert_details",
+            "tracing",
         ],
         &[
             ("scoped_routes", "xDS issue"),
-            ("tracing", TELEMETRY),
             ("drain_timeout", "xDS issue"),
             ("request_headers_timeout", RESILIENCE),
             ("max_connection_duration", RESILIENCE),
@@ -442,6 +458,9 @@ fn http_connection_manager(
             ("add_user_agent", TELEMETRY),
         ],
     )?;
+    if let Some(t) = &h.tracing {
+        super::telemetry::hcm_tracing(t, &path.field("tracing"))?;
+    }
     use hcm::http_connection_manager::CodecType as CT;
     let codec = match CT::try_from(h.codec_type) {
         Ok(CT::Auto) => Codec::Auto,
@@ -577,6 +596,12 @@ fn http_connection_manager(
                 authz.push(crate::authz::HttpAuthz::ExtAuthz(Arc::new(
                     super::ext_authz::ext_authz(&e, &f.name, &tp)?,
                 )));
+            }
+            "envoy.extensions.filters.http.compressor.v3.Compressor" => {
+                super::telemetry::compressor(&unpack(&any, &tp)?, &tp)?;
+            }
+            "envoy.extensions.filters.http.wasm.v3.Wasm" => {
+                super::telemetry::istio_wasm(&unpack(&any, &tp)?, &tp)?;
             }
             u if ACCEPTED_NOT_ENFORCED.contains(&u) => {}
             other => return err(&tp, ErrorKind::UnknownType(other.to_string())),

@@ -9,13 +9,14 @@ mod jwt;
 mod listener;
 mod rbac;
 mod route;
+pub mod telemetry;
 pub mod tls;
 
 pub use cluster::{translate_cluster, translate_control_plane_cluster, translate_load_assignment};
 pub use common::ErrorKind;
 pub use common::config_source;
 pub use common::{Path, TranslateError};
-pub use listener::translate_listener;
+pub use listener::{translate_listener, typed_struct_inner_type};
 pub use route::translate_route_config;
 
 /// Re-exports of translation helpers for sibling modules that translate their own protos.
