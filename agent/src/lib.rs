@@ -7,11 +7,18 @@
 //! - [`identity`]: both wired together from pilot-agent's environment (`pingsail-agent sds`);
 //! - [`lifecycle`]: the one Running → Draining → Stopping state the status server, signals and
 //!   supervisor share;
+//! - [`status`]: the status server (`:15020`: readiness, merged metrics, quitquitquit, drain, app
+//!   probes);
+//! - [`drain`]: draining the proxy with one deadline on SIGTERM;
+//! - [`cmd`]: the `wait` and `request` subcommands;
 //! - `testing` (feature `testing`): a fake istiod CA and a test PKI.
 pub mod ca;
+pub mod cmd;
+pub mod drain;
 pub mod identity;
 pub mod lifecycle;
 pub mod sds;
+pub mod status;
 #[cfg(feature = "testing")]
 pub mod testing;
 
