@@ -8,12 +8,19 @@
 //! - [`lifecycle`]: the one Running → Draining → Stopping state the status server, signals and
 //!   supervisor share;
 //! - [`standalone`]: the loopback mesh with a development CA (`pingsail-agent standalone`);
+//! - [`status`]: the status server (`:15020`: readiness, merged metrics, quitquitquit, drain, app
+//!   probes);
+//! - [`drain`]: draining the proxy with one deadline on SIGTERM;
+//! - [`cmd`]: the `wait` and `request` subcommands;
 //! - `testing` (feature `testing`): a fake istiod CA and a test PKI.
 pub mod ca;
+pub mod cmd;
+pub mod drain;
 pub mod identity;
 pub mod lifecycle;
 pub mod sds;
 pub mod standalone;
+pub mod status;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -27,6 +27,10 @@ enum Command {
     /// Workload certificates from istiod's CA (or mounted files), served over SDS on
     /// ./var/run/secrets/workload-spiffe-uds/socket; configured by pilot-agent's environment.
     Sds,
+    /// Wait until the proxy is ready (pilot-agent's `wait`, for holdApplicationUntilProxyStarts).
+    Wait(pingsail_agent::cmd::WaitArgs),
+    /// Make an HTTP request to a local admin/status port (pilot-agent's `request`).
+    Request(pingsail_agent::cmd::RequestArgs),
     /// A small mesh on loopback with no Kubernetes and no istiod: a development CA, the workloads
     /// and sidecars `<conf>/mesh.yaml` names (README "Standalone mesh").
     Standalone(StandaloneArgs),
@@ -50,6 +54,21 @@ fn main() -> ExitCode {
         Command::Iptables(args) => iptables::main(*args),
         Command::Sds => ExitCode::from(sds_main() as u8),
         Command::Standalone(args) => ExitCode::from(standalone_main(args) as u8),
+        Command::Wait(a) => small_rt(pingsail_agent::cmd::wait(a)),
+        Command::Request(a) => small_rt(pingsail_agent::cmd::request(a)),
+    }
+}
+
+fn small_rt(f: impl std::future::Future<Output = i32>) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => ExitCode::from(rt.block_on(f) as u8),
+        Err(e) => {
+            eprintln!("pingsail-agent: runtime: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

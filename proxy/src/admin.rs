@@ -27,6 +27,8 @@ pub struct Admin {
     pub quit: Arc<tokio::sync::watch::Sender<bool>>,
     /// `/logging`
     pub log_control: Option<LogControl>,
+    /// the listeners (`/drain_listeners`)
+    pub manager: Option<Arc<crate::listener::Manager>>,
 }
 
 /// Serves admin requests until the process ends.
@@ -155,6 +157,7 @@ fn route(admin: &Admin, method: &str, path: &str, query: &str) -> (u16, &'static
         "/stats/prometheus" => (200, "text/plain; version=0.0.4", prometheus(&admin.shared)),
         "/logging" => logging(admin, query),
         "/quitquitquit" => (200, "text/plain", "OK\n".into()),
+        "/drain_listeners" => drain_listeners(admin, query),
         "/server_info" => {
             let v = serde_json::json!({
                 "version": concat!("pingsail/", env!("CARGO_PKG_VERSION")),
@@ -164,6 +167,48 @@ fn route(admin: &Admin, method: &str, path: &str, query: &str) -> (u16, &'static
         }
         _ => (404, "text/plain", "invalid path. admin commands are: /clusters /config_dump /logging /quitquitquit /ready /server_info /stats /stats/prometheus\n".into()),
     }
+}
+
+/// `POST /drain_listeners[?inboundonly][&graceful][&skip_exit]`, Envoy's semantics (see
+/// [`crate::listener::Manager::drain_listeners`]).
+fn drain_listeners(admin: &Admin, query: &str) -> (u16, &'static str, String) {
+    let mut inbound_only = false;
+    let mut graceful = false;
+    let mut skip_exit = false;
+    for kv in query.split('&').filter(|q| !q.is_empty()) {
+        match kv.split_once('=').map_or(kv, |(k, _)| k) {
+            "inboundonly" => inbound_only = true,
+            "graceful" => graceful = true,
+            "skip_exit" => skip_exit = true,
+            other => {
+                return (
+                    400,
+                    "text/plain",
+                    format!(
+                        "drain_listeners: unknown parameter '{other}' (inboundonly, graceful, skip_exit)\n"
+                    ),
+                );
+            }
+        }
+    }
+    if skip_exit && !graceful {
+        return (
+            400,
+            "text/plain",
+            "drain_listeners: skip_exit requires graceful\n".into(),
+        );
+    }
+    if let Some(m) = &admin.manager {
+        let n = m.drain_listeners(inbound_only, graceful, skip_exit, admin.shared.drain_time);
+        tracing::info!(
+            inbound_only,
+            graceful,
+            skip_exit,
+            listeners = n,
+            "draining listeners"
+        );
+    }
+    (200, "text/plain", "OK\n".into())
 }
 
 fn logging(admin: &Admin, query: &str) -> (u16, &'static str, String) {
@@ -438,6 +483,19 @@ fn redacted(
 fn all_stats(shared: &Shared) -> Vec<(String, u64)> {
     use std::sync::atomic::Ordering::Relaxed;
     let mut out = shared.stats.counters();
+    // Server state as Envoy reports it (admin.v3.ServerInfo.State: LIVE 0, INITIALIZING 3); workers
+    // start once the initial xDS fetch is done. pilot-agent's readiness reads these.
+    let initialized = shared
+        .snapshot
+        .load()
+        .xds
+        .as_ref()
+        .is_none_or(|x| x.initialized);
+    out.push(("server.state".into(), if initialized { 0 } else { 3 }));
+    out.push((
+        "listener_manager.workers_started".into(),
+        u64::from(initialized),
+    ));
     for (n, c) in shared.clusters.all().iter() {
         let t = &c.config.breakers;
         let b = &c.breakers;
@@ -572,7 +630,8 @@ fn clusters(shared: &Shared) -> String {
 
 /// Envoy's Prometheus naming with its default tag extraction for the stats we have.
 fn prometheus(shared: &Shared) -> String {
-    let mut by_metric: std::collections::BTreeMap<String, Vec<(String, u64)>> = Default::default();
+    type Series = (&'static str, Vec<(String, u64)>);
+    let mut by_metric: std::collections::BTreeMap<String, Series> = Default::default();
     for (name, value) in all_stats(shared) {
         let (metric, labels) = match name.split_once('.') {
             Some(("cluster", rest)) => match rest.rsplit_once('.') {
@@ -589,6 +648,13 @@ fn prometheus(shared: &Shared) -> String {
                 ),
                 None => continue,
             },
+            Some(("listener", rest)) => match rest.rsplit_once('.') {
+                Some((a, stat)) => (
+                    format!("envoy_listener_{stat}"),
+                    format!("envoy_listener_address=\"{a}\""),
+                ),
+                None => continue,
+            },
             Some(("tcp", rest)) => match rest.rsplit_once('.') {
                 Some((p, stat)) => (
                     format!("envoy_tcp_{stat}"),
@@ -599,11 +665,17 @@ fn prometheus(shared: &Shared) -> String {
             _ => (format!("envoy_{name}"), String::new()),
         };
         let metric = metric.replace(|c: char| !c.is_ascii_alphanumeric() && c != '_', "_");
-        by_metric.entry(metric).or_default().push((labels, value));
+        let kind = if crate::stats::is_gauge(&name) {
+            "gauge"
+        } else {
+            "counter"
+        };
+        let e = by_metric.entry(metric).or_insert((kind, Vec::new()));
+        e.1.push((labels, value));
     }
     let mut s = String::new();
-    for (metric, series) in by_metric {
-        let _ = writeln!(s, "# TYPE {metric} counter");
+    for (metric, (kind, series)) in by_metric {
+        let _ = writeln!(s, "# TYPE {metric} {kind}");
         for (labels, value) in series {
             let _ = writeln!(s, "{metric}{{{labels}}} {value}");
         }

@@ -34,6 +34,11 @@ pub struct Listener {
     pub default_chain: Option<Arc<FilterChain>>,
     /// `listener_filters_timeout` (default 15 s; 0 = wait forever).
     pub sniff_timeout: Option<Duration>,
+    /// `traffic_direction: INBOUND` (what admin `drain_listeners?inboundonly` drains).
+    pub inbound: bool,
+    /// The listener's stats scope: `listener.<stat_prefix>` or `listener.<address>` with `:` as `_`
+    /// (`listener.0.0.0.0_15006`), as Envoy names it.
+    pub stat_prefix: ArcStr,
 }
 
 /// A listener filter's `filter_disabled` (`ListenerFilterChainMatchPredicate`): when it holds for a
@@ -165,29 +170,51 @@ pub struct FilterChain {
 /// changes a chain (or the listener goes away) the signal flips: HTTP/1 responses carry
 /// `connection: close`, h2 connections get GOAWAY, and whatever is still open after the drain time
 /// is closed.
+///
+/// Admin `drain_listeners?graceful` drains without retiring: responses are discouraged the same way,
+/// but open connections are never closed by the proxy (they end when the process exits).
 #[derive(Debug)]
-pub struct Drain(tokio::sync::watch::Sender<bool>);
+pub struct Drain {
+    signal: tokio::sync::watch::Sender<bool>,
+    retired: tokio::sync::watch::Sender<bool>,
+}
 
 impl Default for Drain {
     fn default() -> Self {
-        Drain(tokio::sync::watch::Sender::new(false))
+        Drain {
+            signal: tokio::sync::watch::Sender::new(false),
+            retired: tokio::sync::watch::Sender::new(false),
+        }
     }
 }
 
 impl Drain {
-    /// Starts draining (idempotent).
+    /// The chain left the configuration: drain, and close what is left after the drain time
+    /// (idempotent).
     pub fn start(&self) {
-        self.0.send_replace(true);
+        self.signal.send_replace(true);
+        self.retired.send_replace(true);
+    }
+
+    /// Discourage requests (`connection: close`, GOAWAY) without ever closing connections
+    /// (idempotent).
+    pub fn start_graceful(&self) {
+        self.signal.send_replace(true);
     }
 
     /// Whether draining has started.
     pub fn draining(&self) -> bool {
-        *self.0.borrow()
+        *self.signal.borrow()
     }
 
     /// A receiver for connections (Pingora's shutdown watch has this type).
     pub fn watch(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.0.subscribe()
+        self.signal.subscribe()
+    }
+
+    /// Flips when the chain is retired (the drain-time countdown to closing starts).
+    pub fn retired(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.retired.subscribe()
     }
 }
 

@@ -290,7 +290,12 @@ pub fn start(
         let (shared2, manager2, rt) = (shared.clone(), manager.clone(), data_rt.handle().clone());
         let publish: xds::ads::Publish =
             Arc::new(move |snap| publish(&shared2, &manager2, &rt, snap));
-        admin_rt.spawn(xds::ads::AdsClient::new(settings, store, publish).run());
+        let counters = xds::ads::UpdateCounters::register(&shared.stats);
+        admin_rt.spawn(
+            xds::ads::AdsClient::new(settings, store, publish)
+                .with_counters(counters)
+                .run(),
+        );
     }
     if let Some((cluster, node)) = loaded.sds {
         admin_rt.spawn(xds::sds::run(
@@ -310,6 +315,7 @@ pub fn start(
             shared: shared.clone(),
             quit: quit_tx.clone(),
             log_control,
+            manager: Some(manager.clone()),
         });
         admin_rt.spawn(async move {
             match tokio::net::TcpListener::from_std(std_l) {

@@ -328,8 +328,10 @@ pub struct Manager {
 struct Active {
     entry: Arc<ListenerEntry>,
     current: Arc<ArcSwap<Listener>>,
-    stop: watch::Sender<bool>,
+    stop: Arc<watch::Sender<bool>>,
     bound: Option<SocketAddr>,
+    /// Admin `drain_listeners?graceful` started on this listener: chains swapped in later drain too.
+    draining: bool,
 }
 
 impl Active {
@@ -386,6 +388,11 @@ impl Manager {
                             c.drain.start();
                         }
                     }
+                    if a.draining {
+                        for c in chains(&e.config) {
+                            c.drain.start_graceful();
+                        }
+                    }
                     a.entry = e.clone();
                     continue;
                 }
@@ -394,6 +401,7 @@ impl Manager {
                 }
             }
             let (stop, stop_rx) = watch::channel(false);
+            let stop = Arc::new(stop);
             let current = Arc::new(ArcSwap::new(e.config.clone()));
             let mut bound = None;
             if e.config.bind_to_port {
@@ -422,6 +430,7 @@ impl Manager {
                     current,
                     stop,
                     bound,
+                    draining: false,
                 },
             );
         }
@@ -435,6 +444,48 @@ impl Manager {
             .iter()
             .filter_map(|(n, a)| Some((n.to_string(), a.bound?)))
             .collect()
+    }
+
+    /// Admin `drain_listeners`: the listeners (only `traffic_direction: INBOUND` ones with
+    /// `inbound_only`) stop accepting now; with `graceful`, they first keep accepting for
+    /// `drain_time` while every HTTP response carries `connection: close` and h2 connections get
+    /// GOAWAY, then stop accepting (unless `skip_exit`). Open connections are never closed here: they
+    /// finish, or end when the process exits. Returns how many listeners were drained.
+    pub fn drain_listeners(
+        &self,
+        inbound_only: bool,
+        graceful: bool,
+        skip_exit: bool,
+        drain_time: Duration,
+    ) -> usize {
+        let mut running = self.running.lock();
+        let mut n = 0;
+        for a in running.values_mut() {
+            let l = a.current.load();
+            if inbound_only && !l.inbound {
+                continue;
+            }
+            n += 1;
+            if !graceful {
+                a.stop.send_replace(true);
+                continue;
+            }
+            if a.draining {
+                continue;
+            }
+            a.draining = true;
+            for c in chains(&l) {
+                c.drain.start_graceful();
+            }
+            if !skip_exit {
+                let stop = a.stop.clone();
+                self.rt.spawn(async move {
+                    pingora_timeout::sleep(drain_time).await;
+                    stop.send_replace(true);
+                });
+            }
+        }
+        n
     }
 
     /// Stops accepting everywhere and drains every connection.
@@ -453,6 +504,10 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let mut stop = shutdown;
+    let stats = {
+        let prefix = current.load().stat_prefix.clone();
+        apps.shared.stats.listener(&prefix)
+    };
     loop {
         let accepted = tokio::select! {
             r = socket.accept() => r,
@@ -470,13 +525,15 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let apps = apps.clone();
         let listener = current.load_full();
+        let active = crate::stats::ActiveConnection::new(stats.clone());
         tokio::spawn(async move {
             handle(apps, listener, tcp, remote).await;
+            drop(active);
         });
     }
 }
 
-/// Resolves `drain_time` after `drain` flips: whatever is still open then is closed.
+/// Resolves `drain_time` after the chain is retired: whatever is still open then is closed.
 async fn drained(mut drain: watch::Receiver<bool>, drain_time: Duration) {
     if drain.wait_for(|d| *d).await.is_err() {
         // The chain (and its signal) is gone without draining: nothing forces this connection.
@@ -526,7 +583,7 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
     // that is us (the loop guard; istiod also adds a blackhole chain for 15001 / 15006).
     let original_dst = (capture && dst != local).then_some(dst);
     let drain = chain.drain.watch();
-    let forced = drained(drain.clone(), apps.shared.drain_time);
+    let forced = drained(chain.drain.retired(), apps.shared.drain_time);
     if let Some(tls) = &chain.tls {
         let offered = if seen.tls {
             seen.alpn.clone()
@@ -809,6 +866,8 @@ mod tests {
             chains,
             default_chain: default.then(|| chain("default", ChainMatch::default())),
             sniff_timeout: None,
+            inbound: false,
+            stat_prefix: "l".into(),
         }
     }
 

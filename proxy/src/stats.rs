@@ -114,12 +114,53 @@ pub struct TcpStats {
     pub cx_closed: Counter,
 }
 
+/// `listener.<stat_prefix>.*` (Envoy's per-listener connection stats).
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    /// downstream_cx_total
+    pub cx_total: Counter,
+    /// downstream_cx_destroy
+    pub cx_destroy: Counter,
+    /// downstream_cx_active (gauge)
+    pub cx_active: Gauge,
+}
+
+/// Holds one `downstream_cx_active` for the life of a connection.
+#[derive(Debug)]
+pub struct ActiveConnection(Arc<ListenerStats>);
+
+impl ActiveConnection {
+    /// Counts a new connection on `stats`.
+    pub fn new(stats: Arc<ListenerStats>) -> Self {
+        stats.cx_total.inc();
+        stats.cx_active.inc();
+        ActiveConnection(stats)
+    }
+}
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.0.cx_active.dec();
+        self.0.cx_destroy.inc();
+    }
+}
+
+/// Whether an Envoy stat of this name is a gauge (shown as `# TYPE … gauge` in Prometheus output).
+pub fn is_gauge(name: &str) -> bool {
+    name.ends_with("_active")
+        || name.ends_with(".active_faults")
+        || name.ends_with("_open")
+        || name.contains(".remaining_")
+        || matches!(name, "server.state" | "listener_manager.workers_started")
+}
+
 /// Registry. Lookups take a read lock at connection/config time only; request paths hold `Arc`s.
 #[derive(Debug, Default)]
 pub struct Stats {
     http: RwLock<BTreeMap<ArcStr, Arc<HttpStats>>>,
     cluster: RwLock<BTreeMap<ArcStr, Arc<ClusterStats>>>,
     tcp: RwLock<BTreeMap<ArcStr, Arc<TcpStats>>>,
+    listener: RwLock<BTreeMap<ArcStr, Arc<ListenerStats>>>,
     /// Counters of filters with configurable names (RBAC …), by full name.
     named: RwLock<BTreeMap<ArcStr, Arc<Counter>>>,
 }
@@ -148,6 +189,11 @@ impl Stats {
     /// tcp_proxy counters.
     pub fn tcp(&self, prefix: &ArcStr) -> Arc<TcpStats> {
         get_or_insert(&self.tcp, prefix)
+    }
+
+    /// Connection stats of a listener (`listener.<prefix>.*`).
+    pub fn listener(&self, prefix: &ArcStr) -> Arc<ListenerStats> {
+        get_or_insert(&self.listener, prefix)
     }
 
     /// A counter by its full Envoy name (resolve once, keep the `Arc`).
@@ -248,6 +294,20 @@ impl Stats {
         }
         for (p, s) in self.tcp.read().iter() {
             out.push((format!("tcp.{p}.downstream_cx_total"), s.cx_total.get()));
+        }
+        for (p, s) in self.listener.read().iter() {
+            out.push((
+                format!("listener.{p}.downstream_cx_total"),
+                s.cx_total.get(),
+            ));
+            out.push((
+                format!("listener.{p}.downstream_cx_destroy"),
+                s.cx_destroy.get(),
+            ));
+            out.push((
+                format!("listener.{p}.downstream_cx_active"),
+                s.cx_active.get(),
+            ));
         }
         for (n, c) in self.named.read().iter() {
             out.push((n.to_string(), c.get()));

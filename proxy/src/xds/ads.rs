@@ -185,11 +185,45 @@ pub fn dynamic_resources(d: &DynamicResources, path: &Path) -> Result<PartialAds
 /// Publishes a snapshot to the data plane; returns listeners that could not be started.
 pub type Publish = Arc<dyn Fn(ConfigSnapshot) -> Vec<(ArcStr, String)> + Send + Sync>;
 
+/// `cluster_manager.cds.update_*` and `listener_manager.lds.update_*`, which pilot-agent's readiness
+/// probe reads.
+#[derive(Debug, Clone)]
+pub struct UpdateCounters {
+    cds_success: Arc<crate::stats::Counter>,
+    cds_rejected: Arc<crate::stats::Counter>,
+    lds_success: Arc<crate::stats::Counter>,
+    lds_rejected: Arc<crate::stats::Counter>,
+}
+
+impl UpdateCounters {
+    /// Registers the four counters (listed from the start, at zero, as Envoy does).
+    pub fn register(stats: &crate::stats::Stats) -> Self {
+        UpdateCounters {
+            cds_success: stats.counter("cluster_manager.cds.update_success"),
+            cds_rejected: stats.counter("cluster_manager.cds.update_rejected"),
+            lds_success: stats.counter("listener_manager.lds.update_success"),
+            lds_rejected: stats.counter("listener_manager.lds.update_rejected"),
+        }
+    }
+
+    fn record(&self, type_url: &str, ok: bool) {
+        let c = match (type_url, ok) {
+            (store::CLUSTER, true) => &self.cds_success,
+            (store::CLUSTER, false) => &self.cds_rejected,
+            (store::LISTENER, true) => &self.lds_success,
+            (store::LISTENER, false) => &self.lds_rejected,
+            _ => return,
+        };
+        c.inc();
+    }
+}
+
 /// The client and its store.
 pub struct AdsClient {
     settings: AdsSettings,
     store: Store,
     publish: Publish,
+    counters: Option<UpdateCounters>,
     /// this stream is a reconnect of one that had received clusters
     resumed: bool,
 }
@@ -225,8 +259,15 @@ impl AdsClient {
             settings,
             store,
             publish,
+            counters: None,
             resumed: false,
         }
+    }
+
+    /// Counts CDS and LDS updates accepted and rejected.
+    pub fn with_counters(mut self, counters: UpdateCounters) -> Self {
+        self.counters = Some(counters);
+        self
     }
 
     /// Runs forever: connect, stream, reconnect with jittered exponential backoff (0.5 s → 30 s).
@@ -269,9 +310,13 @@ impl AdsClient {
 
     /// Applies a response and publishes; returns the NACK message, if any.
     fn apply(&mut self, update: Update) -> Option<String> {
+        let type_url = update.type_url;
         let result = self.store.apply(update);
         let mut errors: Vec<String> = result.err().into_iter().collect();
         errors.extend(self.publish_now());
+        if let Some(c) = &self.counters {
+            c.record(type_url, errors.is_empty());
+        }
         (!errors.is_empty()).then(|| errors.join("; "))
     }
 

@@ -151,6 +151,13 @@ pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Liste
         chains,
         default_chain,
         sniff_timeout,
+        inbound: li.traffic_direction
+            == envoy_types::pb::envoy::config::core::v3::TrafficDirection::Inbound as i32,
+        stat_prefix: if li.stat_prefix.is_empty() {
+            format!("{address}").replace(':', "_").into()
+        } else {
+            li.stat_prefix.as_str().into()
+        },
     })
 }
 
