@@ -7,12 +7,18 @@
 //! - [`identity`]: both wired together from pilot-agent's environment (`pingsail-agent sds`);
 //! - [`lifecycle`]: the one Running → Draining → Stopping state the status server, signals and
 //!   supervisor share;
+//! - [`xdsproxy`]: the ADS relay between the proxy's Unix socket and istiod;
+//! - [`nds`]: istiod's name table (NDS), taken by the xDS proxy for the DNS proxy;
+//! - [`dns`]: the DNS proxy on 15053 (ISTIO_META_DNS_CAPTURE);
 //! - `testing` (feature `testing`): a fake istiod CA and a test PKI.
 pub mod ca;
+pub mod dns;
 pub mod identity;
 pub mod lifecycle;
+pub mod nds;
 pub mod sds;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod xdsproxy;
 
 mod h2serve;
