@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-//! pingsail agent library: the workload-certificate side of pilot-agent.
+//! pingsail agent library: pilot-agent's jobs.
 //!
 //! - [`ca`]: key/CSR generation, istiod's CA client, chain validation, rotation, file-mounted
 //!   certificates;
@@ -12,16 +12,22 @@
 //!   probes);
 //! - [`drain`]: draining the proxy with one deadline on SIGTERM;
 //! - [`cmd`]: the `wait` and `request` subcommands;
+//! - [`xdsproxy`]: the ADS relay between the proxy's Unix socket and istiod;
+//! - [`nds`]: istiod's name table (NDS), taken by the xDS proxy for the DNS proxy;
+//! - [`dns`]: the DNS proxy on 15053 (ISTIO_META_DNS_CAPTURE);
 //! - `testing` (feature `testing`): a fake istiod CA and a test PKI.
 pub mod ca;
 pub mod cmd;
+pub mod dns;
 pub mod drain;
 pub mod identity;
 pub mod lifecycle;
+pub mod nds;
 pub mod sds;
 pub mod standalone;
 pub mod status;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod xdsproxy;
 
 mod h2serve;
