@@ -1438,6 +1438,28 @@ impl ProxyHttp for Router {
         Ok(())
     }
 
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        // The route timeout (or max_stream_duration) lasts until the response is complete, as
+        // Envoy's: a body still arriving past the deadline resets the stream (the response has
+        // started, so there is no local reply). Pingora has no response timer, so the deadline is
+        // checked as each body chunk arrives.
+        if let Some((deadline, kind)) = ctx.deadline
+            && Instant::now() >= deadline
+        {
+            ctx.failure = Some(kind);
+            ctx.read_timeout_kind = None;
+            ctx.per_try_armed = None;
+            return Error::e_explain(ErrorType::ReadTimedout, "route timeout during the body");
+        }
+        Ok(None)
+    }
+
     async fn response_filter(
         &self,
         _session: &mut Session,
@@ -1514,6 +1536,16 @@ impl ProxyHttp for Router {
         } else {
             f.body()
         };
+        // A route deadline that expires once the response has started resets the stream; Envoy
+        // then closes the HTTP/1 connection after its `delayed_close_timeout` (the bytes already
+        // forwarded stay; the client sees the connection end then).
+        if ctx.status != 0
+            && matches!(f, Failure::UpstreamTimeout | Failure::StreamDuration)
+            && !session.as_downstream().is_http2()
+            && let Some(d) = ctx.facts.as_ref().and_then(|f| f.hcm.delayed_close_timeout)
+        {
+            pingora_timeout::sleep(d).await;
+        }
         if ctx.status == 0
             && let Err(err) = self
                 .local_reply(session, ctx, code, body.as_bytes(), &[])
