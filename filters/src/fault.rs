@@ -59,6 +59,24 @@ pub struct FaultAbort {
     pub percentage: Fraction,
 }
 
+/// Where a response rate limit comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateLimitSource {
+    /// `fixed_limit.limit_kbps`
+    Fixed(u64),
+    /// `header_limit`: `x-envoy-fault-throughput-response` (KiB/s)
+    Header,
+}
+
+/// `response_rate_limit`
+#[derive(Debug, Clone)]
+pub struct FaultRateLimit {
+    /// rate
+    pub source: RateLimitSource,
+    /// `percentage`
+    pub percentage: Fraction,
+}
+
 /// A validated `HTTPFault` (filter-level or per-route).
 #[derive(Debug, Clone, Default)]
 pub struct FaultConfig {
@@ -66,6 +84,8 @@ pub struct FaultConfig {
     pub delay: Option<FaultDelay>,
     /// `abort`
     pub abort: Option<FaultAbort>,
+    /// `response_rate_limit`
+    pub response_rate_limit: Option<FaultRateLimit>,
     /// `headers`: all must match for a fault to apply.
     pub headers: Vec<HeaderMatcher>,
     /// `upstream_cluster`: only requests routed to this cluster.
@@ -153,6 +173,29 @@ impl FaultConfig {
             }
         };
         (!dur.is_zero()).then_some(dur)
+    }
+
+    /// The response body rate in KiB/s to throttle to, if the dice (`random`) and the headers say
+    /// so.
+    pub fn response_rate_kbps(&self, req: &impl HeaderSource, random: u64) -> Option<u64> {
+        let r = self.response_rate_limit.as_ref()?;
+        let pct = match r.source {
+            RateLimitSource::Fixed(_) => r.percentage,
+            RateLimitSource::Header => header_percentage(
+                req,
+                "x-envoy-fault-throughput-response-percentage",
+                r.percentage,
+            ),
+        };
+        if !pct.hit(random) {
+            return None;
+        }
+        match r.source {
+            RateLimitSource::Fixed(k) => Some(k),
+            RateLimitSource::Header => {
+                first_number::<u64>(req, "x-envoy-fault-throughput-response").filter(|k| *k > 0)
+            }
+        }
     }
 
     /// The abort to inject, if the dice (`random`) and the headers say so.
@@ -258,6 +301,39 @@ mod tests {
             ("x-envoy-fault-abort-request-percentage", "0"),
         ]);
         assert_eq!(f.abort(&hs, 0), None);
+    }
+
+    #[test]
+    fn response_rate_limit() {
+        let all = Fraction {
+            numerator: 100,
+            denominator: 100,
+        };
+        let fixed = FaultConfig {
+            response_rate_limit: Some(FaultRateLimit {
+                source: RateLimitSource::Fixed(4),
+                percentage: all,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(fixed.response_rate_kbps(&h(&[]), 0), Some(4));
+        let header = FaultConfig {
+            response_rate_limit: Some(FaultRateLimit {
+                source: RateLimitSource::Header,
+                percentage: all,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(header.response_rate_kbps(&h(&[]), 0), None);
+        let hs = h(&[("x-envoy-fault-throughput-response", "8")]);
+        assert_eq!(header.response_rate_kbps(&hs, 0), Some(8));
+        let zero = h(&[("x-envoy-fault-throughput-response", "0")]);
+        assert_eq!(header.response_rate_kbps(&zero, 0), None);
+        let off = h(&[
+            ("x-envoy-fault-throughput-response", "8"),
+            ("x-envoy-fault-throughput-response-percentage", "0"),
+        ]);
+        assert_eq!(header.response_rate_kbps(&off, 0), None);
     }
 
     #[test]

@@ -334,6 +334,9 @@ pub struct HttpConnectionManager {
     pub stream_idle_timeout: Option<Duration>,
     /// `request_timeout` (None = disabled)
     pub request_timeout: Option<Duration>,
+    /// `delayed_close_timeout` (default 1 s; None = disabled): how long a connection the proxy
+    /// closes after a stream reset lingers before the socket is closed.
+    pub delayed_close_timeout: Option<Duration>,
     /// `max_request_headers_kb` (default 60)
     pub max_request_headers_kb: u32,
     /// `http_protocol_options.accept_http_10` (otherwise HTTP/1.0 gets 426)

@@ -49,6 +49,8 @@ pub struct FaultStats {
     pub aborts_injected: Counter,
     /// faults_overflow
     pub faults_overflow: Counter,
+    /// response_rl_injected
+    pub response_rl_injected: Counter,
     /// active_faults (gauge)
     pub active_faults: Gauge,
 }
@@ -229,7 +231,10 @@ impl Stats {
                     format!("http.{p}.fault.active_faults"),
                     f.active_faults.get(),
                 ));
-                out.push((format!("http.{p}.fault.response_rl_injected"), 0));
+                out.push((
+                    format!("http.{p}.fault.response_rl_injected"),
+                    f.response_rl_injected.get(),
+                ));
             }
         }
         for (n, s) in self.cluster.read().iter() {

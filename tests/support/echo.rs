@@ -12,7 +12,8 @@
 //! - `x-echo-header: k=v` adds a response header (may be repeated);
 //! - `x-echo-body-size: N` replaces the JSON body with N bytes of `x`;
 //! - `x-echo-force-body: 1` sends the body (with `content-length`) even for 1xx/204/304, which
-//!   is a protocol violation a proxy must reject.
+//!   is a protocol violation a proxy must reject;
+//! - `x-echo-trickle-ms: N` sends the head at once, then the body one byte every N ms.
 //!
 //! Keep-alive is the HTTP/1.1 default; request bodies may be Content-Length or chunked.
 
@@ -185,8 +186,21 @@ async fn serve_inner(stream: TcpStream, name: &str, stats: &Stats) -> Result<()>
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
         let close = wants_close(&head);
-        wire.write_all(&build_response(name, &head, &body, close)?)
-            .await?;
+        let response = build_response(name, &head, &body, close)?;
+        match first(&head, "x-echo-trickle-ms").and_then(|v| v.parse().ok()) {
+            Some(ms) => {
+                let split = response
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map_or(response.len(), |i| i + 4);
+                wire.write_all(&response[..split]).await?;
+                for byte in &response[split..] {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    wire.write_all(std::slice::from_ref(byte)).await?;
+                }
+            }
+            None => wire.write_all(&response).await?,
+        }
         if close {
             return Ok(());
         }

@@ -119,6 +119,8 @@ pub struct RequestCtx {
     route_timeout: Option<(Duration, Instant)>,
     /// This request is the last `max_requests_per_connection` allows on its connection.
     last_on_connection: bool,
+    /// The fault filter's `response_rate_limit` throttling the response body.
+    throttle: Option<Throttle>,
     /// Response flags raised before the final failure, in the order they were raised (Envoy
     /// prints flags in that order): DI, URX, UO.
     flag_events: [Option<&'static str>; 3],
@@ -170,7 +172,46 @@ fn new_ctx() -> RequestCtx {
         per_try_armed: None,
         route_timeout: None,
         last_on_connection: false,
+        throttle: None,
         flag_events: [None; 3],
+    }
+}
+
+/// A response body rate limit (Envoy's `StreamRateLimiter`): a bucket of at most one second's
+/// worth of bytes holding one 50 ms slice at the start, refilled continuously.
+#[derive(Debug)]
+struct Throttle {
+    /// bytes per second
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Throttle {
+    fn new(kbps: u64) -> Self {
+        let rate = kbps as f64 * 1024.0;
+        Throttle {
+            rate,
+            tokens: rate / 20.0,
+            last: Instant::now(),
+        }
+    }
+
+    /// How long to hold a chunk of `n` bytes before it may be written.
+    fn take(&mut self, n: usize, now: Instant) -> Option<Duration> {
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate);
+        self.last = now.max(self.last);
+        let n = n as f64;
+        if self.tokens >= n {
+            self.tokens -= n;
+            return None;
+        }
+        let wait = Duration::from_secs_f64((n - self.tokens) / self.rate);
+        self.tokens = 0.0;
+        // The wait spends the tokens that accrue meanwhile.
+        self.last += wait;
+        Some(wait)
     }
 }
 
@@ -428,7 +469,7 @@ impl Router {
         let cfg = pick(&route.fault)
             .or_else(|| pick(&vh.fault))
             .unwrap_or_else(|| ff.config.clone());
-        if cfg.delay.is_none() && cfg.abort.is_none() {
+        if cfg.delay.is_none() && cfg.abort.is_none() && cfg.response_rate_limit.is_none() {
             return Ok(false);
         }
         let cluster = match &route.action {
@@ -438,7 +479,7 @@ impl Router {
             },
             _ => None,
         };
-        let (delay, applies) = {
+        let (delay, rate, applies) = {
             let req = session.req_header();
             let path = std::str::from_utf8(req.raw_path()).unwrap_or("/");
             let view = RequestView {
@@ -451,9 +492,13 @@ impl Router {
                 random: 0,
             };
             if !cfg.applies(&view, cluster) {
-                (None, false)
+                (None, None, false)
             } else {
-                (cfg.delay(&view, rand::random()), true)
+                (
+                    cfg.delay(&view, rand::random()),
+                    cfg.response_rate_kbps(&view, rand::random()),
+                    true,
+                )
             }
         };
         if !applies {
@@ -476,6 +521,13 @@ impl Router {
             ctx.fault_active = Some(FaultGuard(facts.stats.clone()));
             true
         };
+        // Envoy sets up the response rate limiter first (it takes the fault slot before a delay).
+        if let Some(k) = rate
+            && try_activate(ctx)
+        {
+            stats.fault.response_rl_injected.inc();
+            ctx.throttle = Some(Throttle::new(k));
+        }
         if let Some(d) = delay
             && try_activate(ctx)
         {
@@ -1438,6 +1490,41 @@ impl ProxyHttp for Router {
         Ok(())
     }
 
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        // The route timeout (or max_stream_duration) lasts until the response is complete, as
+        // Envoy's: a body still arriving past the deadline resets the stream (the response has
+        // started, so there is no local reply). Pingora has no response timer, so the deadline is
+        // checked as each body chunk arrives.
+        if let Some((deadline, kind)) = ctx.deadline
+            && Instant::now() >= deadline
+        {
+            ctx.failure = Some(kind);
+            ctx.read_timeout_kind = None;
+            ctx.per_try_armed = None;
+            return Error::e_explain(ErrorType::ReadTimedout, "route timeout during the body");
+        }
+        Ok(None)
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        let Some(t) = &mut ctx.throttle else {
+            return Ok(None);
+        };
+        Ok(t.take(body.as_ref().map_or(0, Bytes::len), Instant::now()))
+    }
+
     async fn response_filter(
         &self,
         _session: &mut Session,
@@ -1514,6 +1601,16 @@ impl ProxyHttp for Router {
         } else {
             f.body()
         };
+        // A route deadline that expires once the response has started resets the stream; Envoy
+        // then closes the HTTP/1 connection after its `delayed_close_timeout` (the bytes already
+        // forwarded stay; the client sees the connection end then).
+        if ctx.status != 0
+            && matches!(f, Failure::UpstreamTimeout | Failure::StreamDuration)
+            && !session.as_downstream().is_http2()
+            && let Some(d) = ctx.facts.as_ref().and_then(|f| f.hcm.delayed_close_timeout)
+        {
+            pingora_timeout::sleep(d).await;
+        }
         if ctx.status == 0
             && let Err(err) = self
                 .local_reply(session, ctx, code, body.as_bytes(), &[])

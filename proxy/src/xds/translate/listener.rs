@@ -780,6 +780,11 @@ fn http_connection_manager(
             Some(Duration::from_secs(300)),
         )?,
         request_timeout: opt_duration(&h.request_timeout, "request_timeout", None)?,
+        delayed_close_timeout: opt_duration(
+            &h.delayed_close_timeout,
+            "delayed_close_timeout",
+            Some(Duration::from_secs(1)),
+        )?,
         max_request_headers_kb: max_kb,
         accept_http_10,
         websocket,

@@ -224,19 +224,47 @@ pub fn fault_config(f: &fault_pb::HttpFault, path: &Path) -> Result<FaultConfig>
             "downstream_nodes",
             "max_active_faults",
             "disable_downstream_cluster_stats",
+            "response_rate_limit",
+            // Runtime key names: pingsail's runtime has no values, so every key falls back to
+            // the configured value, as Envoy's does for a key no runtime layer sets.
+            "delay_percent_runtime",
+            "abort_percent_runtime",
+            "delay_duration_runtime",
+            "abort_http_status_runtime",
+            "max_active_faults_runtime",
+            "response_rate_limit_percent_runtime",
+            "abort_grpc_status_runtime",
         ],
-        &[
-            ("response_rate_limit", RESILIENCE),
-            ("delay_percent_runtime", "runtime"),
-            ("abort_percent_runtime", "runtime"),
-            ("delay_duration_runtime", "runtime"),
-            ("abort_http_status_runtime", "runtime"),
-            ("max_active_faults_runtime", "runtime"),
-            ("response_rate_limit_percent_runtime", "runtime"),
-            ("abort_grpc_status_runtime", "runtime"),
-            ("filter_metadata", "telemetry issue"),
-        ],
+        &[("filter_metadata", "telemetry issue")],
     )?;
+    let response_rate_limit = match &f.response_rate_limit {
+        Some(r) => {
+            use envoy_types::pb::envoy::extensions::filters::common::fault::v3::fault_rate_limit::LimitType as L;
+            let p = path.field("response_rate_limit");
+            only(r, &p, &["fixed_limit", "header_limit", "percentage"], &[])?;
+            let source = match &r.limit_type {
+                Some(L::FixedLimit(l)) => {
+                    if l.limit_kbps < 1 {
+                        return invalid(
+                            &p.field("fixed_limit").field("limit_kbps"),
+                            format!(
+                                "value must be greater than or equal to 1, got {}",
+                                l.limit_kbps
+                            ),
+                        );
+                    }
+                    pingsail_filters::fault::RateLimitSource::Fixed(l.limit_kbps)
+                }
+                Some(L::HeaderLimit(_)) => pingsail_filters::fault::RateLimitSource::Header,
+                None => return err(&p.field("fixed_limit"), ErrorKind::Required),
+            };
+            Some(pingsail_filters::fault::FaultRateLimit {
+                source,
+                percentage: fraction(r.percentage.as_ref()),
+            })
+        }
+        None => None,
+    };
     let delay = match &f.delay {
         Some(d) => {
             let p = path.field("delay");
@@ -292,6 +320,7 @@ pub fn fault_config(f: &fault_pb::HttpFault, path: &Path) -> Result<FaultConfig>
     Ok(FaultConfig {
         delay,
         abort,
+        response_rate_limit,
         headers,
         upstream_cluster: (!f.upstream_cluster.is_empty()).then(|| f.upstream_cluster.clone()),
         downstream_nodes: f.downstream_nodes.clone(),
