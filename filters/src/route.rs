@@ -378,12 +378,24 @@ pub struct PerFilterAuthz {
     pub jwt: Vec<(ArcStr, crate::jwt::PerRoute)>,
     /// ext_authz filters disabled by `ExtAuthzPerRoute.disabled`, by filter name.
     pub ext_authz_disabled: Vec<ArcStr>,
+    /// `ExtAuthzPerRoute.check_settings.context_extensions` by filter name.
+    pub ext_authz_context: Vec<(ArcStr, ContextExtensions)>,
 }
+
+/// ext_authz `context_extensions` (key, value), sorted by key.
+pub type ContextExtensions = Arc<Vec<(String, String)>>;
 
 impl PerFilterAuthz {
     /// The RBAC override for the filter named `name`.
     pub fn rbac(&self, name: &str) -> Option<&crate::rbac::PerRoute> {
         self.rbac.iter().find(|(n, _)| n == name).map(|(_, p)| p)
+    }
+    /// The ext_authz `context_extensions` for the filter named `name` configured here.
+    pub fn ext_authz_context(&self, name: &str) -> Option<&[(String, String)]> {
+        self.ext_authz_context
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.as_slice())
     }
     /// Whether the ext_authz filter named `name` is disabled here (`None`: not configured here).
     pub fn ext_authz_disabled(&self, name: &str) -> Option<bool> {

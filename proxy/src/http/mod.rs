@@ -122,6 +122,8 @@ pub struct RequestCtx {
     /// Response flags raised before the final failure, in the order they were raised (Envoy
     /// prints flags in that order): DI, URX, UO.
     flag_events: [Option<&'static str>; 3],
+    /// ext_authz `response_headers_to_add` for the response, local replies included.
+    authz_response_headers: Vec<authz::ResponseHeader>,
 }
 
 /// Holds one `active_faults` of an HCM's fault filter.
@@ -171,6 +173,7 @@ fn new_ctx() -> RequestCtx {
         route_timeout: None,
         last_on_connection: false,
         flag_events: [None; 3],
+        authz_response_headers: Vec::new(),
     }
 }
 
@@ -396,6 +399,7 @@ impl Router {
         for (k, v) in &ctx.cors {
             let _ = resp.insert_header(*k, v.as_str());
         }
+        authz::apply_response_headers(&ctx.authz_response_headers, resp);
     }
 
     /// The fault filter: delay and/or abort as the most specific fault config says. Returns true

@@ -173,8 +173,15 @@ fn per_filter(
             }
             "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute" => {
                 let r = unpack(any, &p)?;
-                if super::ext_authz::ext_authz_per_route(&r, &p)? {
-                    authz.ext_authz_disabled.push(name.as_str().into());
+                match super::ext_authz::ext_authz_per_route(&r, &p)? {
+                    super::ext_authz::PerRouteExtAuthz::Disabled => {
+                        authz.ext_authz_disabled.push(name.as_str().into());
+                    }
+                    super::ext_authz::PerRouteExtAuthz::Context(c) => {
+                        authz
+                            .ext_authz_context
+                            .push((name.as_str().into(), Arc::new(c)));
+                    }
                 }
             }
             "envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig" => {
