@@ -305,11 +305,26 @@ pub struct RouteMatch {
     pub grpc: bool,
     /// `runtime_fraction` default value as parts per million (runtime overrides are not supported).
     pub fraction_ppm: Option<u64>,
+    /// `dynamic_metadata`, all must match the request's dynamic metadata.
+    pub dynamic_metadata: Vec<crate::metadata::MetadataMatcher>,
 }
 
 impl RouteMatch {
-    /// Does this match accept the request?
+    /// Does this match accept the request with this dynamic metadata?
+    pub fn matches_with(
+        &self,
+        req: &RequestView<'_>,
+        md: &crate::metadata::DynamicMetadata,
+    ) -> bool {
+        self.matches_request(req) && self.dynamic_metadata.iter().all(|m| m.matches(md))
+    }
+
+    /// Does this match accept the request (no dynamic metadata yet)?
     pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        self.matches_with(req, &crate::metadata::DynamicMetadata::default())
+    }
+
+    fn matches_request(&self, req: &RequestView<'_>) -> bool {
         let (path_only, query) = split_query(req.path);
         let path_ok = match &self.path {
             PathMatch::Prefix(p) => starts_with(req.path, p, self.case_sensitive),

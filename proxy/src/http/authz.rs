@@ -208,7 +208,9 @@ fn is_cors_preflight(req: &pingora_http::RequestHeader) -> bool {
 }
 
 impl Router {
-    /// Runs the authorization filters. `Ok(true)` = a local reply was sent.
+    /// Runs the authorization filters. `Ok(true)` = a local reply was sent. A jwt_authn provider
+    /// with `clear_route_cache` whose token verified makes the route be chosen again (`ridx`), now
+    /// with the dynamic metadata it wrote.
     pub(super) async fn authorize(
         &self,
         session: &mut Session,
@@ -216,16 +218,25 @@ impl Router {
         facts: &ConnFacts,
         table: &RouteTable,
         vidx: usize,
-        ridx: Option<usize>,
+        ridx: &mut Option<usize>,
     ) -> Result<bool> {
         let vh = table.vhosts.get(vidx);
-        let route = ridx.and_then(|i| vh?.routes.get(i));
-        let levels: [Option<&PerFilterAuthz>; 2] = [route.map(|r| &r.authz), vh.map(|v| &v.authz)];
         for f in &facts.hcm.authz {
+            let route = ridx.and_then(|i| vh?.routes.get(i));
+            let levels: [Option<&PerFilterAuthz>; 2] =
+                [route.map(|r| &r.authz), vh.map(|v| &v.authz)];
             let denied = match f {
                 HttpAuthz::Jwt(j) => {
                     let per_route = levels.iter().flatten().find_map(|l| l.jwt(&j.name));
-                    self.run_jwt(session, ctx, j, per_route).await?
+                    let (denied, clear_route) = self.run_jwt(session, ctx, j, per_route).await?;
+                    if clear_route && let Some(vh) = vh {
+                        let v = view(session.req_header());
+                        *ridx = vh
+                            .routes
+                            .iter()
+                            .position(|r| r.matcher.matches_with(&v, &ctx.metadata));
+                    }
+                    denied
                 }
                 HttpAuthz::Rbac(r) => {
                     let per_route = levels.iter().flatten().find_map(|l| l.rbac(&r.name));
@@ -271,7 +282,7 @@ impl Router {
         ctx: &mut RequestCtx,
         j: &HttpJwt,
         per_route: Option<&jwt::PerRoute>,
-    ) -> Result<bool> {
+    ) -> Result<(bool, bool)> {
         let cfg = &j.config;
         // Remote JWKS: fetch (through its cluster) when nothing fresh is cached.
         for p in &cfg.providers {
@@ -287,10 +298,10 @@ impl Router {
             let req = session.req_header();
             let v = view(req);
             let Some(requirement) = cfg.requirement(per_route, &v) else {
-                return Ok(false);
+                return Ok((false, false));
             };
             if cfg.bypass_cors_preflight && is_cors_preflight(req) {
-                return Ok(false);
+                return Ok((false, false));
             }
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -323,13 +334,15 @@ impl Router {
                     &[(http::header::WWW_AUTHENTICATE, hv)],
                 )
                 .await?;
-                return Ok(true);
+                return Ok((true, false));
             }
         };
+        let mut clear_route = false;
         for v in &verified {
             let Some(p) = cfg.providers.get(v.provider) else {
                 continue;
             };
+            clear_route |= p.clear_route_cache;
             let req = session.req_header_mut();
             if !p.forward {
                 match &v.location {
@@ -367,7 +380,7 @@ impl Router {
                     .set(jwt::METADATA_NAMESPACE, key, Value::Struct(payload));
             }
         }
-        Ok(false)
+        Ok((false, clear_route))
     }
 
     /// Fetches a remote JWKS through its cluster (plain HTTP/1.1 GET, `http_uri.timeout` per

@@ -705,7 +705,7 @@ impl ProxyHttp for Router {
                 // No virtual host: the authorization filters still run before the router.
                 if !hcm.authz.is_empty()
                     && self
-                        .authorize(session, ctx, &facts, &table, usize::MAX, None)
+                        .authorize(session, ctx, &facts, &table, usize::MAX, &mut None)
                         .await?
                 {
                     return Ok(true);
@@ -728,7 +728,10 @@ impl ProxyHttp for Router {
                 is_grpc,
                 random: rand::random::<u64>() % 1_000_000,
             };
-            let ridx = vh.routes.iter().position(|r| r.matcher.matches(&view));
+            let ridx = vh
+                .routes
+                .iter()
+                .position(|r| r.matcher.matches_with(&view, &ctx.metadata));
             if let Some(Action::Forward(a)) = ridx.and_then(|i| vh.routes.get(i)).map(|r| &r.action)
                 && !a.hash_policy.is_empty()
             {
@@ -739,10 +742,11 @@ impl ProxyHttp for Router {
         };
         ctx.table = Some(table.clone());
         ctx.vhost = vidx;
+        let mut ridx = ridx;
         // jwt_authn and rbac run before the router (so before "no route") and CORS.
         if !hcm.authz.is_empty()
             && self
-                .authorize(session, ctx, &facts, &table, vidx, ridx)
+                .authorize(session, ctx, &facts, &table, vidx, &mut ridx)
                 .await?
         {
             return Ok(true);

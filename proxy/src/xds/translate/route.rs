@@ -435,12 +435,9 @@ pub(super) fn route_match(m: &r::RouteMatch, path: &Path) -> Result<RouteMatch> 
             "query_parameters",
             "grpc",
             "runtime_fraction",
+            "dynamic_metadata",
         ],
-        &[
-            ("tls_context", "mTLS issue"),
-            ("dynamic_metadata", AUTHZ),
-            ("filter_state", AUTHZ),
-        ],
+        &[("tls_context", "mTLS issue"), ("filter_state", AUTHZ)],
     )?;
     use r::route_match::PathSpecifier as P;
     let pm = match &m.path_specifier {
@@ -511,6 +508,12 @@ pub(super) fn route_match(m: &r::RouteMatch, path: &Path) -> Result<RouteMatch> 
         }
         None => None,
     };
+    let dynamic_metadata = m
+        .dynamic_metadata
+        .iter()
+        .enumerate()
+        .map(|(i, md)| super::rbac::metadata(md, &path.at("dynamic_metadata", i)))
+        .collect::<Result<Vec<_>>>()?;
     Ok(RouteMatch {
         path: pm,
         case_sensitive,
@@ -518,6 +521,7 @@ pub(super) fn route_match(m: &r::RouteMatch, path: &Path) -> Result<RouteMatch> 
         query,
         grpc: m.grpc.is_some(),
         fraction_ppm,
+        dynamic_metadata,
     })
 }
 
