@@ -291,6 +291,9 @@ pub struct Provider {
     pub clock_skew: u64,
     /// `require_expiration`
     pub require_expiration: bool,
+    /// `clear_route_cache`: the route is chosen again once a token of this provider verified
+    /// (routes may match on the payload it wrote to dynamic metadata).
+    pub clear_route_cache: bool,
     /// Tokens whose signature verified (Envoy's JWT cache, default 100 entries): the signature is
     /// not checked again; issuer, time and audience checks still run on every request.
     pub verified: std::sync::Arc<VerifiedCache>,

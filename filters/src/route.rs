@@ -305,11 +305,26 @@ pub struct RouteMatch {
     pub grpc: bool,
     /// `runtime_fraction` default value as parts per million (runtime overrides are not supported).
     pub fraction_ppm: Option<u64>,
+    /// `dynamic_metadata`, all must match the request's dynamic metadata.
+    pub dynamic_metadata: Vec<crate::metadata::MetadataMatcher>,
 }
 
 impl RouteMatch {
-    /// Does this match accept the request?
+    /// Does this match accept the request with this dynamic metadata?
+    pub fn matches_with(
+        &self,
+        req: &RequestView<'_>,
+        md: &crate::metadata::DynamicMetadata,
+    ) -> bool {
+        self.matches_request(req) && self.dynamic_metadata.iter().all(|m| m.matches(md))
+    }
+
+    /// Does this match accept the request (no dynamic metadata yet)?
     pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        self.matches_with(req, &crate::metadata::DynamicMetadata::default())
+    }
+
+    fn matches_request(&self, req: &RequestView<'_>) -> bool {
         let (path_only, query) = split_query(req.path);
         let path_ok = match &self.path {
             PathMatch::Prefix(p) => starts_with(req.path, p, self.case_sensitive),
@@ -378,12 +393,24 @@ pub struct PerFilterAuthz {
     pub jwt: Vec<(ArcStr, crate::jwt::PerRoute)>,
     /// ext_authz filters disabled by `ExtAuthzPerRoute.disabled`, by filter name.
     pub ext_authz_disabled: Vec<ArcStr>,
+    /// `ExtAuthzPerRoute.check_settings.context_extensions` by filter name.
+    pub ext_authz_context: Vec<(ArcStr, ContextExtensions)>,
 }
+
+/// ext_authz `context_extensions` (key, value), sorted by key.
+pub type ContextExtensions = Arc<Vec<(String, String)>>;
 
 impl PerFilterAuthz {
     /// The RBAC override for the filter named `name`.
     pub fn rbac(&self, name: &str) -> Option<&crate::rbac::PerRoute> {
         self.rbac.iter().find(|(n, _)| n == name).map(|(_, p)| p)
+    }
+    /// The ext_authz `context_extensions` for the filter named `name` configured here.
+    pub fn ext_authz_context(&self, name: &str) -> Option<&[(String, String)]> {
+        self.ext_authz_context
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.as_slice())
     }
     /// Whether the ext_authz filter named `name` is disabled here (`None`: not configured here).
     pub fn ext_authz_disabled(&self, name: &str) -> Option<bool> {

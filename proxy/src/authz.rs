@@ -3,11 +3,18 @@
 //! `jwt_authn` and `rbac` filters (run by [`crate::http`]) and the network `rbac` filter (run by
 //! [`crate::listener`] before the terminal filter).
 
+use crate::Shared;
 use crate::stats::{Counter, Stats};
 use arcstr::ArcStr;
+use envoy_types::pb::envoy::config::core::v3 as core_pb;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::Peer;
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
+use envoy_types::pb::google::protobuf as pbuf;
 use pingsail_filters::jwt::JwtConfig;
 use pingsail_filters::metadata::DynamicMetadata;
 use pingsail_filters::rbac::{Decision, Input, NoHeaders, RbacConfig};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
@@ -21,11 +28,124 @@ pub enum HttpAuthz {
     Jwt(Arc<HttpJwt>),
     /// `envoy.filters.http.rbac`
     Rbac(Arc<HttpRbac>),
-    /// `envoy.filters.http.ext_authz` with an HTTP authorization service
+    /// `envoy.filters.http.ext_authz` with an HTTP or gRPC authorization service
     ExtAuthz(Arc<HttpExtAuthz>),
 }
 
-/// `envoy.filters.http.ext_authz` (`http_service`) as configured.
+/// `with_request_body`
+#[derive(Debug, Clone, Copy)]
+pub struct ExtAuthzBody {
+    /// `max_request_bytes`
+    pub max_bytes: usize,
+    /// `allow_partial_message`
+    pub allow_partial: bool,
+    /// `pack_as_bytes` (`raw_body` instead of `body`)
+    pub as_bytes: bool,
+}
+
+/// A gRPC authorization service (`grpc_service.envoy_grpc`), with one lazily connected HTTP/2
+/// channel per endpoint of its cluster.
+#[derive(Debug)]
+pub struct GrpcAuthz {
+    /// `envoy_grpc.cluster_name`
+    pub cluster: String,
+    /// `envoy_grpc.authority` (default: the cluster name)
+    pub authority: String,
+    /// `grpc_service.timeout` (default 200 ms)
+    pub timeout: std::time::Duration,
+    /// `grpc_service.initial_metadata`
+    pub initial_metadata: Vec<(http::HeaderName, http::HeaderValue)>,
+    channels: parking_lot::Mutex<HashMap<SocketAddr, tonic::transport::Channel>>,
+}
+
+impl GrpcAuthz {
+    /// A service with no channel yet.
+    pub fn new(
+        cluster: String,
+        authority: String,
+        timeout: std::time::Duration,
+        initial_metadata: Vec<(http::HeaderName, http::HeaderValue)>,
+    ) -> Self {
+        GrpcAuthz {
+            cluster,
+            authority,
+            timeout,
+            initial_metadata,
+            channels: Default::default(),
+        }
+    }
+
+    /// One `Authorization/Check` call to an endpoint of the cluster; `None` on any failure (no
+    /// cluster or endpoint, transport error, timeout, non-OK gRPC status).
+    pub async fn check(&self, shared: &Shared, request: CheckRequest) -> Option<CheckResponse> {
+        let cluster = shared.clusters.get(&self.cluster)?;
+        let picked = cluster.pick(None, &[], 1, None)?;
+        let channel = {
+            let mut channels = self.channels.lock();
+            match channels.get(&picked.addr) {
+                Some(c) => c.clone(),
+                None => {
+                    let mut ep =
+                        tonic::transport::Endpoint::from_shared(format!("http://{}", picked.addr))
+                            .ok()?
+                            .connect_timeout(cluster.config.connect_timeout);
+                    if let Ok(origin) = format!("http://{}", self.authority).parse::<http::Uri>() {
+                        ep = ep.origin(origin);
+                    }
+                    let c = ep.connect_lazy();
+                    channels.insert(picked.addr, c.clone());
+                    c
+                }
+            }
+        };
+        let mut client = AuthorizationClient::new(channel);
+        let mut req = tonic::Request::new(request);
+        req.set_timeout(self.timeout);
+        for (n, v) in &self.initial_metadata {
+            if let (Ok(k), Ok(v)) = (
+                tonic::metadata::AsciiMetadataKey::from_bytes(n.as_str().as_bytes()),
+                tonic::metadata::AsciiMetadataValue::try_from(v.as_bytes()),
+            ) {
+                req.metadata_mut().append(k, v);
+            }
+        }
+        match pingora_timeout::timeout(self.timeout, client.check(req)).await {
+            Ok(Ok(r)) => Some(r.into_inner()),
+            Ok(Err(status)) => {
+                tracing::debug!(cluster = %self.cluster, %status, "ext_authz: check failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(cluster = %self.cluster, "ext_authz: check timed out");
+                None
+            }
+        }
+    }
+}
+
+/// `envoy.filters.network.ext_authz` as configured.
+#[derive(Debug)]
+pub struct NetworkExtAuthz {
+    /// The service.
+    pub grpc: GrpcAuthz,
+    /// `failure_mode_allow`
+    pub failure_mode_allow: bool,
+    /// `include_peer_certificate`
+    pub include_peer_certificate: bool,
+    /// `filter_enabled_metadata` (read from the connection's dynamic metadata)
+    pub enabled_metadata: Option<pingsail_filters::metadata::MetadataMatcher>,
+}
+
+/// One network authorization filter of a chain, in chain order.
+#[derive(Debug, Clone)]
+pub enum NetworkAuthz {
+    /// `envoy.filters.network.rbac`
+    Rbac(Arc<NetworkRbac>),
+    /// `envoy.filters.network.ext_authz`
+    ExtAuthz(Arc<NetworkExtAuthz>),
+}
+
+/// `envoy.filters.http.ext_authz` as configured.
 #[derive(Debug)]
 pub struct HttpExtAuthz {
     /// The filter's name (per-route configs are keyed by it).
@@ -54,6 +174,27 @@ pub struct HttpExtAuthz {
     pub status_on_error: u16,
     /// `filter_enabled_metadata`
     pub enabled_metadata: Option<pingsail_filters::metadata::MetadataMatcher>,
+    /// `grpc_service`: the service is gRPC (the HTTP-service fields above are unused then)
+    pub grpc: Option<GrpcAuthz>,
+    /// `with_request_body` (gRPC service only)
+    pub with_body: Option<ExtAuthzBody>,
+    /// `metadata_context_namespaces`
+    pub metadata_namespaces: Vec<String>,
+    /// `include_peer_certificate`
+    pub include_peer_certificate: bool,
+}
+
+/// What the gRPC ext_authz filters of a connection manager need from a TLS connection: (the
+/// peer's certificate, our own identity).
+pub fn grpc_ext_authz_needs(filters: &[HttpAuthz]) -> (bool, bool) {
+    filters
+        .iter()
+        .fold((false, false), |(cert, local), f| match f {
+            HttpAuthz::ExtAuthz(e) if e.grpc.is_some() => {
+                (cert || e.include_peer_certificate, true)
+            }
+            _ => (cert, local),
+        })
 }
 
 /// `envoy.filters.http.jwt_authn` as configured.
@@ -191,15 +332,80 @@ pub struct ConnView<'a> {
     pub peer_principal: Option<&'a str>,
 }
 
-/// Runs a chain's network RBAC filters in order; `false` = close the connection.
+/// A `Peer` of a `CheckRequest`: the socket address and the identity.
+pub fn check_peer(addr: SocketAddr, principal: &str, certificate: String) -> Peer {
+    use core_pb::{address, socket_address};
+    Peer {
+        address: Some(core_pb::Address {
+            address: Some(address::Address::SocketAddress(core_pb::SocketAddress {
+                address: addr.ip().to_string(),
+                port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(
+                    addr.port(),
+                ))),
+                ..Default::default()
+            })),
+        }),
+        principal: principal.to_owned(),
+        certificate,
+        ..Default::default()
+    }
+}
+
+/// A metadata struct as a `google.protobuf.Struct`.
+pub fn to_pb_struct(s: &pingsail_filters::metadata::Struct) -> pbuf::Struct {
+    use pbuf::value::Kind;
+    use pingsail_filters::metadata::Value as V;
+    fn value(v: &V) -> pbuf::Value {
+        let kind = match v {
+            V::Null => Kind::NullValue(0),
+            V::Bool(b) => Kind::BoolValue(*b),
+            V::Number(n) => Kind::NumberValue(*n),
+            V::String(s) => Kind::StringValue(s.clone()),
+            V::List(l) => Kind::ListValue(pbuf::ListValue {
+                values: l.iter().map(value).collect(),
+            }),
+            V::Struct(s) => Kind::StructValue(to_pb_struct(s)),
+        };
+        pbuf::Value { kind: Some(kind) }
+    }
+    pbuf::Struct {
+        fields: s.iter().map(|(k, v)| (k.clone(), value(v))).collect(),
+    }
+}
+
+/// A `google.protobuf.Struct` as a metadata struct.
+pub fn from_pb_struct(s: &pbuf::Struct) -> pingsail_filters::metadata::Struct {
+    use pbuf::value::Kind;
+    use pingsail_filters::metadata::Value as V;
+    fn value(v: &pbuf::Value) -> V {
+        match &v.kind {
+            None | Some(Kind::NullValue(_)) => V::Null,
+            Some(Kind::BoolValue(b)) => V::Bool(*b),
+            Some(Kind::NumberValue(n)) => V::Number(*n),
+            Some(Kind::StringValue(s)) => V::String(s.clone()),
+            Some(Kind::ListValue(l)) => V::List(l.values.iter().map(value).collect()),
+            Some(Kind::StructValue(s)) => V::Struct(from_pb_struct(s)),
+        }
+    }
+    s.fields
+        .iter()
+        .map(|(k, v)| (k.clone(), value(v)))
+        .collect()
+}
+
+/// Dynamic metadata namespace of the network RBAC filter.
+const NETWORK_RBAC_NAMESPACE: &str = "envoy.filters.network.rbac";
+
+/// Runs a chain's network authorization filters (RBAC, ext_authz) in order; `false` = close the
+/// connection.
 ///
 /// Envoy evaluates on the first bytes from the client; pingsail decides when the connection is
 /// accepted, before any upstream connection is opened (docs/COMPATIBILITY.md).
-pub fn network_allows(filters: &[Arc<NetworkRbac>], stats: &Stats, c: ConnView<'_>) -> bool {
+pub async fn network_allows(filters: &[NetworkAuthz], shared: &Shared, c: ConnView<'_>) -> bool {
     if filters.is_empty() {
         return true;
     }
-    let metadata = DynamicMetadata::default();
+    let mut metadata = DynamicMetadata::default();
     let fs: [(&str, &str); 1];
     let filter_state: &[(&str, &str)] = match c.peer_principal {
         Some(p) => {
@@ -208,24 +414,83 @@ pub fn network_allows(filters: &[Arc<NetworkRbac>], stats: &Stats, c: ConnView<'
         }
         None => &[],
     };
-    let input = Input {
-        headers: &NoHeaders,
-        local: c.local,
-        direct_remote: c.remote,
-        remote: c.remote.ip(),
-        sni: c.sni,
-        peer_principal: c.peer_principal,
-        filter_state,
-        metadata: &metadata,
-    };
     for f in filters {
-        let d = f.config.decide(&input);
-        f.stats.count(stats, &d);
-        if !d.allowed {
-            tracing::debug!(remote = %c.remote, policy = ?d.enforced.and_then(|v| v.policy),
-                "network RBAC denied the connection");
-            return false;
+        match f {
+            NetworkAuthz::Rbac(f) => {
+                let mut md = std::mem::take(&mut metadata);
+                let allowed = {
+                    let input = Input {
+                        headers: &NoHeaders,
+                        local: c.local,
+                        direct_remote: c.remote,
+                        remote: c.remote.ip(),
+                        sni: c.sni,
+                        peer_principal: c.peer_principal,
+                        filter_state,
+                        metadata: &md,
+                    };
+                    let d = f.config.decide(&input);
+                    f.stats.count(&shared.stats, &d);
+                    if !d.allowed {
+                        tracing::debug!(remote = %c.remote,
+                            policy = ?d.enforced.and_then(|v| v.policy),
+                            "network RBAC denied the connection");
+                    }
+                    let record =
+                        d.shadow.is_some() || d.enforced.is_some_and(|v| v.policy.is_some());
+                    let mut out = DynamicMetadata::default();
+                    if record {
+                        f.config.record(&d, NETWORK_RBAC_NAMESPACE, &mut out);
+                    }
+                    (d.allowed, record.then_some(out))
+                };
+                if let (_, Some(out)) = &allowed {
+                    merge(&mut md, out);
+                }
+                metadata = md;
+                if !allowed.0 {
+                    return false;
+                }
+            }
+            NetworkAuthz::ExtAuthz(e) => {
+                if let Some(m) = &e.enabled_metadata
+                    && !m.matches(&metadata)
+                {
+                    continue;
+                }
+                let request = CheckRequest {
+                    attributes: Some(AttributeContext {
+                        source: Some(check_peer(
+                            c.remote,
+                            c.peer_principal.unwrap_or(""),
+                            String::new(),
+                        )),
+                        destination: Some(check_peer(c.local, "", String::new())),
+                        ..Default::default()
+                    }),
+                };
+                match e.grpc.check(shared, request).await {
+                    Some(r) if r.status.as_ref().is_none_or(|s| s.code == 0) => {}
+                    Some(_) => {
+                        tracing::debug!(remote = %c.remote, "network ext_authz denied the connection");
+                        return false;
+                    }
+                    None if e.failure_mode_allow => {}
+                    None => return false,
+                }
+            }
         }
     }
     true
+}
+
+/// Copies every namespace key of `from` into `into`.
+fn merge(into: &mut DynamicMetadata, from: &DynamicMetadata) {
+    for ns in [NETWORK_RBAC_NAMESPACE] {
+        if let Some(s) = from.filter(ns) {
+            for (k, v) in s {
+                into.set(ns, k, v.clone());
+            }
+        }
+    }
 }

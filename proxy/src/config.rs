@@ -162,8 +162,9 @@ pub struct FilterChain {
     pub drain: Drain,
     /// `transport_socket` with a `DownstreamTlsContext`: the chain terminates TLS.
     pub tls: Option<Arc<crate::tls::DownstreamTls>>,
-    /// `envoy.filters.network.rbac` filters before the terminal filter, in order.
-    pub network_rbac: Vec<Arc<crate::authz::NetworkRbac>>,
+    /// `envoy.filters.network.rbac` and `envoy.filters.network.ext_authz` filters before the
+    /// terminal filter, in order.
+    pub network_authz: Vec<crate::authz::NetworkAuthz>,
 }
 
 /// A drain signal shared by every connection of one filter chain. When a listener update removes or

@@ -614,7 +614,7 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
             )
         };
         let sni = seen.server_name.as_deref().unwrap_or("");
-        if !network_allowed(&apps, &chain, remote, dst, sni, peer_principal.as_deref()) {
+        if !network_allowed(&apps, &chain, remote, dst, sni, peer_principal.as_deref()).await {
             return;
         }
         match &chain.kind {
@@ -646,17 +646,22 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                 // The peer's certificates are copied only when XFCC depends on them, and ours is
                 // parsed only when XFCC is written.
                 use crate::config::XfccMode as X;
-                let peer_certs = matches!(
-                    hcm.xfcc.mode,
-                    X::ForwardOnly | X::SanitizeSet | X::AppendForward
-                )
+                // A gRPC ext_authz check carries our identity, and the peer's certificate
+                // with `include_peer_certificate`.
+                let (authz_cert, authz_local) = crate::authz::grpc_ext_authz_needs(&hcm.authz);
+                let peer_certs = (authz_cert
+                    || matches!(
+                        hcm.xfcc.mode,
+                        X::ForwardOnly | X::SanitizeSet | X::AppendForward
+                    ))
                 .then(|| accepted.get_ref().1.peer_certificates())
                 .flatten()
                 .map(|c| Arc::new(c.iter().map(|d| d.to_vec()).collect::<Vec<_>>()));
-                let local_uri = matches!(hcm.xfcc.mode, X::SanitizeSet | X::AppendForward)
-                    .then(|| tls.local_uri(&apps.shared.secrets))
-                    .flatten()
-                    .map(arcstr::ArcStr::from);
+                let local_uri = (authz_local
+                    || matches!(hcm.xfcc.mode, X::SanitizeSet | X::AppendForward))
+                .then(|| tls.local_uri(&apps.shared.secrets))
+                .flatten()
+                .map(arcstr::ArcStr::from);
                 let Some(digest) = digest(ConnFacts {
                     hcm: hcm.clone(),
                     stats: apps.shared.stats.http(&hcm.stat_prefix),
@@ -677,7 +682,7 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
         }
         return;
     }
-    if !network_allowed(&apps, &chain, remote, dst, "", None) {
+    if !network_allowed(&apps, &chain, remote, dst, "", None).await {
         return;
     }
     match &chain.kind {
@@ -739,8 +744,8 @@ async fn serve_http(
     }
 }
 
-/// The chain's network RBAC filters (evaluated once the peer identity is known).
-fn network_allowed(
+/// The chain's network RBAC and ext_authz filters (evaluated once the peer identity is known).
+async fn network_allowed(
     apps: &Apps,
     chain: &FilterChain,
     remote: SocketAddr,
@@ -754,7 +759,7 @@ fn network_allowed(
         sni,
         peer_principal,
     };
-    crate::authz::network_allows(&chain.network_rbac, &apps.shared.stats, conn)
+    crate::authz::network_allows(&chain.network_authz, &apps.shared, conn).await
 }
 
 /// Reads decrypted bytes until they diverge from the HTTP/2 preface (false) or complete it (true);
@@ -840,7 +845,7 @@ mod tests {
             })),
             drain: Default::default(),
             tls: None,
-            network_rbac: vec![],
+            network_authz: vec![],
         })
     }
 

@@ -5,6 +5,7 @@
 //! Adding a scenario: write `tests/scenarios/NAME.yaml` (format in [`scenario`]) and add
 //! `scenario!(NAME);` to `tests/tests/differential.rs`.
 
+pub mod authz_grpc;
 pub mod client;
 pub mod compare;
 pub mod configdump;

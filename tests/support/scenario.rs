@@ -17,6 +17,8 @@
 //!   upstream_headers_present: [x-request-id]
 //! compare_upstream_requests: false      # after all requests: per-upstream request counts
 //! compare_upstream_connections: false   # after all requests: per-upstream TCP connections
+//! compare_stats: [rbac.]                # after all requests: admin `/stats` counters whose
+//!                                       # name contains one of these, names and values
 //! requests:
 //!   - name: by-prefix
 //!     port: 9080
@@ -83,6 +85,10 @@ pub struct Scenario {
     pub compare_upstream_requests: bool,
     #[serde(default)]
     pub compare_upstream_connections: bool,
+    /// After all requests: the admin `/stats` lines whose name contains one of these strings
+    /// must be the same on both sides (names and values).
+    #[serde(default)]
+    pub compare_stats: Vec<String>,
     pub requests: Vec<RequestSpec>,
     /// Differences that are understood and documented (docs/COMPATIBILITY.md). Each must be observed
     /// exactly as written — when it disappears the test fails, so the entry gets removed.
@@ -283,6 +289,27 @@ impl Scenario {
                 );
             }
         }
+        if !self.compare_stats.is_empty() {
+            let (sa, sb) = tokio::join!(
+                side_a.stats(&self.compare_stats),
+                side_b.stats(&self.compare_stats)
+            );
+            let (sa, sb) = (sa?, sb?);
+            if verbose {
+                eprintln!("[{scenario_name}] stats:\n  A: {sa:?}\n  B: {sb:?}");
+            }
+            for name in sa
+                .keys()
+                .chain(sb.keys())
+                .collect::<std::collections::BTreeSet<_>>()
+            {
+                let (va, vb) = (sa.get(name), sb.get(name));
+                if va != vb {
+                    let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| ABSENT.to_owned());
+                    push("<after all>", format!("stat {name}"), show(va), show(vb));
+                }
+            }
+        }
         if !mismatches.is_empty() {
             let table = render_table(&mismatches, &a.to_string(), &b.to_string());
             eprintln!("{table}");
@@ -471,6 +498,7 @@ struct Side {
     ip: Ipv4Addr,
     upstreams: BTreeMap<String, std::sync::Arc<EchoServer>>,
     proxy: Box<dyn RunningProxy>,
+    admin: Option<SocketAddr>,
     conns: HashMap<u16, Connection>,
 }
 
@@ -496,6 +524,7 @@ impl Side {
             ports.insert(name.clone(), closed_port()?);
         }
         let yaml = render(&sc.bootstrap, ip, &ports)?;
+        let admin = crate::envoy::admin_address(&yaml).ok();
         let proxy = kind
             .start(&yaml, ip)
             .await
@@ -506,8 +535,31 @@ impl Side {
             ip,
             upstreams,
             proxy,
+            admin,
             conns: HashMap::new(),
         })
+    }
+
+    /// Admin `/stats` lines (`name: value`) whose name contains one of `filters`.
+    async fn stats(&self, filters: &[String]) -> Result<BTreeMap<String, String>> {
+        let admin = self.admin.with_context(|| {
+            format!("side {}: compare_stats needs an admin address", self.label)
+        })?;
+        let get = |path: &'static str| async move {
+            let req = Request::get(path)
+                .header("host", "admin")
+                .header("connection", "close");
+            let resp = crate::client::send(admin, &req).await?;
+            anyhow::Ok(String::from_utf8_lossy(&resp.body).into_owned())
+        };
+        let out: BTreeMap<String, String> = get("/stats")
+            .await?
+            .lines()
+            .filter_map(|l| l.split_once(": "))
+            .filter(|(n, _)| filters.iter().any(|f| n.contains(f.as_str())))
+            .map(|(n, v)| (n.to_owned(), v.trim().to_owned()))
+            .collect();
+        Ok(out)
     }
 
     fn upstream(&self, name: &str) -> Result<&EchoServer> {

@@ -100,3 +100,17 @@ async fn ext_authz_http_service() {
         panic!("{e:#}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_authz_grpc_service() {
+    let authz = pingsail_tests::authz_grpc::GrpcAuthz::start()
+        .await
+        .unwrap();
+    let text = std::fs::read_to_string(scenario_path("ext_authz_grpc.tmpl"))
+        .unwrap()
+        .replace("{{authz_port}}", &authz.port().to_string());
+    let scenario: Scenario = serde_yaml::from_str(&text).unwrap();
+    if let Err(e) = run_scenario("ext_authz_grpc", scenario).await {
+        panic!("{e:#}");
+    }
+}

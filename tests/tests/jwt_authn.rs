@@ -237,3 +237,44 @@ async fn jwt_authn() {
         panic!("{e:#}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_claim_routing() {
+    let key = ec("ec256", false);
+    let other = ec("ec256", false);
+    let jwks = json!({"keys": [key.jwk]}).to_string();
+    let es = |extra: Value| mint(&key, Algorithm::ES256, &claims("alice", extra));
+    let mut t: BTreeMap<&str, String> = BTreeMap::new();
+    t.insert("blue", es(json!({"group": "blue", "groups": ["users"]})));
+    t.insert("admins", es(json!({"group": "red"})));
+    t.insert(
+        "carol",
+        es(json!({"sub": "carol", "groups": ["users"], "nested": {"team": "red"}})),
+    );
+    t.insert(
+        "plain",
+        es(json!({"groups": ["users"], "nested": {"team": "green"}})),
+    );
+    t.insert(
+        "bad",
+        mint(
+            &other,
+            Algorithm::ES256,
+            &claims("alice", json!({"group": "blue"})),
+        ),
+    );
+    let mut text = std::fs::read_to_string(scenario_path("jwt_routing.tmpl"))
+        .unwrap()
+        .replace("{{jwks}}", &jwks);
+    for (name, token) in &t {
+        text = text.replace(&format!("{{{{token.{name}}}}}"), token);
+    }
+    assert!(
+        !text.contains("{{token."),
+        "a token placeholder is not minted"
+    );
+    let scenario: Scenario = serde_yaml::from_str(&text).unwrap();
+    if let Err(e) = run_scenario("jwt_routing", scenario).await {
+        panic!("{e:#}");
+    }
+}

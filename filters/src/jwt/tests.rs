@@ -86,6 +86,7 @@ fn provider(signers: &[&Signer]) -> Provider {
         claim_to_headers: vec![],
         clock_skew: 60,
         require_expiration: false,
+        clear_route_cache: false,
         verified: Default::default(),
     }
 }

@@ -124,6 +124,8 @@ pub struct RequestCtx {
     /// Response flags raised before the final failure, in the order they were raised (Envoy
     /// prints flags in that order): DI, URX, UO.
     flag_events: [Option<&'static str>; 3],
+    /// ext_authz `response_headers_to_add` for the response, local replies included.
+    authz_response_headers: Vec<authz::ResponseHeader>,
 }
 
 /// Holds one `active_faults` of an HCM's fault filter.
@@ -174,6 +176,7 @@ fn new_ctx() -> RequestCtx {
         last_on_connection: false,
         throttle: None,
         flag_events: [None; 3],
+        authz_response_headers: Vec::new(),
     }
 }
 
@@ -437,6 +440,7 @@ impl Router {
         for (k, v) in &ctx.cors {
             let _ = resp.insert_header(*k, v.as_str());
         }
+        authz::apply_response_headers(&ctx.authz_response_headers, resp);
     }
 
     /// The fault filter: delay and/or abort as the most specific fault config says. Returns true
@@ -753,7 +757,7 @@ impl ProxyHttp for Router {
                 // No virtual host: the authorization filters still run before the router.
                 if !hcm.authz.is_empty()
                     && self
-                        .authorize(session, ctx, &facts, &table, usize::MAX, None)
+                        .authorize(session, ctx, &facts, &table, usize::MAX, &mut None)
                         .await?
                 {
                     return Ok(true);
@@ -776,7 +780,10 @@ impl ProxyHttp for Router {
                 is_grpc,
                 random: rand::random::<u64>() % 1_000_000,
             };
-            let ridx = vh.routes.iter().position(|r| r.matcher.matches(&view));
+            let ridx = vh
+                .routes
+                .iter()
+                .position(|r| r.matcher.matches_with(&view, &ctx.metadata));
             if let Some(Action::Forward(a)) = ridx.and_then(|i| vh.routes.get(i)).map(|r| &r.action)
                 && !a.hash_policy.is_empty()
             {
@@ -787,10 +794,11 @@ impl ProxyHttp for Router {
         };
         ctx.table = Some(table.clone());
         ctx.vhost = vidx;
+        let mut ridx = ridx;
         // jwt_authn and rbac run before the router (so before "no route") and CORS.
         if !hcm.authz.is_empty()
             && self
-                .authorize(session, ctx, &facts, &table, vidx, ridx)
+                .authorize(session, ctx, &facts, &table, vidx, &mut ridx)
                 .await?
         {
             return Ok(true);

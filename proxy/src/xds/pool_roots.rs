@@ -25,6 +25,7 @@ pub const ROOTS: &[&str] = &[
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
     "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
     "envoy.extensions.filters.network.rbac.v3.RBAC",
+    "envoy.extensions.filters.network.ext_authz.v3.ExtAuthz",
     "envoy.extensions.filters.network.set_filter_state.v3.Config",
     "envoy.extensions.filters.http.router.v3.Router",
     "envoy.extensions.filters.http.cors.v3.Cors",

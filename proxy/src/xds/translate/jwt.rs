@@ -275,6 +275,7 @@ fn provider(name: &str, p: &pb::JwtProvider, path: &Path) -> Result<Provider> {
             u64::from(p.clock_skew_seconds)
         },
         require_expiration: p.require_expiration,
+        clear_route_cache: p.clear_route_cache,
         verified: Default::default(),
     })
 }

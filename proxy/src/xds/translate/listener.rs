@@ -259,7 +259,7 @@ fn filter_chain(fc: &l::FilterChain, path: &Path) -> Result<FilterChain> {
         }
     }
     let mut terminal = None;
-    let mut network_rbac = Vec::new();
+    let mut network_authz = Vec::new();
     let n = fc.filters.len();
     for (i, f) in fc.filters.iter().enumerate() {
         let p = path.at("filters", i);
@@ -291,7 +291,15 @@ fn filter_chain(fc: &l::FilterChain, path: &Path) -> Result<FilterChain> {
                     &config.rules_stat_prefix,
                     &config.shadow_stat_prefix,
                 );
-                network_rbac.push(Arc::new(crate::authz::NetworkRbac { config, stats }));
+                network_authz.push(crate::authz::NetworkAuthz::Rbac(Arc::new(
+                    crate::authz::NetworkRbac { config, stats },
+                )));
+            }
+            "envoy.extensions.filters.network.ext_authz.v3.ExtAuthz" => {
+                let e = unpack(&any, &tp)?;
+                network_authz.push(crate::authz::NetworkAuthz::ExtAuthz(Arc::new(
+                    super::ext_authz::network_ext_authz(&e, &tp)?,
+                )));
             }
             u if ACCEPTED_NOT_ENFORCED.contains(&u) => {}
             other => return err(&tp, ErrorKind::UnknownType(other.to_string())),
@@ -315,7 +323,7 @@ fn filter_chain(fc: &l::FilterChain, path: &Path) -> Result<FilterChain> {
         kind,
         drain: Default::default(),
         tls,
-        network_rbac,
+        network_authz,
     })
 }
 

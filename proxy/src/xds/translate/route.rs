@@ -173,8 +173,15 @@ fn per_filter(
             }
             "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute" => {
                 let r = unpack(any, &p)?;
-                if super::ext_authz::ext_authz_per_route(&r, &p)? {
-                    authz.ext_authz_disabled.push(name.as_str().into());
+                match super::ext_authz::ext_authz_per_route(&r, &p)? {
+                    super::ext_authz::PerRouteExtAuthz::Disabled => {
+                        authz.ext_authz_disabled.push(name.as_str().into());
+                    }
+                    super::ext_authz::PerRouteExtAuthz::Context(c) => {
+                        authz
+                            .ext_authz_context
+                            .push((name.as_str().into(), Arc::new(c)));
+                    }
                 }
             }
             "envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig" => {
@@ -457,12 +464,9 @@ pub(super) fn route_match(m: &r::RouteMatch, path: &Path) -> Result<RouteMatch> 
             "query_parameters",
             "grpc",
             "runtime_fraction",
+            "dynamic_metadata",
         ],
-        &[
-            ("tls_context", "mTLS issue"),
-            ("dynamic_metadata", AUTHZ),
-            ("filter_state", AUTHZ),
-        ],
+        &[("tls_context", "mTLS issue"), ("filter_state", AUTHZ)],
     )?;
     use r::route_match::PathSpecifier as P;
     let pm = match &m.path_specifier {
@@ -533,6 +537,12 @@ pub(super) fn route_match(m: &r::RouteMatch, path: &Path) -> Result<RouteMatch> 
         }
         None => None,
     };
+    let dynamic_metadata = m
+        .dynamic_metadata
+        .iter()
+        .enumerate()
+        .map(|(i, md)| super::rbac::metadata(md, &path.at("dynamic_metadata", i)))
+        .collect::<Result<Vec<_>>>()?;
     Ok(RouteMatch {
         path: pm,
         case_sensitive,
@@ -540,6 +550,7 @@ pub(super) fn route_match(m: &r::RouteMatch, path: &Path) -> Result<RouteMatch> 
         query,
         grpc: m.grpc.is_some(),
         fraction_ppm,
+        dynamic_metadata,
     })
 }
 
