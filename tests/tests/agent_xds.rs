@@ -440,5 +440,29 @@ async fn name_table_reaches_dns_proxy() -> Result<()> {
     assert_eq!(r[3] & 0xF, 0, "rcode");
     assert_eq!(u16::from_be_bytes([r[6], r[7]]), 1, "one answer");
     assert_eq!(&r[n - 4..], &[10, 9, 0, 7]);
+
+    // A table that does not decode: the agent NACKs it to istiod and keeps the last good one.
+    istiod.set_raw(
+        NAME_TABLE,
+        "",
+        Any {
+            type_url: NAME_TABLE.into(),
+            value: vec![0x0a, 0xff, 0xff],
+        },
+    );
+    istiod
+        .wait_for("NACK of the name table", T, |seen, _| {
+            seen.iter().any(|x| {
+                x.type_url == NAME_TABLE
+                    && x.error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("decoding the name table"))
+            })
+        })
+        .await?;
+    assert_eq!(Stats::get(&agent.stats().name_table_rejects), 1);
+    sock.send_to(&q, dns.udp_addrs()[0]).await?;
+    let (n, _) = sock.recv_from(&mut buf).await?;
+    assert_eq!(&buf[n - 4..n], &[10, 9, 0, 7]);
     Ok(())
 }
