@@ -29,6 +29,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 pub use pingsail_proxy::xds::store::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
+/// istiod's name table (NDS), which the agent's xDS proxy subscribes to for its DNS proxy.
+pub const NAME_TABLE: &str = "type.googleapis.com/istio.networking.nds.v1.NameTable";
 
 /// One request a client sent.
 #[derive(Debug, Clone)]
@@ -106,6 +108,10 @@ struct Inner {
     nonce: std::sync::atomic::AtomicU64,
     /// when each type was last changed by the test (`set`): ACK waits look at what came after
     last_set: Mutex<HashMap<String, std::time::Instant>>,
+    /// the request headers of every stream, in stream order
+    headers: Mutex<Vec<BTreeMap<String, String>>>,
+    /// per accepted TLS connection: whether the client presented a certificate
+    client_certs: Mutex<Vec<bool>>,
 }
 
 impl Inner {
@@ -140,9 +146,9 @@ impl Inner {
     }
 }
 
-/// Wildcard types: everything of the type is sent (listeners and clusters).
+/// Wildcard types: everything of the type is sent (listeners, clusters and istiod's name table).
 fn wildcard(type_url: &str) -> bool {
-    type_url == LISTENER || type_url == CLUSTER
+    type_url == LISTENER || type_url == CLUSTER || type_url == NAME_TABLE
 }
 
 /// The fake control plane. Dropping it stops the server.
@@ -227,6 +233,62 @@ impl FakeIstiod {
         Ok(me)
     }
 
+    /// Starts behind TLS (istiod's 15012) on an ephemeral port of 127.0.0.1.
+    pub async fn start_tls(tls: Arc<rustls::ServerConfig>) -> Result<Self> {
+        Self::start_tls_at("127.0.0.1:0".parse()?, tls).await
+    }
+
+    /// Starts behind TLS on `addr` (a restarted istiod on the address of a stopped one: the
+    /// bind is retried while the old listener is being released).
+    pub async fn start_tls_at(addr: SocketAddr, tls: Arc<rustls::ServerConfig>) -> Result<Self> {
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(e) if tries < 200 && e.kind() == std::io::ErrorKind::AddrInUse => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => return Err(e).with_context(|| format!("binding {addr}")),
+            }
+        };
+        let addr = listener.local_addr()?;
+        let (me, svc, mut stop_rx) = Self::new(Some(addr), None);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let inner = me.inner.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    a = listener.accept() => match a {
+                        Ok((io, _)) => {
+                            let (acceptor, svc, inner) = (acceptor.clone(), svc.clone(), inner.clone());
+                            tokio::spawn(async move {
+                                if let Ok(tls) = acceptor.accept(io).await {
+                                    let cert = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+                                    inner.client_certs.lock().push(cert);
+                                    serve_conn(tls, svc);
+                                }
+                            });
+                        }
+                        Err(_) => return,
+                    },
+                    _ = &mut stop_rx => return,
+                }
+            }
+        });
+        Ok(me)
+    }
+
+    /// The request headers (gRPC metadata, lower-case names) of every stream so far.
+    pub fn stream_headers(&self) -> Vec<BTreeMap<String, String>> {
+        self.inner.headers.lock().clone()
+    }
+
+    /// Per accepted TLS connection: whether the client presented a (verified) certificate.
+    pub fn tls_client_certs(&self) -> Vec<bool> {
+        self.inner.client_certs.lock().clone()
+    }
+
     /// Starts on a Unix socket at `path` (like pilot-agent's `./etc/istio/proxy/XDS`).
     pub async fn start_uds(path: &Path) -> Result<Self> {
         let listener = tokio::net::UnixListener::bind(path)?;
@@ -262,6 +324,8 @@ impl FakeIstiod {
             streams: Default::default(),
             nonce: Default::default(),
             last_set: Mutex::new(HashMap::new()),
+            headers: Mutex::new(Vec::new()),
+            client_certs: Mutex::new(Vec::new()),
         });
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let svc = AggregatedDiscoveryServiceServer::new(Ads {
@@ -431,6 +495,21 @@ pub struct Ads {
     inner: Arc<Inner>,
 }
 
+impl Ads {
+    fn note_headers(&self, md: &tonic::metadata::MetadataMap) {
+        let mut h = BTreeMap::new();
+        for kv in md.iter() {
+            if let tonic::metadata::KeyAndValueRef::Ascii(k, v) = kv {
+                h.insert(
+                    k.as_str().to_owned(),
+                    v.to_str().unwrap_or_default().to_owned(),
+                );
+            }
+        }
+        self.inner.headers.lock().push(h);
+    }
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -442,6 +521,7 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> std::result::Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        self.note_headers(req.metadata());
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = self.inner.clone();
@@ -528,7 +608,7 @@ impl AggregatedDiscoveryService for Ads {
                     p = pushed.recv() => {
                         if p.is_err() { continue; }
                         // Envoy's order: clusters, endpoints, listeners, routes.
-                        for t in [CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET] {
+                        for t in [CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, NAME_TABLE] {
                             if let Some(names) = subs.get(t).cloned()
                                 && let Some(resp) = send(t, &names, &mut last_sent, false)
                                 && tx.send(Ok(resp)).is_err() { return; }
@@ -548,6 +628,7 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> std::result::Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        self.note_headers(req.metadata());
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = self.inner.clone();
@@ -658,7 +739,7 @@ impl AggregatedDiscoveryService for Ads {
                     }
                     p = pushed.recv() => {
                         if p.is_err() { continue; }
-                        for t in [CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET] {
+                        for t in [CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, NAME_TABLE] {
                             if let Some(resp) = diff(t, &subs, &mut held, false)
                                 && tx.send(Ok(resp)).is_err() { return; }
                         }

@@ -178,4 +178,36 @@ impl DevCa {
         let key_der = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())?;
         Ok((vec![cert.der().clone()], key_der))
     }
+
+    /// The TLS side of istiod's 15012 for tests of the xDS proxy: a serving certificate for
+    /// [`crate::testing::FAKE_CA_SERVER_NAME`], `localhost` and `127.0.0.1` signed by the root,
+    /// ALPN `h2`, client certificates optional and, when presented, verified against the root.
+    #[cfg(feature = "testing")]
+    pub fn istiod_tls(
+        &self,
+    ) -> Result<std::sync::Arc<rustls::ServerConfig>, crate::testing::TestError> {
+        use std::sync::Arc;
+        let (certs, key) = self.serving_identity(&[
+            crate::testing::FAKE_CA_SERVER_NAME,
+            "localhost",
+            "127.0.0.1",
+        ])?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for der in crate::ca::pem::certs_from_pem(self.root_pem.as_bytes(), "test root")? {
+            roots.add(der)?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)?;
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(tls))
+    }
 }
