@@ -37,29 +37,31 @@ pub fn parse_go_bool(v: &str) -> Option<bool> {
 pub fn normalise_pod_ports(v: &str) -> Result<String, String> {
     let list: Vec<Map<String, Value>> =
         serde_json::from_str(v).map_err(|e| format!("expected a JSON list of ports: {e}"))?;
-    let mut out = Vec::new();
+    // Written by hand: Go's field order (name, containerPort, protocol), not sorted keys.
+    let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let mut items = Vec::new();
     for p in list {
-        let mut m = Map::new();
+        let mut fields = Vec::new();
         if let Some(n) = p
             .get("name")
             .and_then(Value::as_str)
             .filter(|n| !n.is_empty())
         {
-            m.insert("name".into(), n.into());
+            fields.push(format!("\"name\":{}", q(n)));
         }
         let port = p
             .get("containerPort")
             .map_or(Some(0), Value::as_i64)
             .ok_or("containerPort must be an integer")?;
-        m.insert("containerPort".into(), port.into());
+        fields.push(format!("\"containerPort\":{port}"));
         let proto = match p.get("protocol") {
             None => "",
             Some(v) => v.as_str().ok_or("protocol must be a string")?,
         };
-        m.insert("protocol".into(), proto.into());
-        out.push(Value::Object(m));
+        fields.push(format!("\"protocol\":{}", q(proto)));
+        items.push(format!("{{{}}}", fields.join(",")));
     }
-    serde_json::to_string(&out).map_err(|e| e.to_string())
+    Ok(format!("[{}]", items.join(",")))
 }
 
 pub(super) fn dedup(v: &[String]) -> Vec<String> {
