@@ -28,6 +28,7 @@ pub fn main(args: &ProxyArgs) -> i32 {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
     let cwd = match std::env::current_dir() {

@@ -306,7 +306,7 @@ impl AgentConfig {
             envoy_prometheus: port_env("ENVOY_PROMETHEUS_PORT", 15090)?,
             sts: args.sts_port,
         };
-        let config_dir = base.join(proxy_config.config_path());
+        let config_dir = base.join(proxy_config.config_path().trim_start_matches("./"));
         let paths = Paths {
             bootstrap: config_dir.join("envoy-rev.json"),
             xds_socket: config_dir.join("XDS"),
