@@ -627,6 +627,115 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: ProxyArgs,
+    }
+
+    fn load(argv: &[&str], env: &[(&str, &str)], base: &Path) -> Result<AgentConfig, ConfigError> {
+        let mut full = vec!["x"];
+        full.extend_from_slice(argv);
+        let w = Wrap::parse_from(full);
+        let env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        AgentConfig::load(&w.args, &env, base, &["10.0.0.9".parse().unwrap()])
+    }
+
+    #[test]
+    fn defaults_match_pilot_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load(
+            &["sidecar"],
+            &[("POD_NAME", "p"), ("POD_NAMESPACE", "ns")],
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!(c.node_id, "sidecar~10.0.0.9~p.ns~ns.svc.cluster.local");
+        assert_eq!(c.ports.status, 15020);
+        assert_eq!(c.ports.proxy_admin, 15000);
+        assert_eq!(c.ports.envoy_status, 15021);
+        assert_eq!(c.ports.envoy_prometheus, 15090);
+        assert_eq!(c.drain.drain_duration, Duration::from_secs(45));
+        assert_eq!(c.drain.termination_drain_duration, Duration::from_secs(5));
+        assert_eq!(c.drain.minimum_drain_duration, Duration::from_secs(5));
+        assert!(!c.drain.exit_on_zero_active_connections);
+        assert_eq!(c.discovery_address, "istiod.istio-system.svc:15012");
+        assert_eq!(c.ca_addr, "istiod.istio-system.svc:15012");
+        assert_eq!(c.paths.xds_socket, dir.path().join("etc/istio/proxy/XDS"));
+        assert_eq!(
+            c.paths.bootstrap,
+            dir.path().join("etc/istio/proxy/envoy-rev.json")
+        );
+        assert_eq!(c.dns_proxy_addr, "localhost:15053");
+        assert_eq!(c.concurrency, 0);
+    }
+
+    #[test]
+    fn proxy_config_layers_mesh_file_annotation_env_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("etc/istio/config")).unwrap();
+        std::fs::create_dir_all(dir.path().join("etc/istio/pod")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/istio/config/mesh"),
+            "defaultConfig:\n  discoveryAddress: istiod.other:15012\n  drainDuration: 20s\n  statusPort: 15999\n  proxyMetadata:\n    A: mesh\n    B: mesh\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("etc/istio/pod/annotations"),
+            "proxy.istio.io/config=\"terminationDrainDuration: 30s\\nproxyMetadata:\\n  B: anno\"\n",
+        )
+        .unwrap();
+        let c = load(
+            &["router", "--concurrency", "3", "--domain", "d.example"],
+            &[
+                (
+                    "PROXY_CONFIG",
+                    "{\"drain_duration\": \"7s\", \"proxyAdminPort\": 15555}",
+                ),
+                ("ISTIO_CPU_LIMIT", "2"),
+                ("EXIT_ON_ZERO_ACTIVE_CONNECTIONS", "true"),
+                ("MINIMUM_DRAIN_DURATION", "1m"),
+                ("CA_ADDR", "ca.example:443"),
+                ("INSTANCE_IP", "10.1.2.3"),
+                (
+                    "ISTIO_PROMETHEUS_ANNOTATIONS",
+                    "{\"scrape\":\"true\",\"port\":\"9090\"}",
+                ),
+            ],
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!(c.node_id, "router~10.1.2.3~.~d.example");
+        assert_eq!(c.ip_addresses, ["10.1.2.3", "10.0.0.9"]);
+        assert_eq!(c.discovery_address, "istiod.other:15012");
+        assert_eq!(c.ca_addr, "ca.example:443");
+        assert_eq!(c.drain.drain_duration, Duration::from_secs(7));
+        assert_eq!(c.drain.termination_drain_duration, Duration::from_secs(30));
+        assert_eq!(c.ports.status, 15999);
+        assert_eq!(c.ports.proxy_admin, 15555);
+        assert_eq!(c.concurrency, 3, "--concurrency wins over ISTIO_CPU_LIMIT");
+        assert!(c.drain.exit_on_zero_active_connections);
+        assert_eq!(c.drain.minimum_drain_duration, Duration::from_secs(60));
+        assert_eq!(
+            c.proxy_config.string_map("proxyMetadata"),
+            [
+                ("A".to_owned(), "mesh".to_owned()),
+                ("B".to_owned(), "anno".to_owned())
+            ]
+        );
+        assert_eq!(c.prometheus_annotations.unwrap()["port"], "9090");
+        let c = load(&["sidecar"], &[("ISTIO_CPU_LIMIT", "2")], dir.path()).unwrap();
+        assert_eq!(
+            c.concurrency, 2,
+            "ISTIO_CPU_LIMIT fills an unset concurrency"
+        );
+    }
+
     #[test]
     fn downward_api_unquotes_go_strings() {
         let m = parse_downward_api("app=\"x\"\nj=\"{\\\"a\\\":1}\"\nbad\n").unwrap();
