@@ -5,6 +5,9 @@
 //!   certificates;
 //! - [`sds`]: the SDS server on the workload Unix socket;
 //! - [`identity`]: both wired together from pilot-agent's environment (`pingsail-agent sds`);
+//! - [`config`]: `proxy sidecar|router` flags and environment ([`config::AgentConfig`]);
+//! - [`bootstrap`]: the proxy's bootstrap as pilot-agent writes it;
+//! - [`supervisor`]: runs the proxy with Envoy's command line, restarts it, stops it;
 //! - [`lifecycle`]: the one Running → Draining → Stopping state the status server, signals and
 //!   supervisor share;
 //! - [`standalone`]: the loopback mesh with a development CA (`pingsail-agent standalone`);
@@ -16,16 +19,20 @@
 //! - [`nds`]: istiod's name table (NDS), taken by the xDS proxy for the DNS proxy;
 //! - [`dns`]: the DNS proxy on 15053 (ISTIO_META_DNS_CAPTURE);
 //! - `testing` (feature `testing`): a fake istiod CA and a test PKI.
+pub mod bootstrap;
 pub mod ca;
 pub mod cmd;
+pub mod config;
 pub mod dns;
 pub mod drain;
 pub mod identity;
 pub mod lifecycle;
 pub mod nds;
+pub mod proxy;
 pub mod sds;
 pub mod standalone;
 pub mod status;
+pub mod supervisor;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod xdsproxy;

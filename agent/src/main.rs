@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod iptables;
+mod proxy_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +35,9 @@ enum Command {
     /// A small mesh on loopback with no Kubernetes and no istiod: a development CA, the workloads
     /// and sidecars `<conf>/mesh.yaml` names (README "Standalone mesh").
     Standalone(StandaloneArgs),
+    /// Run the proxy as pilot-agent does (`proxy sidecar|router` with pilot-agent's flags and
+    /// environment): workload identity over SDS, the bootstrap, the supervised proxy.
+    Proxy(Box<pingsail_agent::config::ProxyArgs>),
 }
 
 #[derive(clap::Args)]
@@ -50,12 +54,28 @@ struct StandaloneArgs {
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    // Installed as `pilot-agent` too (Istio's injected postStart/preStop call that name): the
+    // subcommands are the same; only the name in help and errors follows argv[0].
+    let argv0 = std::env::args_os().next().map(std::path::PathBuf::from);
+    let name = match argv0.as_deref().and_then(|p| p.file_name()) {
+        Some(n) if n == "pilot-agent" => "pilot-agent",
+        _ => "pingsail-agent",
+    };
+    let matches = <Cli as clap::CommandFactory>::command()
+        .name(name)
+        .bin_name(name)
+        .get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match cli.command {
         Command::Iptables(args) => iptables::main(*args),
         Command::Sds => ExitCode::from(sds_main() as u8),
         Command::Standalone(args) => ExitCode::from(standalone_main(args) as u8),
         Command::Wait(a) => small_rt(pingsail_agent::cmd::wait(a)),
         Command::Request(a) => small_rt(pingsail_agent::cmd::request(a)),
+        Command::Proxy(args) => ExitCode::from(proxy_cmd::main(&args) as u8),
     }
 }
 
