@@ -436,6 +436,12 @@ async fn quitquitquit_and_drain_are_local_posts() {
         .await
         .unwrap();
     assert_eq!((r.status, r.body_text().as_str()), (200, "OK"));
+    assert_eq!(r.header("connection"), Some("close"));
+    // The lifecycle stops once the answer is out.
+    let code = tokio::time::timeout(Duration::from_secs(1), lifecycle.stopped())
+        .await
+        .expect("not stopping after /quitquitquit");
+    assert_eq!(code, 0);
     assert_eq!(lifecycle.phase(), Phase::Stopping { exit_code: 0 });
     tokio::time::timeout(Duration::from_secs(2), srv)
         .await

@@ -50,11 +50,7 @@ async fn run(proxy: &str, bootstrap: &str, admin: SocketAddr, drain_ms: u64, rea
         },
         lifecycle.clone(),
     );
-    let c = coordinator.clone();
-    let drain_hook: pingsail_agent::status::DrainHook = std::sync::Arc::new(move || {
-        let c = c.clone();
-        tokio::spawn(async move { c.drain_now().await });
-    });
+    let drain_hook = coordinator.hook();
     let cfg = StatusConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         proxy_admin: admin,
