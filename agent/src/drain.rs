@@ -82,6 +82,16 @@ impl DrainCoordinator {
             .drain(Instant::now() + self.settings.termination_drain_duration)
     }
 
+    /// The status server's `POST /drain` hook ([`crate::status::DrainHook`]): runs
+    /// [`DrainCoordinator::drain_now`] on the current runtime.
+    pub fn hook(self: &Arc<Self>) -> crate::status::DrainHook {
+        let me = self.clone();
+        Arc::new(move || {
+            let me = me.clone();
+            tokio::spawn(async move { me.drain_now().await });
+        })
+    }
+
     /// `POST /drain`: ask the proxy to drain now, without a deadline (the pod's SIGTERM comes later).
     pub async fn drain_now(&self) {
         if self.drained.swap(true, Ordering::SeqCst) {

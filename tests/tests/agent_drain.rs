@@ -165,7 +165,8 @@ enum Proxy {
 
 async fn start(envoy: bool, bootstrap: &str) -> Result<Proxy> {
     Ok(if envoy {
-        Proxy::Envoy(Envoy::start(bootstrap).await?)
+        // As pilot-agent starts it: every connection is discouraged at once when draining.
+        Proxy::Envoy(Envoy::start_with_args(bootstrap, &["--drain-strategy", "immediate"]).await?)
     } else {
         Proxy::Pingsail(pingsail_proxy::testing::start(bootstrap).await?)
     })
@@ -263,6 +264,74 @@ async fn post(addr: SocketAddr, target: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// A raw HTTP/2 (prior knowledge) connection: enough framing to send GETs and see GOAWAY.
+struct H2 {
+    s: TcpStream,
+    buf: Vec<u8>,
+    next_stream: u32,
+}
+
+impl H2 {
+    async fn connect(addr: SocketAddr) -> Result<Self> {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+        s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
+        Ok(H2 {
+            s,
+            buf: Vec::new(),
+            next_stream: 1,
+        })
+    }
+
+    /// GET / (HPACK: :method GET, :path /, :scheme http, :authority app).
+    async fn get(&mut self) -> Result<u32> {
+        let id = self.next_stream;
+        self.next_stream += 2;
+        let block = [0x82, 0x84, 0x86, 0x41, 3, b'a', b'p', b'p'];
+        let mut f = vec![0, 0, block.len() as u8, 1, 0x5];
+        f.extend_from_slice(&id.to_be_bytes());
+        f.extend_from_slice(&block);
+        self.s.write_all(&f).await?;
+        Ok(id)
+    }
+
+    /// Reads frames until `want(type, stream)` holds; SETTINGS are acknowledged. Returns the frame
+    /// types seen.
+    async fn until(&mut self, want: impl Fn(u8, u32) -> bool, within: Duration) -> Result<Vec<u8>> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut seen = Vec::new();
+        loop {
+            while self.buf.len() >= 9 {
+                let len = u32::from_be_bytes([0, self.buf[0], self.buf[1], self.buf[2]]) as usize;
+                if self.buf.len() < 9 + len {
+                    break;
+                }
+                let (ty, flags) = (self.buf[3], self.buf[4]);
+                let stream =
+                    u32::from_be_bytes([self.buf[5], self.buf[6], self.buf[7], self.buf[8]])
+                        & 0x7fff_ffff;
+                self.buf.drain(..9 + len);
+                seen.push(ty);
+                if ty == 4 && flags & 1 == 0 {
+                    self.s.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await?;
+                }
+                if want(ty, stream) {
+                    return Ok(seen);
+                }
+            }
+            let mut tmp = [0u8; 4096];
+            let n = tokio::select! {
+                r = self.s.read(&mut tmp) => r?,
+                _ = tokio::time::sleep_until(deadline) => bail!("no such frame; saw types {seen:?}"),
+            };
+            if n == 0 {
+                bail!("h2 connection closed; saw frame types {seen:?}");
+            }
+            self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+}
+
 /// Polls until inbound responses carry `connection: close` (the drain reached the proxy).
 async fn until_draining(addr: SocketAddr) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -294,10 +363,21 @@ async fn graceful_inbound_drain(envoy: bool) -> Result<()> {
     let mut ws = websocket(inbound).await?;
     echo(&mut ws, b"before").await?;
     let slow = slow(inbound, 20).await?;
+    let mut h2 = H2::connect(inbound).await?;
+    let id = h2.get().await?;
+    let seen = h2
+        .until(|ty, st| ty == 1 && st == id, Duration::from_secs(3))
+        .await?;
+    anyhow::ensure!(!seen.contains(&7), "GOAWAY before the drain");
 
     let r = post(admin, "/drain_listeners?inboundonly&graceful").await?;
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     until_draining(inbound).await?;
+    // h2: GOAWAY (at once, or with the next response).
+    let _ = h2.get().await;
+    h2.until(|ty, _| ty == 7, Duration::from_secs(3))
+        .await
+        .context("no GOAWAY on the h2 connection")?;
     // Outbound listeners are not drained; inbound ones keep accepting during the drain time.
     let (status, close) = get_ok(outbound).await?;
     assert!(

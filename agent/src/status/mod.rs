@@ -334,13 +334,20 @@ impl StatusServer {
             };
             let me = self.clone();
             tokio::spawn(async move {
+                // `/quitquitquit` stops the lifecycle once its answer is written (the process may
+                // exit right after).
+                let quit = Arc::new(AtomicBool::new(false));
+                let (me2, quit2) = (me.clone(), quit.clone());
                 let svc = hyper::service::service_fn(move |req| {
-                    let me = me.clone();
-                    async move { Ok::<_, Infallible>(me.handle(req, remote).await) }
+                    let (me, quit) = (me2.clone(), quit2.clone());
+                    async move { Ok::<_, Infallible>(me.handle(req, remote, &quit).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), svc)
                     .await;
+                if quit.load(Ordering::SeqCst) {
+                    me.lifecycle.stop(0);
+                }
             });
         }
     }
@@ -349,6 +356,7 @@ impl StatusServer {
         &self,
         req: http::Request<Incoming>,
         remote: SocketAddr,
+        quit: &AtomicBool,
     ) -> http::Response<Full<Bytes>> {
         let path = req.uri().path().to_owned();
         let local_only = |f: &dyn Fn() -> http::Response<Full<Bytes>>| {
@@ -365,8 +373,13 @@ impl StatusServer {
             "/stats/prometheus" | "/metrics" => self.stats(&req).await,
             "/quitquitquit" => local_only(&|| {
                 tracing::info!("/quitquitquit called; stopping the proxy and the agent");
-                self.lifecycle.stop(0);
-                reply(200, "OK")
+                quit.store(true, Ordering::SeqCst);
+                let mut r = reply(200, "OK");
+                r.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+                r
             }),
             "/drain" => local_only(&|| {
                 tracing::info!("/drain called; draining the proxy");
