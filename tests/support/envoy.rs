@@ -70,6 +70,11 @@ pub struct Envoy {
 impl Envoy {
     /// Starts Envoy on `bootstrap_yaml` and returns once admin `/ready` answers 200.
     pub async fn start(bootstrap_yaml: &str) -> Result<Self> {
+        Self::start_with_args(bootstrap_yaml, &[]).await
+    }
+
+    /// [`Envoy::start`] with extra command-line arguments (e.g. `--drain-time-s`).
+    pub async fn start_with_args(bootstrap_yaml: &str, extra: &[&str]) -> Result<Self> {
         let admin = admin_address(bootstrap_yaml)?;
         let bin = envoy_binary()?;
         let dir = TempDir::new("pingsail-envoy")?;
@@ -90,6 +95,7 @@ impl Envoy {
                 "--file-flush-interval-msec",
                 "20",
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
