@@ -182,6 +182,8 @@ pub struct HttpExtAuthz {
     pub metadata_namespaces: Vec<String>,
     /// `include_peer_certificate`
     pub include_peer_certificate: bool,
+    /// `clear_route_cache`: an allowed request whose headers the service changed is routed again
+    pub clear_route_cache: bool,
 }
 
 /// What the gRPC ext_authz filters of a connection manager need from a TLS connection: (the

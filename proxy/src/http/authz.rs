@@ -248,7 +248,10 @@ impl Router {
                         .flatten()
                         .find_map(|l| l.ext_authz_disabled(&e.name))
                         .unwrap_or(false);
-                    if disabled {
+                    let before = e
+                        .clear_route_cache
+                        .then(|| session.req_header().headers.clone());
+                    let denied = if disabled {
                         false
                     } else if e.grpc.is_some() {
                         // Context extensions: the virtual host's, then the route's (a key set
@@ -266,7 +269,19 @@ impl Router {
                             .await?
                     } else {
                         self.run_ext_authz(session, ctx, e).await?
+                    };
+                    // `clear_route_cache`: the service changed the request, route it again.
+                    if !denied
+                        && let (Some(before), Some(vh)) = (before, vh)
+                        && before != session.req_header().headers
+                    {
+                        let v = view(session.req_header());
+                        *ridx = vh
+                            .routes
+                            .iter()
+                            .position(|r| r.matcher.matches_with(&v, &ctx.metadata));
                     }
+                    denied
                 }
             };
             if denied {

@@ -138,6 +138,7 @@ pub fn ext_authz(e: &pb::ExtAuthz, name: &str, path: &Path) -> Result<HttpExtAut
                 with_body,
                 metadata_namespaces: e.metadata_context_namespaces.clone(),
                 include_peer_certificate: e.include_peer_certificate,
+                clear_route_cache: e.clear_route_cache,
             });
         }
         None => return err(&path.field("http_service"), ErrorKind::Required),
@@ -237,6 +238,7 @@ pub fn ext_authz(e: &pb::ExtAuthz, name: &str, path: &Path) -> Result<HttpExtAut
         with_body: None,
         metadata_namespaces: e.metadata_context_namespaces.clone(),
         include_peer_certificate: e.include_peer_certificate,
+        clear_route_cache: e.clear_route_cache,
     })
 }
 
