@@ -55,7 +55,7 @@ pub struct GrpcAuthz {
     pub timeout: std::time::Duration,
     /// `grpc_service.initial_metadata`
     pub initial_metadata: Vec<(http::HeaderName, http::HeaderValue)>,
-    channels: parking_lot::Mutex<HashMap<SocketAddr, tonic::transport::Channel>>,
+    channels: parking_lot::Mutex<HashMap<(SocketAddr, Option<usize>), tonic::transport::Channel>>,
 }
 
 impl GrpcAuthz {
@@ -80,20 +80,49 @@ impl GrpcAuthz {
     pub async fn check(&self, shared: &Shared, request: CheckRequest) -> Option<CheckResponse> {
         let cluster = shared.clusters.get(&self.cluster)?;
         let picked = cluster.pick(None, &[], 1, None)?;
+        // One channel per endpoint and transport socket: plaintext, or the TLS the cluster's
+        // `transport_socket` / `transport_socket_matches` chose for the endpoint (istiod's
+        // ISTIO_MUTUAL to an in-mesh authorization service).
+        let tls = picked.tls.clone();
+        let key = (picked.addr, tls.as_ref().map(|(i, _)| *i));
         let channel = {
             let mut channels = self.channels.lock();
-            match channels.get(&picked.addr) {
+            match channels.get(&key) {
                 Some(c) => c.clone(),
                 None => {
+                    let timeout = cluster.config.connect_timeout;
                     let mut ep =
                         tonic::transport::Endpoint::from_shared(format!("http://{}", picked.addr))
                             .ok()?
-                            .connect_timeout(cluster.config.connect_timeout);
+                            .connect_timeout(timeout);
                     if let Ok(origin) = format!("http://{}", self.authority).parse::<http::Uri>() {
                         ep = ep.origin(origin);
                     }
-                    let c = ep.connect_lazy();
-                    channels.insert(picked.addr, c.clone());
+                    let c = match tls {
+                        None => ep.connect_lazy(),
+                        Some((_, ctx)) => {
+                            let secrets = shared.secrets.clone();
+                            let addr = picked.addr;
+                            ep.connect_with_connector_lazy(tower::service_fn(
+                                move |_: http::Uri| {
+                                    let (ctx, secrets) = (ctx.clone(), secrets.clone());
+                                    async move {
+                                        let s = crate::tls::tunnel::connect_tls(
+                                            &ctx,
+                                            &secrets,
+                                            addr,
+                                            None,
+                                            timeout,
+                                            Some(true),
+                                        )
+                                        .await?;
+                                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                                    }
+                                },
+                            ))
+                        }
+                    };
+                    channels.insert(key, c.clone());
                     c
                 }
             }
