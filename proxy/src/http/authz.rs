@@ -818,14 +818,26 @@ fn check_request(
     body: Option<&CheckBody>,
 ) -> CheckRequest {
     let req = session.req_header();
-    let scheme = if facts.tls { "https" } else { "http" };
+    // Envoy's `:scheme`: the client's on HTTP/2; on HTTP/1 the (final) `x-forwarded-proto` when it
+    // is http or https, else the connection's.
+    let xfp = req
+        .headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| matches!(*v, "http" | "https"));
+    let scheme = req
+        .uri
+        .scheme_str()
+        .or(xfp)
+        .unwrap_or(if facts.tls { "https" } else { "http" })
+        .to_owned();
     let path = String::from_utf8_lossy(req.raw_path()).into_owned();
     let host = authority(req).to_owned();
     let mut headers: std::collections::HashMap<String, String> = Default::default();
     headers.insert(":authority".into(), host.clone());
     headers.insert(":method".into(), req.method.as_str().to_owned());
     headers.insert(":path".into(), path.clone());
-    headers.insert(":scheme".into(), scheme.into());
+    headers.insert(":scheme".into(), scheme.clone());
     for (name, value) in req.headers.iter() {
         if name == http::header::HOST {
             continue;
@@ -903,7 +915,7 @@ fn check_request(
                     headers,
                     path,
                     host,
-                    scheme: scheme.into(),
+                    scheme,
                     size,
                     protocol: protocol.into(),
                     body: body_text,
