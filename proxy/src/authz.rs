@@ -55,7 +55,7 @@ pub struct GrpcAuthz {
     pub timeout: std::time::Duration,
     /// `grpc_service.initial_metadata`
     pub initial_metadata: Vec<(http::HeaderName, http::HeaderValue)>,
-    channels: parking_lot::Mutex<HashMap<SocketAddr, tonic::transport::Channel>>,
+    channels: parking_lot::Mutex<HashMap<(SocketAddr, Option<usize>), tonic::transport::Channel>>,
 }
 
 impl GrpcAuthz {
@@ -80,20 +80,49 @@ impl GrpcAuthz {
     pub async fn check(&self, shared: &Shared, request: CheckRequest) -> Option<CheckResponse> {
         let cluster = shared.clusters.get(&self.cluster)?;
         let picked = cluster.pick(None, &[], 1, None)?;
+        // One channel per endpoint and transport socket: plaintext, or the TLS the cluster's
+        // `transport_socket` / `transport_socket_matches` chose for the endpoint (istiod's
+        // ISTIO_MUTUAL to an in-mesh authorization service).
+        let tls = picked.tls.clone();
+        let key = (picked.addr, tls.as_ref().map(|(i, _)| *i));
         let channel = {
             let mut channels = self.channels.lock();
-            match channels.get(&picked.addr) {
+            match channels.get(&key) {
                 Some(c) => c.clone(),
                 None => {
+                    let timeout = cluster.config.connect_timeout;
                     let mut ep =
                         tonic::transport::Endpoint::from_shared(format!("http://{}", picked.addr))
                             .ok()?
-                            .connect_timeout(cluster.config.connect_timeout);
+                            .connect_timeout(timeout);
                     if let Ok(origin) = format!("http://{}", self.authority).parse::<http::Uri>() {
                         ep = ep.origin(origin);
                     }
-                    let c = ep.connect_lazy();
-                    channels.insert(picked.addr, c.clone());
+                    let c = match tls {
+                        None => ep.connect_lazy(),
+                        Some((_, ctx)) => {
+                            let secrets = shared.secrets.clone();
+                            let addr = picked.addr;
+                            ep.connect_with_connector_lazy(tower::service_fn(
+                                move |_: http::Uri| {
+                                    let (ctx, secrets) = (ctx.clone(), secrets.clone());
+                                    async move {
+                                        let s = crate::tls::tunnel::connect_tls(
+                                            &ctx,
+                                            &secrets,
+                                            addr,
+                                            None,
+                                            timeout,
+                                            Some(true),
+                                        )
+                                        .await?;
+                                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                                    }
+                                },
+                            ))
+                        }
+                    };
+                    channels.insert(key, c.clone());
                     c
                 }
             }
@@ -123,6 +152,145 @@ impl GrpcAuthz {
     }
 }
 
+/// Counters named up front and resolved together on first use (Envoy creates a filter's
+/// counters with the filter, so `/stats` lists them at 0).
+#[derive(Debug)]
+pub struct LazyCounters {
+    names: Vec<String>,
+    resolved: OnceLock<Vec<Arc<Counter>>>,
+}
+
+impl LazyCounters {
+    fn new(base: &str, names: &[&str]) -> Self {
+        LazyCounters {
+            names: names.iter().map(|n| format!("{base}{n}")).collect(),
+            resolved: OnceLock::new(),
+        }
+    }
+
+    /// Increments counter `i` (an index into the names given to `new`).
+    pub fn inc(&self, stats: &Stats, i: usize) {
+        let all = self
+            .resolved
+            .get_or_init(|| self.names.iter().map(|n| stats.counter(n)).collect());
+        if let Some(c) = all.get(i) {
+            c.inc();
+        }
+    }
+
+    /// Resolves every counter without counting anything.
+    pub fn touch(&self, stats: &Stats) {
+        self.resolved
+            .get_or_init(|| self.names.iter().map(|n| stats.counter(n)).collect());
+    }
+}
+
+/// `prefix` followed by a `.` unless empty or already ending with one.
+fn dotted(prefix: &str) -> String {
+    if prefix.is_empty() || prefix.ends_with('.') {
+        prefix.to_owned()
+    } else {
+        format!("{prefix}.")
+    }
+}
+
+/// The HTTP ext_authz filter's counters: `<hcm prefix>ext_authz.[<stat_prefix>.]<name>`, and the
+/// four it also keeps on the route's cluster: `cluster.<name>.ext_authz.[<stat_prefix>.]<name>`.
+#[derive(Debug)]
+pub struct ExtAuthzStats {
+    /// The filter's counters, in [`ExtAuthzStats::NAMES`] order.
+    pub filter: LazyCounters,
+    /// `[<stat_prefix>.]` for the cluster counters.
+    pub prefix: String,
+}
+
+impl ExtAuthzStats {
+    /// The counters Envoy 1.40 creates (checked against its `/stats`).
+    pub const NAMES: [&'static str; 13] = [
+        "ok",
+        "denied",
+        "error",
+        "failure_mode_allowed",
+        "disabled",
+        "invalid",
+        "ignored_dynamic_metadata",
+        "filter_state_name_collision",
+        "omitted_response_headers",
+        "request_header_limits_reached",
+        "response_header_limits_reached",
+        "shadow_denied",
+        "shadow_error",
+    ];
+    /// index of `ok`
+    pub const OK: usize = 0;
+    /// index of `denied`
+    pub const DENIED: usize = 1;
+    /// index of `error`
+    pub const ERROR: usize = 2;
+    /// index of `failure_mode_allowed`
+    pub const FAILURE_MODE_ALLOWED: usize = 3;
+    /// index of `disabled`
+    pub const DISABLED: usize = 4;
+
+    /// Counters of a filter in the connection manager whose stats start with `hcm_prefix`
+    /// (`http.<stat_prefix>.`).
+    pub fn new(hcm_prefix: &str, stat_prefix: &str) -> Self {
+        let prefix = dotted(stat_prefix);
+        ExtAuthzStats {
+            filter: LazyCounters::new(&format!("{hcm_prefix}ext_authz.{prefix}"), &Self::NAMES),
+            prefix,
+        }
+    }
+
+    /// Counts outcome `i` (one of the first four) on the filter and, when known, on the route's
+    /// cluster.
+    pub fn count(&self, stats: &Stats, i: usize, cluster: Option<&str>) {
+        self.filter.inc(stats, i);
+        if let (Some(c), Some(name)) = (cluster, Self::NAMES.get(i)) {
+            stats
+                .counter(&format!("cluster.{c}.ext_authz.{}{name}", self.prefix))
+                .inc();
+        }
+    }
+}
+
+/// The network ext_authz filter's counters: `ext_authz.<stat_prefix>.<name>`.
+#[derive(Debug)]
+pub struct NetworkExtAuthzStats(pub LazyCounters);
+
+impl NetworkExtAuthzStats {
+    /// index of `total`
+    pub const TOTAL: usize = 0;
+    /// index of `ok`
+    pub const OK: usize = 1;
+    /// index of `denied`
+    pub const DENIED: usize = 2;
+    /// index of `error`
+    pub const ERROR: usize = 3;
+    /// index of `failure_mode_allowed`
+    pub const FAILURE_MODE_ALLOWED: usize = 4;
+    /// index of `disabled`
+    pub const DISABLED: usize = 5;
+    /// index of `cx_closed`
+    pub const CX_CLOSED: usize = 6;
+
+    /// Counters under `ext_authz.<stat_prefix>.` (the `active` gauge is not kept).
+    pub fn new(stat_prefix: &str) -> Self {
+        NetworkExtAuthzStats(LazyCounters::new(
+            &format!("ext_authz.{}", dotted(stat_prefix)),
+            &[
+                "total",
+                "ok",
+                "denied",
+                "error",
+                "failure_mode_allowed",
+                "disabled",
+                "cx_closed",
+            ],
+        ))
+    }
+}
+
 /// `envoy.filters.network.ext_authz` as configured.
 #[derive(Debug)]
 pub struct NetworkExtAuthz {
@@ -134,6 +302,8 @@ pub struct NetworkExtAuthz {
     pub include_peer_certificate: bool,
     /// `filter_enabled_metadata` (read from the connection's dynamic metadata)
     pub enabled_metadata: Option<pingsail_filters::metadata::MetadataMatcher>,
+    /// Its counters.
+    pub stats: NetworkExtAuthzStats,
 }
 
 /// One network authorization filter of a chain, in chain order.
@@ -182,6 +352,10 @@ pub struct HttpExtAuthz {
     pub metadata_namespaces: Vec<String>,
     /// `include_peer_certificate`
     pub include_peer_certificate: bool,
+    /// `clear_route_cache`: an allowed request whose headers the service changed is routed again
+    pub clear_route_cache: bool,
+    /// Its counters.
+    pub stats: ExtAuthzStats,
 }
 
 /// What the gRPC ext_authz filters of a connection manager need from a TLS connection: (the
@@ -453,11 +627,16 @@ pub async fn network_allows(filters: &[NetworkAuthz], shared: &Shared, c: ConnVi
                 }
             }
             NetworkAuthz::ExtAuthz(e) => {
+                type N = NetworkExtAuthzStats;
+                let count = |i| e.stats.0.inc(&shared.stats, i);
+                e.stats.0.touch(&shared.stats);
                 if let Some(m) = &e.enabled_metadata
                     && !m.matches(&metadata)
                 {
+                    count(N::DISABLED);
                     continue;
                 }
+                count(N::TOTAL);
                 let request = CheckRequest {
                     attributes: Some(AttributeContext {
                         source: Some(check_peer(
@@ -470,13 +649,22 @@ pub async fn network_allows(filters: &[NetworkAuthz], shared: &Shared, c: ConnVi
                     }),
                 };
                 match e.grpc.check(shared, request).await {
-                    Some(r) if r.status.as_ref().is_none_or(|s| s.code == 0) => {}
+                    Some(r) if r.status.as_ref().is_none_or(|s| s.code == 0) => count(N::OK),
                     Some(_) => {
                         tracing::debug!(remote = %c.remote, "network ext_authz denied the connection");
+                        count(N::DENIED);
+                        count(N::CX_CLOSED);
                         return false;
                     }
-                    None if e.failure_mode_allow => {}
-                    None => return false,
+                    None if e.failure_mode_allow => {
+                        count(N::ERROR);
+                        count(N::FAILURE_MODE_ALLOWED);
+                    }
+                    None => {
+                        count(N::ERROR);
+                        count(N::CX_CLOSED);
+                        return false;
+                    }
                 }
             }
         }

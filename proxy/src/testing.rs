@@ -58,10 +58,18 @@ impl Running {
 /// Starts pingsail on a bootstrap (YAML or JSON) with one worker thread. Returns once every listener is
 /// bound, which is the readiness signal.
 pub async fn start(bootstrap_yaml: &str) -> anyhow::Result<Running> {
+    start_with_drain_time(bootstrap_yaml, crate::Options::default().drain_time).await
+}
+
+/// [`start`] with `--drain-time-s`.
+pub async fn start_with_drain_time(
+    bootstrap_yaml: &str,
+    drain_time: std::time::Duration,
+) -> anyhow::Result<Running> {
     let loaded = crate::xds::bootstrap::load_text(bootstrap_yaml)?;
     let opts = crate::Options {
         concurrency: 1,
-        ..Default::default()
+        drain_time,
     };
     let inner = crate::start(loaded, &opts, None)?;
     Ok(Running { inner })

@@ -131,6 +131,44 @@ fn mask_address(a: Option<&Address>) -> serde_json::Value {
     json!(format!("{ip}:{port}"))
 }
 
+/// What can be compared between two PKIs of a URL-encoded PEM certificate: its first 40 and last
+/// 32 characters, and whether it decodes to one PEM certificate.
+fn certificate_shape(c: &str) -> String {
+    if c.is_empty() {
+        return String::new();
+    }
+    let bytes = c.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(v) = c
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            decoded.push(v);
+            i += 3;
+            continue;
+        }
+        decoded.push(bytes[i]);
+        i += 1;
+    }
+    let pem = String::from_utf8_lossy(&decoded);
+    let valid = pem.starts_with("-----BEGIN CERTIFICATE-----\n")
+        && pem.ends_with("-----END CERTIFICATE-----\n")
+        && pem.lines().all(|l| {
+            l.starts_with("-----")
+                || l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
+        });
+    let head: String = c.chars().take(40).collect();
+    let tail: String = c
+        .chars()
+        .skip(c.chars().count().saturating_sub(32))
+        .collect();
+    format!("{head}…{tail} valid_pem={valid}")
+}
+
 fn struct_json(s: &Struct) -> serde_json::Value {
     fn value(v: &Value) -> serde_json::Value {
         match &v.kind {
@@ -161,7 +199,7 @@ fn summary(req: &CheckRequest) -> String {
                 "service": p.service,
                 "labels": p.labels.iter().collect::<BTreeMap<_, _>>(),
                 "principal": p.principal,
-                "certificate": if p.certificate.is_empty() { "" } else { "<present>" },
+                "certificate": certificate_shape(&p.certificate),
             })
         })
     };

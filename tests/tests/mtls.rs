@@ -5,7 +5,7 @@
 //! identities; TLS connection reuse counted on the server side.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
-use anyhow::Result;
+use anyhow::{Context as _, Result, bail};
 use pingsail_agent::sds::{Server, ServerHandle, WorkloadSecret, secret_channel};
 use pingsail_agent::testing::TestPki;
 use pingsail_tests::client::{self, Request};
@@ -161,11 +161,40 @@ fn admin(ip: Ipv4Addr) -> String {
 
 /// The server sidecar: HTTP on :18443 and TCP on :18444, both requiring a client certificate from
 /// the mesh (SAN prefix `spiffe://cluster.local/`), to the local echo servers.
+/// istiod's CUSTOM shape on the server's HTTP chain: an RBAC shadow policy selects the requests
+/// carrying `x-check-authz`, and only those are checked by the gRPC authorization service (which
+/// echoes the `CheckRequest` it received, `tests/support/authz_grpc.rs`).
+const EXT_AUTHZ_FILTERS: &str = r#"          http_filters:
+          - name: envoy.filters.http.rbac
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+              shadow_rules:
+                action: DENY
+                policies:
+                  istio-ext-authz-check:
+                    permissions: [ { header: { name: x-check-authz, present_match: true } } ]
+                    principals: [ { any: true } ]
+              shadow_rules_stat_prefix: istio_ext_authz_
+          - name: envoy.filters.http.ext_authz
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+              transport_api_version: V3
+              include_peer_certificate: true
+              grpc_service:
+                envoy_grpc: { cluster_name: ext-authz, authority: ext-authz.local }
+                timeout: 2s
+              filter_enabled_metadata:
+                filter: envoy.filters.http.rbac
+                path: [ { key: istio_ext_authz_shadow_effective_policy_id } ]
+                value: { string_match: { prefix: istio-ext-authz } }
+"#;
+
 fn server_bootstrap(
     sock: &Path,
     ip: Ipv4Addr,
     http_echo: SocketAddr,
     tcp_echo: SocketAddr,
+    authz: SocketAddr,
 ) -> String {
     let down = |alpn: &[&str]| {
         format!(
@@ -215,13 +244,13 @@ static_resources:
               client-only:
                 permissions: [ {{ any: true }} ]
                 principals: [ {{ authenticated: {{ principal_name: {{ exact: "{CLIENT_ID}" }} }} }} ]{t}{dt}
-  clusters:{sdsc}{c1}{c2}
+  clusters:{sdsc}{c1}{c2}{c3}
 "#,
         admin = admin(ip),
         h = hcm("app_http").replace(
             "          stat_prefix: http",
             "          stat_prefix: http\n          forward_client_cert_details: SANITIZE_SET\n          set_current_client_cert_details: { subject: true, dns: true, uri: true }"
-        ),
+        ).replace("          http_filters:\n", EXT_AUTHZ_FILTERS),
         ptls = hcm_tagged("app_http", "mtls"),
         pplain = hcm_tagged("app_http", "plaintext"),
         dh = down(&["h2", "http/1.1"]),
@@ -230,6 +259,15 @@ static_resources:
         sdsc = sds_cluster(sock),
         c1 = static_cluster("app_http", http_echo, ""),
         c2 = static_cluster("app_tcp", tcp_echo, ""),
+        c3 = static_cluster(
+            "ext-authz",
+            authz,
+            r#"
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: { http2_protocol_options: {} }"#
+        ),
     )
 }
 
@@ -319,6 +357,12 @@ static_resources:
             &up("outbound_.9000_._.server.default.svc.cluster.local")
         ),
     )
+}
+
+/// A gRPC authorization service for the server's HTTP chain.
+async fn authz_addr() -> Result<SocketAddr> {
+    let a = pingsail_tests::authz_grpc::GrpcAuthz::start().await?;
+    Ok(SocketAddr::from(([127, 0, 0, 1], a.port())))
 }
 
 async fn tcp_echo() -> Result<SocketAddr> {
@@ -437,7 +481,13 @@ async fn pair_as(
     let (server_ip, client_ip) = (random_loopback_ip(), random_loopback_ip());
     let server = Proxy::start(
         server_side,
-        &server_bootstrap(&server_sock, server_ip, echo.addr(), tcp),
+        &server_bootstrap(
+            &server_sock,
+            server_ip,
+            echo.addr(),
+            tcp,
+            authz_addr().await?,
+        ),
     )
     .await?;
     let client = Proxy::start(
@@ -807,6 +857,73 @@ async fn xfcc_seen(server: Side) -> Result<(String, Option<String>)> {
     Ok((masked, seen(&r)))
 }
 
+/// The `CheckRequest` a server sidecar sends for a request that came over mTLS: source and
+/// destination principals, the URL-encoded peer certificate (`include_peer_certificate`).
+async fn ext_authz_check_seen(server: Side) -> Result<serde_json::Value> {
+    let p = pair(Side::Envoy, server, SERVER_ID, false).await?;
+    let deadline = tokio::time::Instant::now() + T;
+    let r = loop {
+        let r = client::send(
+            SocketAddr::from((p.client_ip, 18080)),
+            &Request::get("/x")
+                .header("host", "server")
+                .header("x-check-authz", "1"),
+        )
+        .await;
+        match r {
+            Ok(r) if r.status == 200 => break r,
+            _ if tokio::time::Instant::now() > deadline => bail!("{server:?}: no answer"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let v: serde_json::Value = serde_json::from_str(&r.body_text())?;
+    let check = v["headers"]
+        .as_array()
+        .and_then(|hs| {
+            hs.iter()
+                .find_map(|h| (h[0] == "x-check").then(|| h[1].as_str().unwrap_or("").to_string()))
+        })
+        .context("the authorization service was not asked")?;
+    Ok(serde_json::from_str(&check)?)
+}
+
+#[tokio::test]
+async fn ext_authz_grpc_check_over_mtls_equals_envoy() -> Result<()> {
+    let envoy = ext_authz_check_seen(Side::Envoy).await?;
+    let ours = ext_authz_check_seen(Side::Pingsail).await?;
+    assert_eq!(
+        envoy["source"]["principal"], CLIENT_ID,
+        "Envoy's source principal"
+    );
+    assert_eq!(
+        envoy["destination"]["principal"], SERVER_ID,
+        "Envoy's destination"
+    );
+    assert!(
+        envoy["source"]["certificate"]
+            .as_str()
+            .is_some_and(|c| c.ends_with("valid_pem=true")),
+        "Envoy's peer certificate: {}",
+        envoy["source"]["certificate"]
+    );
+    assert_eq!(
+        envoy["source"], ours["source"],
+        "left: Envoy, right: pingsail"
+    );
+    assert_eq!(
+        envoy["destination"], ours["destination"],
+        "left: Envoy, right: pingsail"
+    );
+    // The request attributes, apart from the XFCC hash (each run has its own PKI).
+    let mask = |v: &serde_json::Value| {
+        let mut v = v["http"].clone();
+        v["headers"]["x-forwarded-client-cert"] = serde_json::Value::Null;
+        v
+    };
+    assert_eq!(mask(&envoy), mask(&ours), "left: Envoy, right: pingsail");
+    Ok(())
+}
+
 #[tokio::test]
 async fn xfcc_equals_envoy() -> Result<()> {
     let envoy = xfcc_seen(Side::Envoy).await?;
@@ -929,7 +1046,13 @@ async fn fake_ca_to_agent_to_pingsail() -> Result<()> {
     let (server_ip, client_ip) = (random_loopback_ip(), random_loopback_ip());
     let _server = Proxy::start(
         Side::Pingsail,
-        &server_bootstrap(&server_sock, server_ip, echo.addr(), tcp),
+        &server_bootstrap(
+            &server_sock,
+            server_ip,
+            echo.addr(),
+            tcp,
+            authz_addr().await?,
+        ),
     )
     .await?;
     let _client = Proxy::start(

@@ -15,13 +15,14 @@ use pingsail_filters::rbac::{Input, PerRoute};
 use pingsail_filters::route::{PerFilterAuthz, RequestView, RouteTable};
 use std::time::Instant;
 
-use crate::authz::{ExtAuthzBody, check_peer};
+use crate::authz::{ExtAuthzBody, ExtAuthzStats as S, check_peer};
 use envoy_types::pb::envoy::config::core::v3::{HeaderValueOption, Metadata};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{
     AttributeContext, CheckRequest, CheckResponse, OkHttpResponse,
 };
+use pingsail_filters::route::{Action as RouteAction, ClusterSpecifier};
 
 /// Largest JWKS document we accept.
 const MAX_JWKS_BYTES: usize = 1 << 20;
@@ -248,7 +249,18 @@ impl Router {
                         .flatten()
                         .find_map(|l| l.ext_authz_disabled(&e.name))
                         .unwrap_or(false);
-                    if disabled {
+                    e.stats.filter.touch(&self.shared.stats);
+                    let cluster = route.and_then(|r| match &r.action {
+                        RouteAction::Forward(a) => match &a.cluster {
+                            ClusterSpecifier::Cluster(c) => Some(c.as_str()),
+                            _ => None,
+                        },
+                        _ => None,
+                    });
+                    let before = e
+                        .clear_route_cache
+                        .then(|| session.req_header().headers.clone());
+                    let denied = if disabled {
                         false
                     } else if e.grpc.is_some() {
                         // Context extensions: the virtual host's, then the route's (a key set
@@ -262,11 +274,23 @@ impl Router {
                                 }
                             }
                         }
-                        self.run_ext_authz_grpc(session, ctx, facts, e, context)
+                        self.run_ext_authz_grpc(session, ctx, facts, e, context, cluster)
                             .await?
                     } else {
-                        self.run_ext_authz(session, ctx, e).await?
+                        self.run_ext_authz(session, ctx, e, cluster).await?
+                    };
+                    // `clear_route_cache`: the service changed the request, route it again.
+                    if !denied
+                        && let (Some(before), Some(vh)) = (before, vh)
+                        && before != session.req_header().headers
+                    {
+                        let v = view(session.req_header());
+                        *ridx = vh
+                            .routes
+                            .iter()
+                            .position(|r| r.matcher.matches_with(&v, &ctx.metadata));
                     }
+                    denied
                 }
             };
             if denied {
@@ -432,12 +456,15 @@ impl Router {
         session: &mut Session,
         ctx: &mut RequestCtx,
         e: &HttpExtAuthz,
+        cluster: Option<&str>,
     ) -> Result<bool> {
         if let Some(m) = &e.enabled_metadata
             && !m.matches(&ctx.metadata)
         {
+            e.stats.filter.inc(&self.shared.stats, S::DISABLED);
             return Ok(false);
         }
+        let count = |i| e.stats.count(&self.shared.stats, i, cluster);
         let check = {
             let req = session.req_header();
             let mut path = e.path_prefix.clone();
@@ -471,7 +498,9 @@ impl Router {
         };
         let answer = self.call_authz(e, check).await;
         let Some((status, headers, body)) = answer.filter(|(s, _, _)| *s < 500) else {
+            count(S::ERROR);
             if e.failure_mode_allow {
+                count(S::FAILURE_MODE_ALLOWED);
                 if e.failure_mode_allow_header_add {
                     session
                         .req_header_mut()
@@ -487,6 +516,7 @@ impl Router {
         let matches = |l: &[pingsail_filters::matcher::StringMatcher], n: &HeaderName| {
             l.iter().any(|m| m.matches(n.as_str()))
         };
+        count(if status == 200 { S::OK } else { S::DENIED });
         if status == 200 {
             let req = session.req_header_mut();
             for (n, v) in headers.iter() {
@@ -529,6 +559,7 @@ impl Router {
         facts: &ConnFacts,
         e: &HttpExtAuthz,
         context: Vec<(String, String)>,
+        cluster: Option<&str>,
     ) -> Result<bool> {
         let Some(grpc) = &e.grpc else {
             return Ok(false);
@@ -536,8 +567,10 @@ impl Router {
         if let Some(m) = &e.enabled_metadata
             && !m.matches(&ctx.metadata)
         {
+            e.stats.filter.inc(&self.shared.stats, S::DISABLED);
             return Ok(false);
         }
+        let count = |i| e.stats.count(&self.shared.stats, i, cluster);
         // The body, when asked for and the request has one.
         let body = match &e.with_body {
             Some(b) if !session.as_downstream_mut().is_body_empty() => {
@@ -560,7 +593,9 @@ impl Router {
             Some(r) => matches!(r.http_response, Some(HttpResponse::ErrorResponse(_))),
         };
         if failed(&response) {
+            count(S::ERROR);
             if e.failure_mode_allow {
+                count(S::FAILURE_MODE_ALLOWED);
                 if e.failure_mode_allow_header_add {
                     session
                         .req_header_mut()
@@ -586,6 +621,7 @@ impl Router {
             }
         }
         let ok = r.status.as_ref().is_none_or(|s| s.code == 0);
+        count(if ok { S::OK } else { S::DENIED });
         if ok {
             if let Some(HttpResponse::OkResponse(o)) = &r.http_response {
                 // The deprecated OK-response metadata still counts.
@@ -782,14 +818,26 @@ fn check_request(
     body: Option<&CheckBody>,
 ) -> CheckRequest {
     let req = session.req_header();
-    let scheme = if facts.tls { "https" } else { "http" };
+    // Envoy's `:scheme`: the client's on HTTP/2; on HTTP/1 the (final) `x-forwarded-proto` when it
+    // is http or https, else the connection's.
+    let xfp = req
+        .headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| matches!(*v, "http" | "https"));
+    let scheme = req
+        .uri
+        .scheme_str()
+        .or(xfp)
+        .unwrap_or(if facts.tls { "https" } else { "http" })
+        .to_owned();
     let path = String::from_utf8_lossy(req.raw_path()).into_owned();
     let host = authority(req).to_owned();
     let mut headers: std::collections::HashMap<String, String> = Default::default();
     headers.insert(":authority".into(), host.clone());
     headers.insert(":method".into(), req.method.as_str().to_owned());
     headers.insert(":path".into(), path.clone());
-    headers.insert(":scheme".into(), scheme.into());
+    headers.insert(":scheme".into(), scheme.clone());
     for (name, value) in req.headers.iter() {
         if name == http::header::HOST {
             continue;
@@ -867,7 +915,7 @@ fn check_request(
                     headers,
                     path,
                     host,
-                    scheme: scheme.into(),
+                    scheme,
                     size,
                     protocol: protocol.into(),
                     body: body_text,

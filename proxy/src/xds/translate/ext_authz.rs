@@ -6,7 +6,9 @@
 #![allow(deprecated)]
 
 use super::common::*;
-use crate::authz::{ExtAuthzBody, GrpcAuthz, HttpExtAuthz, NetworkExtAuthz};
+use crate::authz::{
+    ExtAuthzBody, ExtAuthzStats, GrpcAuthz, HttpExtAuthz, NetworkExtAuthz, NetworkExtAuthzStats,
+};
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::extensions::filters::http::ext_authz::v3 as pb;
 use envoy_types::pb::envoy::r#type::matcher::v3 as m;
@@ -56,8 +58,13 @@ fn grpc_service(g: &core::GrpcService, path: &Path) -> Result<GrpcAuthz> {
     ))
 }
 
-/// Translates the HTTP filter.
-pub fn ext_authz(e: &pb::ExtAuthz, name: &str, path: &Path) -> Result<HttpExtAuthz> {
+/// Translates the HTTP filter of a connection manager whose counters start with `hcm_prefix`.
+pub fn ext_authz(
+    e: &pb::ExtAuthz,
+    name: &str,
+    hcm_prefix: &str,
+    path: &Path,
+) -> Result<HttpExtAuthz> {
     only(
         e,
         path,
@@ -138,6 +145,8 @@ pub fn ext_authz(e: &pb::ExtAuthz, name: &str, path: &Path) -> Result<HttpExtAut
                 with_body,
                 metadata_namespaces: e.metadata_context_namespaces.clone(),
                 include_peer_certificate: e.include_peer_certificate,
+                clear_route_cache: e.clear_route_cache,
+                stats: ExtAuthzStats::new(hcm_prefix, &e.stat_prefix),
             });
         }
         None => return err(&path.field("http_service"), ErrorKind::Required),
@@ -237,6 +246,8 @@ pub fn ext_authz(e: &pb::ExtAuthz, name: &str, path: &Path) -> Result<HttpExtAut
         with_body: None,
         metadata_namespaces: e.metadata_context_namespaces.clone(),
         include_peer_certificate: e.include_peer_certificate,
+        clear_route_cache: e.clear_route_cache,
+        stats: ExtAuthzStats::new(hcm_prefix, &e.stat_prefix),
     })
 }
 
@@ -273,6 +284,7 @@ pub fn network_ext_authz(
         failure_mode_allow: e.failure_mode_allow,
         include_peer_certificate: e.include_peer_certificate,
         enabled_metadata,
+        stats: NetworkExtAuthzStats::new(&e.stat_prefix),
     })
 }
 

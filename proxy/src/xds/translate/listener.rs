@@ -609,7 +609,7 @@ fn http_connection_manager(
             "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz" => {
                 let e = unpack(&any, &tp)?;
                 authz.push(crate::authz::HttpAuthz::ExtAuthz(Arc::new(
-                    super::ext_authz::ext_authz(&e, &f.name, &tp)?,
+                    super::ext_authz::ext_authz(&e, &f.name, &http_stat_prefix, &tp)?,
                 )));
             }
             "envoy.extensions.filters.http.compressor.v3.Compressor" => {
