@@ -43,6 +43,7 @@ pub const ROOTS: &[&str] = &[
     "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
     "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector",
     "envoy.extensions.filters.listener.original_dst.v3.OriginalDst",
+    "envoy.extensions.filters.listener.original_src.v3.OriginalSrc",
     "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
     "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
     "envoy.extensions.transport_sockets.tls.v3.Secret",
