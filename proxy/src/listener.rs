@@ -644,6 +644,7 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                     tls: true,
                     peer_certs,
                     local_uri,
+                    upstream_src,
                 }) else {
                     return;
                 };
@@ -682,6 +683,7 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                 tls: false,
                 peer_certs: None,
                 local_uri: None,
+                upstream_src,
             }) else {
                 return;
             };

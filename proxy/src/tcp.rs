@@ -141,6 +141,47 @@ async fn connect_transparent(addr: SocketAddr, src: UpstreamSource) -> std::io::
     sock.connect(addr).await
 }
 
+/// Pingora's custom L4 connector for HTTP upstreams of an `original_src` listener: each upstream
+/// connection leaves from the downstream's address (see [`connect_transparent`]).
+#[derive(Debug)]
+pub struct TransparentConnect {
+    /// where connections leave from
+    pub src: UpstreamSource,
+    /// the cluster's `connect_timeout`
+    pub timeout: std::time::Duration,
+}
+
+#[async_trait::async_trait]
+impl pingora_core::connectors::L4Connect for TransparentConnect {
+    async fn connect(
+        &self,
+        addr: &pingora_core::protocols::l4::socket::SocketAddr,
+    ) -> pingora_error::Result<pingora_core::protocols::l4::stream::Stream> {
+        use pingora_error::{Error, ErrorType};
+        let Some(inet) = addr.as_inet() else {
+            return Err(Error::explain(
+                ErrorType::ConnectError,
+                "original_src: the upstream is not an IP address",
+            ));
+        };
+        match pingora_timeout::timeout(self.timeout, connect_transparent(*inet, self.src)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s.into())
+            }
+            Ok(Err(e)) => Err(Error::because(
+                ErrorType::ConnectError,
+                format!("original_src: connecting to {inet} from {}", self.src.addr),
+                e,
+            )),
+            Err(_) => Err(Error::explain(
+                ErrorType::ConnectTimedout,
+                format!("original_src: connecting to {inet}"),
+            )),
+        }
+    }
+}
+
 /// Initial copy buffer: most mesh TCP exchanges are small; the buffer grows once a read fills it.
 const INITIAL_BUF: usize = 4 * 1024;
 /// Largest copy buffer per direction.

@@ -13,6 +13,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::time::{Duration, Instant};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_netns-probe");
+const APP: &str = env!("CARGO_BIN_EXE_pod-app");
 
 fn virtual_inbound(original_src: bool) -> String {
     let osrc = if original_src {
@@ -44,6 +45,22 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
           stat_prefix: BlackHoleCluster
           cluster: BlackHoleCluster
+    - name: 0.0.0.0_8081
+      filter_chain_match: {{ destination_port: 8081 }}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: inbound_0.0.0.0_8081
+          route_config:
+            name: inbound|8081||
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [ {{ match: {{ prefix: / }}, route: {{ cluster: "inbound|8081||" }} }} ]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
     - name: virtualInbound
       filter_chain_match: {{ prefix_ranges: [ {{ address_prefix: 0.0.0.0, prefix_len: 0 }} ] }}
       filters:
@@ -54,6 +71,11 @@ static_resources:
           cluster: InboundPassthroughClusterIpv4
   clusters:
   - name: InboundPassthroughClusterIpv4
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 2s
+    upstream_bind_config: {{ source_address: {{ address: 127.0.0.6, port_value: 0 }} }}
+  - name: "inbound|8081||"
     type: ORIGINAL_DST
     lb_policy: CLUSTER_PROVIDED
     connect_timeout: 2s
@@ -70,6 +92,7 @@ struct Setup {
     server: Pod,
     _sidecar: Proc,
     _app: Proc,
+    _http: Proc,
     _dir: TempDir,
     _net: Net,
 }
@@ -82,6 +105,10 @@ fn setup(test: &str, original_src: bool) -> Option<Setup> {
     cmd.args(["server", "app", "0.0.0.0:8080"]);
     let mut app = server.spawn(cmd).unwrap();
     app.wait_for("listening").unwrap();
+    let mut cmd = server.cmd(APP);
+    cmd.args(["http", "web", "0.0.0.0:8081"]);
+    let mut http = server.spawn(cmd).unwrap();
+    http.wait_for("listening").unwrap();
     server
         .apply_iptables(&[
             "-p",
@@ -157,6 +184,7 @@ fn setup(test: &str, original_src: bool) -> Option<Setup> {
         server,
         _sidecar: sidecar,
         _app: app,
+        _http: http,
         _dir: dir,
         _net: net,
     })
@@ -170,6 +198,21 @@ fn call(pod: &Pod, dst: &str) -> Result<String, String> {
     } else {
         Err(format!("{text} {}", String::from_utf8_lossy(&out.stderr)))
     }
+}
+
+/// HTTP through the sidecar's port-8081 chain: the app's `x-peer` header (the source it saw).
+fn http_peer(s: &Setup) -> String {
+    let url = format!("http://{}:8081/x", s.server.ip4);
+    let out = s
+        .client
+        .exec("curl", &["-s", "-i", "--max-time", "5", &url])
+        .unwrap();
+    assert!(out.contains("web GET /x"), "{out}");
+    out.lines()
+        .find_map(|l| l.strip_prefix("x-peer: "))
+        .unwrap_or_else(|| panic!("{out}"))
+        .trim()
+        .to_string()
 }
 
 fn stat(pod: &Pod, name: &str) -> u64 {
@@ -225,6 +268,15 @@ fn tproxy_inbound_preserves_the_client_address_with_original_src() {
         stat(&s.server, "tcp.BlackHoleCluster.downstream_cx_total"),
         1
     );
+    // HTTP chains too: the router's upstream connection leaves from the client's address.
+    for _ in 0..2 {
+        let peer = http_peer(&s);
+        assert!(peer.starts_with(&format!("{}:", s.client.ip4)), "{peer}");
+    }
+    assert_eq!(
+        stat(&s.server, "cluster.inbound|8081||.upstream_rq_total"),
+        2
+    );
 }
 
 #[test]
@@ -244,4 +296,6 @@ fn tproxy_inbound_without_original_src_uses_the_passthrough_source() {
         ),
         1
     );
+    let peer = http_peer(&s);
+    assert!(peer.starts_with("127.0.0.6:"), "{peer}");
 }

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// Shared with build.rs (by `include!`): the roots of the descriptor subset we embed.
+// Read by build.rs (it parses the quoted names of ROOTS, one per line): the roots of the descriptor
+// subset we embed.
 
 /// The message types whose schemas we need (their files and everything those import): the
 /// bootstrap, the resources and admin dumps, and every extension `@type` we honour, refuse by name
