@@ -98,11 +98,23 @@ fn field_table(set: &[u8]) -> String {
     s
 }
 
-mod roots {
-    include!("src/xds/pool_roots.rs");
+/// The roots listed in `src/xds/pool_roots.rs`, read when the script runs (not `include!`d: a
+/// compiled-in list goes stale when cargo reuses a build-script binary built before an edit).
+fn roots() -> Vec<String> {
+    let text = std::fs::read_to_string("src/xds/pool_roots.rs")
+        .unwrap_or_else(|e| fail(&format!("reading src/xds/pool_roots.rs: {e}")));
+    let Some((_, list)) = text.split_once("ROOTS: &[&str] = &[") else {
+        fail("src/xds/pool_roots.rs: no ROOTS list")
+    };
+    let list = list.split("];").next().unwrap_or_default();
+    list.lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with('"'))
+        .map(|l| l.trim_end_matches(',').trim_matches('"').to_string())
+        .collect()
 }
 
-/// Keeps only the message and enum types reachable from [`roots::ROOTS`] through field types (whole
+/// Keeps only the message and enum types reachable from the roots ([`roots`]) through field types (whole
 /// top-level messages, with their nested types), drops comments, services and option extensions, and
 /// keeps the files that still hold something. All of Envoy's schemas cost ~50 MiB of heap as a
 /// descriptor pool; this closure a small fraction of that.
@@ -154,7 +166,7 @@ fn prune(full: &[u8]) -> Vec<u8> {
     }
     let mut keep: HashSet<Top> = HashSet::new();
     let mut work: Vec<Top> = Vec::new();
-    for r in roots::ROOTS {
+    for r in &roots() {
         match names.get(&format!(".{r}")) {
             Some(t) => work.push(*t),
             None => fail(&format!("descriptor root {r} not found in envoy-types")),

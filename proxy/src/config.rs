@@ -39,6 +39,23 @@ pub struct Listener {
     /// The listener's stats scope: `listener.<stat_prefix>` or `listener.<address>` with `:` as `_`
     /// (`listener.0.0.0.0_15006`), as Envoy names it.
     pub stat_prefix: ArcStr,
+    /// `transparent`: IP_TRANSPARENT on the listening socket (TPROXY interception: connections
+    /// arrive addressed to their original destination).
+    pub transparent: bool,
+    /// `freebind`: IP_FREEBIND on the listening socket.
+    pub freebind: bool,
+    /// The `original_src` listener filter (istiod adds it to virtualInbound in TPROXY mode).
+    pub original_src: Option<OriginalSrc>,
+}
+
+/// `envoy.filters.listener.original_src`: upstream connections of a downstream connection leave
+/// from the downstream's address (IP_TRANSPARENT), marked so the replies route back to us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OriginalSrc {
+    /// `bind_port`: also reuse the downstream's port
+    pub bind_port: bool,
+    /// `mark`: SO_MARK on the upstream socket (0 = none; istiod uses 1337)
+    pub mark: u32,
 }
 
 /// A listener filter's `filter_disabled` (`ListenerFilterChainMatchPredicate`): when it holds for a

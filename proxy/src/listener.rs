@@ -307,12 +307,35 @@ pub fn select_chain<'a>(l: &'a Listener, c: &ConnInfo<'_>) -> Option<&'a Arc<Fil
 
 /// Binds a listener socket (SO_REUSEADDR, as Envoy does).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    bind_with(addr, false, false)
+}
+
+/// [`bind`] with the listener's `transparent` (IP_TRANSPARENT: accept connections TPROXY delivers
+/// for any address; needs CAP_NET_ADMIN) and `freebind` (IP_FREEBIND) socket options, set before
+/// binding as Envoy does. (Linux applies the IP-level options to IPv6 sockets too.)
+pub fn bind_with(
+    addr: SocketAddr,
+    transparent: bool,
+    freebind: bool,
+) -> std::io::Result<TcpListener> {
+    use nix::sys::socket::{setsockopt, sockopt};
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    if transparent {
+        setsockopt(&socket, sockopt::IpTransparent, &true).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("IP_TRANSPARENT (transparent: true needs CAP_NET_ADMIN): {e}"),
+            )
+        })?;
+    }
+    if freebind {
+        setsockopt(&socket, sockopt::IpFreebind, &true).map_err(std::io::Error::from)?;
+    }
     socket.bind(addr)?;
     socket.listen(1024)
 }
@@ -379,6 +402,8 @@ impl Manager {
                 }
                 if a.entry.config.address == e.config.address
                     && a.entry.config.bind_to_port == e.config.bind_to_port
+                    && a.entry.config.transparent == e.config.transparent
+                    && a.entry.config.freebind == e.config.freebind
                 {
                     // In place: new connections see the new chains; connections on chains that left
                     // drain.
@@ -408,7 +433,7 @@ impl Manager {
                 let addr = e.config.address;
                 let sock = {
                     let _guard = self.rt.enter();
-                    bind(addr)
+                    bind_with(addr, e.config.transparent, e.config.freebind)
                 };
                 match sock {
                     Ok(sock) => {
@@ -580,8 +605,17 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
         return;
     };
     // A connection that was not redirected must never be passed through to its own destination:
-    // that is us (the loop guard; istiod also adds a blackhole chain for 15001 / 15006).
-    let original_dst = (capture && dst != local).then_some(dst);
+    // that is us (the loop guard; istiod also adds a blackhole chain for 15001 / 15006). Under
+    // TPROXY (a transparent listener) nothing is NATed: the connection's local address is the
+    // original destination, and only one addressed to our own port was not intercepted.
+    let redirected =
+        dst != local || (listener.transparent && local.port() != listener.address.port());
+    let original_dst = (capture && redirected).then_some(dst);
+    // original_src: upstream connections leave from the downstream's address.
+    let upstream_src = listener.original_src.map(|o| crate::tcp::UpstreamSource {
+        addr: SocketAddr::new(remote.ip(), if o.bind_port { remote.port() } else { 0 }),
+        mark: o.mark,
+    });
     let drain = chain.drain.watch();
     let forced = drained(chain.drain.retired(), apps.shared.drain_time);
     if let Some(tls) = &chain.tls {
@@ -620,7 +654,7 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
         match &chain.kind {
             ChainKind::Tcp(t) => {
                 tokio::select! {
-                    _ = crate::tcp::proxy(&apps.shared, t.clone(), accepted, original_dst) => {}
+                    _ = crate::tcp::proxy(&apps.shared, t.clone(), accepted, original_dst, upstream_src) => {}
                     _ = forced => {}
                 }
             }
@@ -672,6 +706,7 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                     tls: true,
                     peer_certs,
                     local_uri,
+                    upstream_src,
                 }) else {
                     return;
                 };
@@ -688,7 +723,7 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
     match &chain.kind {
         ChainKind::Tcp(t) => {
             tokio::select! {
-                _ = crate::tcp::proxy(&apps.shared, t.clone(), tcp, original_dst) => {}
+                _ = crate::tcp::proxy(&apps.shared, t.clone(), tcp, original_dst, upstream_src) => {}
                 _ = forced => {}
             }
         }
@@ -710,6 +745,7 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
                 tls: false,
                 peer_certs: None,
                 local_uri: None,
+                upstream_src,
             }) else {
                 return;
             };
@@ -873,6 +909,9 @@ mod tests {
             sniff_timeout: None,
             inbound: false,
             stat_prefix: "l".into(),
+            transparent: false,
+            freebind: false,
+            original_src: None,
         }
     }
 

@@ -7,12 +7,22 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpStream;
 
+/// Where upstream connections leave from when the listener has `original_src` (TPROXY).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamSource {
+    /// the downstream's address (port 0 unless `bind_port`)
+    pub addr: SocketAddr,
+    /// SO_MARK (0 = none)
+    pub mark: u32,
+}
+
 /// Proxies one downstream connection.
 pub async fn proxy<D>(
     shared: &Arc<Shared>,
     cfg: Arc<TcpProxy>,
     mut downstream: D,
     original_dst: Option<SocketAddr>,
+    upstream_src: Option<UpstreamSource>,
 ) where
     D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -70,7 +80,14 @@ pub async fn proxy<D>(
         let _ = copy_with_idle_timeout(&mut downstream, &mut upstream, cfg.idle_timeout).await;
         return;
     }
-    let connect = connect(picked.addr, cluster.config.bind_source);
+    let connect = async {
+        match upstream_src {
+            Some(src) if src.addr.is_ipv4() == picked.addr.is_ipv4() => {
+                connect_transparent(picked.addr, src).await
+            }
+            _ => connect(picked.addr, cluster.config.bind_source).await,
+        }
+    };
     let mut upstream = match pingora_timeout::timeout(cluster.config.connect_timeout, connect).await
     {
         Ok(Ok(s)) => s,
@@ -101,6 +118,68 @@ async fn connect(addr: SocketAddr, source: Option<std::net::IpAddr>) -> std::io:
     };
     sock.bind(SocketAddr::new(src, 0))?;
     sock.connect(addr).await
+}
+
+/// Connects from the downstream's own address (original_src): IP_TRANSPARENT lets the socket bind
+/// a non-local address, SO_MARK routes the replies back to this host (istiod's mark 1337, which
+/// the agent's TPROXY rules route locally). Needs CAP_NET_ADMIN.
+async fn connect_transparent(addr: SocketAddr, src: UpstreamSource) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    setsockopt(&sock, sockopt::IpTransparent, &true).map_err(std::io::Error::from)?;
+    if src.mark != 0 {
+        setsockopt(&sock, sockopt::Mark, &src.mark).map_err(std::io::Error::from)?;
+    }
+    if src.addr.port() != 0 {
+        sock.set_reuseaddr(true)?;
+    }
+    sock.bind(src.addr)?;
+    sock.connect(addr).await
+}
+
+/// Pingora's custom L4 connector for HTTP upstreams of an `original_src` listener: each upstream
+/// connection leaves from the downstream's address (see [`connect_transparent`]).
+#[derive(Debug)]
+pub struct TransparentConnect {
+    /// where connections leave from
+    pub src: UpstreamSource,
+    /// the cluster's `connect_timeout`
+    pub timeout: std::time::Duration,
+}
+
+#[async_trait::async_trait]
+impl pingora_core::connectors::L4Connect for TransparentConnect {
+    async fn connect(
+        &self,
+        addr: &pingora_core::protocols::l4::socket::SocketAddr,
+    ) -> pingora_error::Result<pingora_core::protocols::l4::stream::Stream> {
+        use pingora_error::{Error, ErrorType};
+        let Some(inet) = addr.as_inet() else {
+            return Err(Error::explain(
+                ErrorType::ConnectError,
+                "original_src: the upstream is not an IP address",
+            ));
+        };
+        match pingora_timeout::timeout(self.timeout, connect_transparent(*inet, self.src)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s.into())
+            }
+            Ok(Err(e)) => Err(Error::because(
+                ErrorType::ConnectError,
+                format!("original_src: connecting to {inet} from {}", self.src.addr),
+                e,
+            )),
+            Err(_) => Err(Error::explain(
+                ErrorType::ConnectTimedout,
+                format!("original_src: connecting to {inet}"),
+            )),
+        }
+    }
 }
 
 /// Initial copy buffer: most mesh TCP exchanges are small; the buffer grows once a read fills it.

@@ -55,6 +55,9 @@ pub struct ConnFacts {
     pub peer_certs: Option<Arc<Vec<Vec<u8>>>>,
     /// our own certificate's URI SAN (XFCC `By=`)
     pub local_uri: Option<ArcStr>,
+    /// the listener's `original_src`: plaintext upstream connections leave from the downstream's
+    /// address (TPROXY)
+    pub upstream_src: Option<crate::tcp::UpstreamSource>,
 }
 
 /// The `ProxyHttp` implementation.
@@ -1259,6 +1262,19 @@ impl ProxyHttp for Router {
         // Envoy keeps one connection pool per cluster: two clusters on the same endpoint do not
         // share upstream connections.
         peer.group_key = xxhash_rust::xxh64::xxh64(cfg.name.as_bytes(), 0);
+        // original_src (TPROXY): connect from the client's address; pools are per source address.
+        if tunnel.is_none()
+            && let Some(src) = ctx.facts.as_ref().and_then(|f| f.upstream_src)
+            && src.addr.is_ipv4() == addr.is_ipv4()
+        {
+            peer.options.bind_to = None;
+            peer.options.custom_l4 = Some(Arc::new(crate::tcp::TransparentConnect {
+                src,
+                timeout: cfg.connect_timeout,
+            }));
+            peer.group_key =
+                xxhash_rust::xxh64::xxh64(src.addr.ip().to_string().as_bytes(), peer.group_key);
+        }
         peer.options.connection_timeout = Some(cfg.connect_timeout);
         if h2 {
             peer.options.set_http_version(2, 2);

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// Shared with build.rs (by `include!`): the roots of the descriptor subset we embed.
+// Read by build.rs (it parses the quoted names of ROOTS, one per line): the roots of the descriptor
+// subset we embed.
 
 /// The message types whose schemas we need (their files and everything those import): the
 /// bootstrap, the resources and admin dumps, and every extension `@type` we honour, refuse by name
@@ -44,6 +45,7 @@ pub const ROOTS: &[&str] = &[
     "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
     "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector",
     "envoy.extensions.filters.listener.original_dst.v3.OriginalDst",
+    "envoy.extensions.filters.listener.original_src.v3.OriginalSrc",
     "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
     "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
     "envoy.extensions.transport_sockets.tls.v3.Secret",

@@ -66,10 +66,11 @@ pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Liste
             // enforced, so exempting a listener from them holds trivially.
             "ignore_global_conn_limit",
             "bypass_overload_manager",
+            // TPROXY interception (IP_TRANSPARENT / IP_FREEBIND on the listening socket).
+            "transparent",
+            "freebind",
         ],
         &[
-            ("transparent", CAPTURE),
-            ("freebind", CAPTURE),
             ("per_connection_buffer_limit_bytes", RESILIENCE),
             ("connection_balance_config", "performance"),
             ("filter_chain_matcher", CAPTURE),
@@ -87,6 +88,7 @@ pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Liste
     let mut http_inspector = None;
     let mut tls_inspector = None;
     let mut original_dst_filter = false;
+    let mut original_src = None;
     for (i, f) in li.listener_filters.iter().enumerate() {
         let p = path.at("listener_filters", i);
         only(f, &p, &["name", "typed_config", "filter_disabled"], &[])?;
@@ -110,6 +112,22 @@ pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Liste
             }
             "envoy.extensions.filters.listener.original_dst.v3.OriginalDst" => {
                 original_dst_filter = true;
+            }
+            "envoy.extensions.filters.listener.original_src.v3.OriginalSrc" => {
+                use envoy_types::pb::envoy::extensions::filters::listener::original_src::v3 as osrc;
+                let Some(l::listener_filter::ConfigType::TypedConfig(a)) = &f.config_type else {
+                    return err(&p.field("typed_config"), ErrorKind::Required);
+                };
+                let tp = p.field("typed_config");
+                let o: osrc::OriginalSrc = unpack(a, &tp)?;
+                only(&o, &tp, &["bind_port", "mark"], &[])?;
+                if disabled.is_some() {
+                    return err(&p.field("filter_disabled"), ErrorKind::NotSupported);
+                }
+                original_src = Some(config::OriginalSrc {
+                    bind_port: o.bind_port,
+                    mark: o.mark,
+                });
             }
             other => {
                 return err(
@@ -158,6 +176,9 @@ pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Liste
         } else {
             li.stat_prefix.as_str().into()
         },
+        transparent: li.transparent.as_ref().is_some_and(|b| b.value),
+        freebind: li.freebind.as_ref().is_some_and(|b| b.value),
+        original_src,
     })
 }
 
