@@ -51,10 +51,18 @@ fn main() {
     let full =
         std::fs::read(&src).unwrap_or_else(|e| fail(&format!("reading {}: {e}", src.display())));
     let subset = prune(&full);
-    std::fs::write(out.join("field_names.rs"), field_table(&subset))
-        .unwrap_or_else(|e| fail(&format!("writing field table: {e}")));
-    std::fs::write(out.join("envoy_types.bin"), subset)
-        .unwrap_or_else(|e| fail(&format!("writing descriptors: {e}")));
+    replace(&out.join("field_names.rs"), field_table(&subset).as_bytes());
+    replace(&out.join("envoy_types.bin"), &subset);
+}
+
+/// Writes a new file and renames it over `path`: a target directory seeded with hard links shares
+/// inodes with other checkouts, and writing in place would change their copies (and theirs ours).
+fn replace(path: &std::path::Path, data: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::write(&tmp, data)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .unwrap_or_else(|e| fail(&format!("writing {}: {e}", path.display())));
 }
 
 /// A static table `message full name → [(field number, field name)]`, sorted by name, so that the
