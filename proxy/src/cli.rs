@@ -51,6 +51,13 @@ pub struct Cli {
     /// Dynamic base id (ignored).
     #[arg(long = "use-dynamic-base-id")]
     pub use_dynamic_base_id: bool,
+    /// Access-log flush interval (pilot-agent passes it; no effect: our access log lines are
+    /// written as they happen).
+    #[arg(long = "file-flush-interval-msec")]
+    pub file_flush_interval_msec: Option<u64>,
+    /// Access-log flush size (no effect, as above).
+    #[arg(long = "file-flush-min-size-kb")]
+    pub file_flush_min_size_kb: Option<u64>,
     /// Node cluster (overrides bootstrap node.cluster).
     #[arg(long = "service-cluster")]
     pub service_cluster: Option<String>,

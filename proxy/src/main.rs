@@ -34,6 +34,11 @@ fn main() {
         ("--disable-hot-restart", cli.disable_hot_restart),
         ("--base-id", cli.base_id.is_some()),
         ("--use-dynamic-base-id", cli.use_dynamic_base_id),
+        (
+            "--file-flush-interval-msec",
+            cli.file_flush_interval_msec.is_some(),
+        ),
+        ("--file-flush-min-size-kb", cli.file_flush_min_size_kb.is_some()),
     ] {
         if set {
             tracing::debug!("{flag} accepted and ignored (no meaning for pingsail)");
