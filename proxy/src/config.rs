@@ -507,6 +507,8 @@ pub struct OutlierDetection {
     pub base_ejection_time: Duration,
     /// `max_ejection_time` (300 s)
     pub max_ejection_time: Duration,
+    /// `max_ejection_time_jitter` (0): a random extra added to each ejection
+    pub max_ejection_time_jitter: Duration,
     /// `max_ejection_percent` (10)
     pub max_ejection_percent: u32,
     /// `enforcing_consecutive_5xx` (100)

@@ -443,9 +443,9 @@ fn outlier_detection(od: &c::OutlierDetection, path: &Path) -> Result<config::Ou
             "failure_percentage_request_volume",
             "max_ejection_time",
             "always_eject_one_host",
+            "max_ejection_time_jitter",
         ],
         &[
-            ("max_ejection_time_jitter", RESILIENCE),
             (
                 "successful_active_health_check_uneject_host",
                 "active health checking",
@@ -514,6 +514,10 @@ fn outlier_detection(od: &c::OutlierDetection, path: &Path) -> Result<config::Ou
         interval: dur(&od.interval, Duration::from_secs(10), "interval")?,
         base_ejection_time: base,
         max_ejection_time: max,
+        max_ejection_time_jitter: match &od.max_ejection_time_jitter {
+            Some(j) => duration(j, &path.field("max_ejection_time_jitter"))?,
+            None => Duration::ZERO,
+        },
         max_ejection_percent: pct(&od.max_ejection_percent, 10, "max_ejection_percent")?,
         enforcing_consecutive_5xx: pct(
             &od.enforcing_consecutive_5xx,
