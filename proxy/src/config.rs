@@ -307,6 +307,9 @@ pub struct HttpConnectionManager {
     pub stream_idle_timeout: Option<Duration>,
     /// `request_timeout` (None = disabled)
     pub request_timeout: Option<Duration>,
+    /// `common_http_protocol_options.max_connection_duration` (None = unlimited): a downstream
+    /// connection older than this is drained (`connection: close` on its next response).
+    pub max_connection_duration: Option<Duration>,
     /// `delayed_close_timeout` (default 1 s; None = disabled): how long a connection the proxy
     /// closes after a stream reset lingers before the socket is closed.
     pub delayed_close_timeout: Option<Duration>,

@@ -406,6 +406,7 @@ impl Router {
         }
         finalize_response(ctx, &mut resp);
         self.decorate_response(ctx, &mut resp);
+        drain_if_expired(session, ctx);
         ctx.status = status;
         session
             .write_response_header(Box::new(resp), body.is_empty() || head_only)
@@ -1527,7 +1528,7 @@ impl ProxyHttp for Router {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -1536,6 +1537,7 @@ impl ProxyHttp for Router {
         }
         finalize_response(ctx, resp);
         self.decorate_response(ctx, resp);
+        drain_if_expired(session, ctx);
         if ctx.upstream_start.is_some()
             && ctx
                 .route()
@@ -1738,6 +1740,48 @@ fn retry_due_or(ctx: &mut RequestCtx, outcome: Outcome, also: bool) -> bool {
         s.rq_retry.inc();
     }
     true
+}
+
+/// HCM `max_connection_duration` on an HTTP/1 downstream connection: once it is over, the
+/// response in hand closes the connection (`connection: close`, Envoy's drain); before, an idle
+/// keep-alive wait ends no later than the expiry (rounded up to Pingora's whole seconds).
+fn drain_if_expired(session: &mut Session, ctx: &RequestCtx) {
+    let Some(max) = ctx
+        .facts
+        .as_ref()
+        .and_then(|f| f.hcm.max_connection_duration)
+    else {
+        return;
+    };
+    if session.as_downstream().is_http2() {
+        return;
+    }
+    let Some(established) = session
+        .as_downstream()
+        .digest()
+        .and_then(|d| d.timing_digest.first().cloned().flatten())
+        .map(|t| t.established_ts)
+    else {
+        return;
+    };
+    let age = SystemTime::now()
+        .duration_since(established)
+        .unwrap_or_default();
+    match max.checked_sub(age).filter(|left| !left.is_zero()) {
+        None => session.set_keepalive(None),
+        Some(left) => {
+            // Only ever shorten the keep-alive wait (never re-enable a closing connection).
+            let left = left.as_secs_f64().ceil() as u64;
+            let shorter = match session.as_downstream().get_keepalive() {
+                None => false,
+                Some(0) => true,
+                Some(current) => left < current,
+            };
+            if shorter {
+                session.set_keepalive(Some(left));
+            }
+        }
+    }
 }
 
 /// The downstream read timeout: the stream idle bound, shortened to what is left until the request
