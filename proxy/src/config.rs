@@ -455,7 +455,7 @@ impl Cluster {
 }
 
 /// `circuit_breakers.thresholds` of one priority.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Thresholds {
     /// `max_connections` (default 1024)
     pub max_connections: u64,
@@ -467,6 +467,10 @@ pub struct Thresholds {
     pub max_retries: u64,
     /// `track_remaining`: publish `circuit_breakers.default.remaining_*`.
     pub track_remaining: bool,
+    /// `retry_budget` (`budget_percent`, default 20 %; `min_retry_concurrency`, default 3):
+    /// replaces `max_retries` by `max(budget_percent × (active + pending requests),
+    /// min_retry_concurrency)`.
+    pub retry_budget: Option<(f64, u64)>,
 }
 
 impl Default for Thresholds {
@@ -477,6 +481,7 @@ impl Default for Thresholds {
             max_requests: 1024,
             max_retries: 3,
             track_remaining: false,
+            retry_budget: None,
         }
     }
 }

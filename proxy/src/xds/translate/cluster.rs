@@ -394,8 +394,9 @@ fn circuit_breakers(cb: &c::CircuitBreakers, path: &Path) -> Result<config::Thre
                 "max_retries",
                 "track_remaining",
                 "max_connection_pools",
+                "retry_budget",
             ],
-            &[("retry_budget", RESILIENCE)],
+            &[],
         )?;
         // Routes use the DEFAULT priority (pingsail does not honour a route `priority`).
         use envoy_types::pb::envoy::config::core::v3::RoutingPriority as RP;
@@ -411,6 +412,21 @@ fn circuit_breakers(cb: &c::CircuitBreakers, path: &Path) -> Result<config::Thre
             max_requests: v(&t.max_requests, 1024),
             max_retries: v(&t.max_retries, 3),
             track_remaining: t.track_remaining,
+            retry_budget: match &t.retry_budget {
+                Some(b) => {
+                    let bp = p.field("retry_budget");
+                    only(b, &bp, &["budget_percent", "min_retry_concurrency"], &[])?;
+                    let pct = b.budget_percent.as_ref().map_or(20.0, |v| v.value);
+                    if !(0.0..=100.0).contains(&pct) {
+                        return invalid(
+                            &bp.field("budget_percent"),
+                            format!("value must be inside range [0, 100], got {pct}"),
+                        );
+                    }
+                    Some((pct, v(&b.min_retry_concurrency, 3)))
+                }
+                None => None,
+            },
         };
     }
     Ok(out)
