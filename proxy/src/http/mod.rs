@@ -121,6 +121,9 @@ pub struct RequestCtx {
     last_on_connection: bool,
     /// The fault filter's `response_rate_limit` throttling the response body.
     throttle: Option<Throttle>,
+    /// `rate_limited_retry_back_off`: the reset interval a retriable response announced (kept
+    /// for the request's later retries, as Envoy keeps its strategy).
+    ratelimited_backoff: Option<Duration>,
     /// Response flags raised before the final failure, in the order they were raised (Envoy
     /// prints flags in that order): DI, URX, UO.
     flag_events: [Option<&'static str>; 3],
@@ -173,6 +176,7 @@ fn new_ctx() -> RequestCtx {
         route_timeout: None,
         last_on_connection: false,
         throttle: None,
+        ratelimited_backoff: None,
         flag_events: [None; 3],
     }
 }
@@ -1158,7 +1162,16 @@ impl ProxyHttp for Router {
         if ctx.retries > 0
             && let Some(p) = &ctx.retry
         {
-            pingora_timeout::sleep(p.backoff(ctx.retries, rand::random())).await;
+            let wait = match ctx.ratelimited_backoff {
+                Some(interval) => {
+                    if let Some(s) = &ctx.cluster_stats {
+                        s.rq_retry_backoff_ratelimited.inc();
+                    }
+                    pingsail_filters::retry::RateLimitedBackOff::backoff(interval, rand::random())
+                }
+                None => p.backoff(ctx.retries, rand::random()),
+            };
+            pingora_timeout::sleep(wait).await;
         }
         let attempts = ctx
             .retry
@@ -1465,6 +1478,12 @@ impl ProxyHttp for Router {
                 headers_hit,
             ) {
                 ctx.picked = None;
+                if let Some(rl) = ctx.retry.as_ref().and_then(|p| p.rate_limited.as_ref())
+                    && let Some(d) = rl.interval(&resp.headers, SystemTime::now())
+                    && d > Duration::from_millis(1)
+                {
+                    ctx.ratelimited_backoff = Some(d);
+                }
                 if let Some(s) = &ctx.cluster_stats
                     && let Some(i) = class_index(status)
                 {
