@@ -1018,12 +1018,36 @@ fn retry_policy(p: &r::RetryPolicy, path: &Path) -> Result<RetryPolicy> {
             "retriable_headers",
             "retriable_request_headers",
             "rate_limited_retry_back_off",
+            "retry_priority",
         ],
-        &[
-            ("retry_priority", RESILIENCE),
-            ("retry_options_predicates", RESILIENCE),
-        ],
+        &[("retry_options_predicates", RESILIENCE)],
     )?;
+    // previous_priorities only moves retries between endpoint priorities; every endpoint here is
+    // priority 0 (others are refused), where Envoy's load stays on P0: validated, no effect.
+    if let Some(rp) = &p.retry_priority {
+        let pp = path.field("retry_priority");
+        const PREVIOUS: &str =
+            "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig";
+        match &rp.config_type {
+            Some(r::retry_policy::retry_priority::ConfigType::TypedConfig(a)) => {
+                let tp = pp.field("typed_config");
+                match type_name(&a.type_url) {
+                    PREVIOUS => {
+                        let c: envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig =
+                            unpack(a, &tp)?;
+                        if c.update_frequency <= 0 {
+                            return invalid(
+                                &tp.field("update_frequency"),
+                                format!("value must be greater than 0, got {}", c.update_frequency),
+                            );
+                        }
+                    }
+                    other => return err(&tp, ErrorKind::UnknownType(other.to_string())),
+                }
+            }
+            None => return err(&pp.field("typed_config"), ErrorKind::Required),
+        }
+    }
     let rate_limited = match &p.rate_limited_retry_back_off {
         Some(b) => {
             use pingsail_filters::retry::ResetFormat;
