@@ -99,6 +99,62 @@ pub struct RetryPolicy {
     pub retriable_headers: Vec<crate::matcher::HeaderMatcher>,
     /// `retriable_request_headers`: only requests matching one of them are retried.
     pub retriable_request_headers: Vec<crate::matcher::HeaderMatcher>,
+    /// `rate_limited_retry_back_off`
+    pub rate_limited: Option<RateLimitedBackOff>,
+}
+
+/// How a reset header gives the back-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetFormat {
+    /// seconds to wait
+    Seconds,
+    /// the Unix time to wait until
+    UnixTimestamp,
+}
+
+/// `rate_limited_retry_back_off`: a retriable response may say how long to back off.
+#[derive(Debug, Clone)]
+pub struct RateLimitedBackOff {
+    /// `reset_headers`, in order
+    pub reset_headers: Vec<(http::HeaderName, ResetFormat)>,
+    /// `max_interval` (default 300 s): a longer reset interval is ignored
+    pub max_interval: Duration,
+}
+
+impl RateLimitedBackOff {
+    /// The first reset header that parses to an interval no longer than `max_interval`.
+    pub fn interval(
+        &self,
+        headers: &http::HeaderMap,
+        now: std::time::SystemTime,
+    ) -> Option<Duration> {
+        for (name, format) in &self.reset_headers {
+            let Some(n) = headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let d = match format {
+                ResetFormat::Seconds => Some(Duration::from_secs(n)),
+                ResetFormat::UnixTimestamp => (std::time::UNIX_EPOCH + Duration::from_secs(n))
+                    .duration_since(now)
+                    .ok(),
+            };
+            if let Some(d) = d.filter(|d| *d <= self.max_interval) {
+                return Some(d);
+            }
+        }
+        None
+    }
+
+    /// The back-off for a reset interval: jittered in `[interval, 1.5 × interval)`.
+    pub fn backoff(interval: Duration, random: u64) -> Duration {
+        let min = interval.as_millis() as u64;
+        let spread = (min / 2).max(1);
+        Duration::from_millis(min + random % spread)
+    }
 }
 
 /// How an attempt ended, as far as retry decisions care.
@@ -215,6 +271,7 @@ mod tests {
             per_try_idle_timeout: None,
             retriable_headers: Vec::new(),
             retriable_request_headers: Vec::new(),
+            rate_limited: None,
         };
         assert!(p.retriable(Outcome::ConnectFailure));
         assert!(p.retriable(Outcome::Response {
@@ -232,5 +289,34 @@ mod tests {
         }));
         assert!(p.backoff(1, 1000) < Duration::from_millis(25));
         assert!(RetryOn::parse("5xx,bogus").is_err());
+    }
+
+    #[test]
+    fn rate_limited_reset_headers() {
+        let rl = RateLimitedBackOff {
+            reset_headers: vec![
+                (
+                    http::HeaderName::from_static("retry-after"),
+                    ResetFormat::Seconds,
+                ),
+                (
+                    http::HeaderName::from_static("x-ratelimit-reset"),
+                    ResetFormat::UnixTimestamp,
+                ),
+            ],
+            max_interval: Duration::from_secs(10),
+        };
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut h = http::HeaderMap::new();
+        assert_eq!(rl.interval(&h, now), None);
+        h.insert("x-ratelimit-reset", http::HeaderValue::from_static("1004"));
+        assert_eq!(rl.interval(&h, now), Some(Duration::from_secs(4)));
+        // Over max_interval: ignored, the next header counts.
+        h.insert("retry-after", http::HeaderValue::from_static("60"));
+        assert_eq!(rl.interval(&h, now), Some(Duration::from_secs(4)));
+        h.insert("retry-after", http::HeaderValue::from_static("2"));
+        assert_eq!(rl.interval(&h, now), Some(Duration::from_secs(2)));
+        let b = RateLimitedBackOff::backoff(Duration::from_secs(2), 12_345);
+        assert!(b >= Duration::from_secs(2) && b < Duration::from_secs(3));
     }
 }

@@ -510,7 +510,10 @@ fn all_stats(shared: &Shared) -> Vec<(String, u64)> {
             format!("{cb}.rq_pending_open"),
             open(pending, t.max_pending_requests),
         ));
-        out.push((format!("{cb}.rq_retry_open"), open(retries, t.max_retries)));
+        out.push((
+            format!("{cb}.rq_retry_open"),
+            open(retries, c.max_retries()),
+        ));
         out.push((format!("{cb}.cx_open"), open(rq, t.max_connections)));
         out.push((format!("{cb}.cx_pool_open"), 0));
         if t.track_remaining {
@@ -524,7 +527,7 @@ fn all_stats(shared: &Shared) -> Vec<(String, u64)> {
             ));
             out.push((
                 format!("{cb}.remaining_retries"),
-                t.max_retries.saturating_sub(retries),
+                c.max_retries().saturating_sub(retries),
             ));
             out.push((
                 format!("{cb}.remaining_cx"),
@@ -607,7 +610,7 @@ fn clusters(shared: &Shared) -> String {
             t.max_pending_requests
         );
         let _ = writeln!(s, "{n}::default_priority::max_requests::{}", t.max_requests);
-        let _ = writeln!(s, "{n}::default_priority::max_retries::{}", t.max_retries);
+        let _ = writeln!(s, "{n}::default_priority::max_retries::{}", c.max_retries());
         let _ = writeln!(s, "{n}::added_via_api::false");
         let ejected = c.host_ejected();
         for (i, e) in c.endpoints().iter().enumerate() {

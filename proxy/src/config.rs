@@ -352,6 +352,9 @@ pub struct HttpConnectionManager {
     pub stream_idle_timeout: Option<Duration>,
     /// `request_timeout` (None = disabled)
     pub request_timeout: Option<Duration>,
+    /// `common_http_protocol_options.max_connection_duration` (None = unlimited): a downstream
+    /// connection older than this is drained (`connection: close` on its next response).
+    pub max_connection_duration: Option<Duration>,
     /// `delayed_close_timeout` (default 1 s; None = disabled): how long a connection the proxy
     /// closes after a stream reset lingers before the socket is closed.
     pub delayed_close_timeout: Option<Duration>,
@@ -497,7 +500,7 @@ impl Cluster {
 }
 
 /// `circuit_breakers.thresholds` of one priority.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Thresholds {
     /// `max_connections` (default 1024)
     pub max_connections: u64,
@@ -509,6 +512,10 @@ pub struct Thresholds {
     pub max_retries: u64,
     /// `track_remaining`: publish `circuit_breakers.default.remaining_*`.
     pub track_remaining: bool,
+    /// `retry_budget` (`budget_percent`, default 20 %; `min_retry_concurrency`, default 3):
+    /// replaces `max_retries` by `max(budget_percent × (active + pending requests),
+    /// min_retry_concurrency)`.
+    pub retry_budget: Option<(f64, u64)>,
 }
 
 impl Default for Thresholds {
@@ -519,6 +526,7 @@ impl Default for Thresholds {
             max_requests: 1024,
             max_retries: 3,
             track_remaining: false,
+            retry_budget: None,
         }
     }
 }
@@ -552,6 +560,8 @@ pub struct OutlierDetection {
     pub base_ejection_time: Duration,
     /// `max_ejection_time` (300 s)
     pub max_ejection_time: Duration,
+    /// `max_ejection_time_jitter` (0): a random extra added to each ejection
+    pub max_ejection_time_jitter: Duration,
     /// `max_ejection_percent` (10)
     pub max_ejection_percent: u32,
     /// `enforcing_consecutive_5xx` (100)

@@ -101,6 +101,8 @@ pub struct ClusterStats {
     pub rq_retry_limit_exceeded: Counter,
     /// upstream_rq_retry_success
     pub rq_retry_success: Counter,
+    /// upstream_rq_retry_backoff_ratelimited
+    pub rq_retry_backoff_ratelimited: Counter,
     /// upstream_rq_per_try_timeout
     pub rq_per_try_timeout: Counter,
     /// upstream_rq_per_try_idle_timeout
@@ -279,14 +281,15 @@ impl Stats {
                 format!("cluster.{n}.upstream_rq_retry_success"),
                 s.rq_retry_success.get(),
             ));
-            // Every retry waits a jittered exponential back-off.
+            // Every retry waits a jittered exponential back-off, unless a reset header gave one.
+            let ratelimited = s.rq_retry_backoff_ratelimited.get();
             out.push((
                 format!("cluster.{n}.upstream_rq_retry_backoff_exponential"),
-                s.rq_retry.get(),
+                s.rq_retry.get().saturating_sub(ratelimited),
             ));
             out.push((
                 format!("cluster.{n}.upstream_rq_retry_backoff_ratelimited"),
-                0,
+                ratelimited,
             ));
             out.push((
                 format!("cluster.{n}.upstream_rq_per_try_timeout"),

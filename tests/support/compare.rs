@@ -104,7 +104,7 @@ pub struct CompareSpec {
     /// The response body, unless both responses carry an echo record (those hold random ids).
     pub body: bool,
     /// With `body`: compare only the body lines containing this text (e.g. `health_flags` of an
-    /// admin `/clusters` page).
+    /// admin `/clusters` page), sorted (Envoy lists clusters in hash-map order).
     pub body_lines: Option<String>,
     /// For `repeat` requests: the allowed absolute difference of each outcome's share
     /// (e.g. 0.05). Default: 4 sigma of the difference of two binomial proportions.
@@ -192,11 +192,11 @@ pub fn compare(spec: &CompareSpec, a: &Observation, b: &Observation) -> Vec<Diff
     }
     if spec.body && !(a.echo.is_some() && b.echo.is_some()) {
         let lines = |body: &str| match &spec.body_lines {
-            Some(pat) => body
-                .lines()
-                .filter(|l| l.contains(pat.as_str()))
-                .collect::<Vec<_>>()
-                .join("\n"),
+            Some(pat) => {
+                let mut v: Vec<&str> = body.lines().filter(|l| l.contains(pat.as_str())).collect();
+                v.sort_unstable();
+                v.join("\n")
+            }
             None => body.to_owned(),
         };
         push_if_differs(&mut out, "body", lines(&a.body), lines(&b.body));

@@ -255,10 +255,23 @@ impl ClusterState {
         Some(TcpSlot(self.breakers.clone()))
     }
 
-    /// A retry slot under `max_retries`, or None when the breaker is open.
+    /// The `max_retries` in force: the threshold, or what the `retry_budget` allows now.
+    pub fn max_retries(&self) -> u64 {
+        let t = &self.config.breakers;
+        match t.retry_budget {
+            None => t.max_retries,
+            Some((pct, min)) => {
+                let b = &self.breakers;
+                let active = b.requests.load(Ordering::Relaxed) + b.pending.load(Ordering::Relaxed);
+                ((pct / 100.0 * active as f64) as u64).max(min)
+            }
+        }
+    }
+
+    /// A retry slot under `max_retries` (or the retry budget), or None when the breaker is open.
     pub fn retry_slot(&self) -> Option<RetrySlot> {
         let b = &self.breakers;
-        if b.retries.load(Ordering::Relaxed) >= self.config.breakers.max_retries {
+        if b.retries.load(Ordering::Relaxed) >= self.max_retries() {
             return None;
         }
         b.retries.fetch_add(1, Ordering::Relaxed);

@@ -48,6 +48,8 @@ pub struct HostState {
     ejected_at: AtomicU64,
     /// the ejection-time multiplier
     backoff: AtomicU32,
+    /// `max_ejection_time_jitter` drawn for the current ejection (ms)
+    jitter_ms: AtomicU64,
     /// requests / successes in this interval (external origin)
     total: AtomicU64,
     success: AtomicU64,
@@ -210,6 +212,14 @@ impl Detector {
         self.enforced_total.fetch_add(1, Ordering::Relaxed);
         self.enforced[kind_index(k)].fetch_add(1, Ordering::Relaxed);
         host.ejected_at.store(self.now_ms(), Ordering::Relaxed);
+        // Each ejection lasts a random extra in [0, max_ejection_time_jitter].
+        let jitter = cfg.max_ejection_time_jitter.as_millis() as u64;
+        let extra = if jitter == 0 {
+            0
+        } else {
+            rand::random::<u64>() % (jitter + 1)
+        };
+        host.jitter_ms.store(extra, Ordering::Relaxed);
         // The multiplier grows with each ejection, until base × multiplier reaches the maximum.
         let base = cfg.base_ejection_time.as_millis().max(1);
         let cap = cfg.max_ejection_time.as_millis().div_ceil(base).max(1) as u32;
@@ -225,7 +235,8 @@ impl Detector {
         let max = cfg.max_ejection_time.as_millis() as u64;
         for h in hosts {
             if h.ejected() {
-                let t = (base * u64::from(h.backoff.load(Ordering::Relaxed))).min(max);
+                let t = (base * u64::from(h.backoff.load(Ordering::Relaxed))).min(max)
+                    + h.jitter_ms.load(Ordering::Relaxed);
                 if now.saturating_sub(h.ejected_at.load(Ordering::Relaxed)) >= t {
                     h.ejected.store(false, Ordering::Relaxed);
                     self.ejections_active.fetch_sub(1, Ordering::Relaxed);
@@ -326,7 +337,29 @@ mod tests {
             failure_percentage_minimum_hosts: 5,
             failure_percentage_request_volume: 50,
             always_eject_one_host: false,
+            max_ejection_time_jitter: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn ejection_time_jitter_extends_the_ejection() {
+        let mut c = cfg();
+        c.max_ejection_percent = 100;
+        c.max_ejection_time_jitter = Duration::from_secs(10);
+        let d = Detector::default();
+        let h = HostState::default();
+        d.record(&c, &h, 1, Outcome::Status(503));
+        d.record(&c, &h, 1, Outcome::Status(503));
+        assert!(h.ejected());
+        assert!(h.jitter_ms.load(Ordering::Relaxed) <= 10_000);
+        // Pin the draw: base 100 ms + 5 s of jitter is not over after 110 ms.
+        h.jitter_ms.store(5_000, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(110));
+        d.sweep(&c, &[&h]);
+        assert!(h.ejected(), "the jitter lengthens the ejection");
+        h.jitter_ms.store(0, Ordering::Relaxed);
+        d.sweep(&c, &[&h]);
+        assert!(!h.ejected());
     }
 
     #[test]

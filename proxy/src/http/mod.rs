@@ -124,6 +124,9 @@ pub struct RequestCtx {
     last_on_connection: bool,
     /// The fault filter's `response_rate_limit` throttling the response body.
     throttle: Option<Throttle>,
+    /// `rate_limited_retry_back_off`: the reset interval a retriable response announced (kept
+    /// for the request's later retries, as Envoy keeps its strategy).
+    ratelimited_backoff: Option<Duration>,
     /// Response flags raised before the final failure, in the order they were raised (Envoy
     /// prints flags in that order): DI, URX, UO.
     flag_events: [Option<&'static str>; 3],
@@ -178,6 +181,7 @@ fn new_ctx() -> RequestCtx {
         route_timeout: None,
         last_on_connection: false,
         throttle: None,
+        ratelimited_backoff: None,
         flag_events: [None; 3],
         authz_response_headers: Vec::new(),
     }
@@ -412,6 +416,7 @@ impl Router {
         }
         finalize_response(ctx, &mut resp);
         self.decorate_response(ctx, &mut resp);
+        drain_if_expired(session, ctx);
         ctx.status = status;
         session
             .write_response_header(Box::new(resp), body.is_empty() || head_only)
@@ -1168,7 +1173,16 @@ impl ProxyHttp for Router {
         if ctx.retries > 0
             && let Some(p) = &ctx.retry
         {
-            pingora_timeout::sleep(p.backoff(ctx.retries, rand::random())).await;
+            let wait = match ctx.ratelimited_backoff {
+                Some(interval) => {
+                    if let Some(s) = &ctx.cluster_stats {
+                        s.rq_retry_backoff_ratelimited.inc();
+                    }
+                    pingsail_filters::retry::RateLimitedBackOff::backoff(interval, rand::random())
+                }
+                None => p.backoff(ctx.retries, rand::random()),
+            };
+            pingora_timeout::sleep(wait).await;
         }
         let attempts = ctx
             .retry
@@ -1488,6 +1502,12 @@ impl ProxyHttp for Router {
                 headers_hit,
             ) {
                 ctx.picked = None;
+                if let Some(rl) = ctx.retry.as_ref().and_then(|p| p.rate_limited.as_ref())
+                    && let Some(d) = rl.interval(&resp.headers, SystemTime::now())
+                    && d > Duration::from_millis(1)
+                {
+                    ctx.ratelimited_backoff = Some(d);
+                }
                 if let Some(s) = &ctx.cluster_stats
                     && let Some(i) = class_index(status)
                 {
@@ -1551,7 +1571,7 @@ impl ProxyHttp for Router {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -1560,6 +1580,7 @@ impl ProxyHttp for Router {
         }
         finalize_response(ctx, resp);
         self.decorate_response(ctx, resp);
+        drain_if_expired(session, ctx);
         if ctx.upstream_start.is_some()
             && ctx
                 .route()
@@ -1762,6 +1783,48 @@ fn retry_due_or(ctx: &mut RequestCtx, outcome: Outcome, also: bool) -> bool {
         s.rq_retry.inc();
     }
     true
+}
+
+/// HCM `max_connection_duration` on an HTTP/1 downstream connection: once it is over, the
+/// response in hand closes the connection (`connection: close`, Envoy's drain); before, an idle
+/// keep-alive wait ends no later than the expiry (rounded up to Pingora's whole seconds).
+fn drain_if_expired(session: &mut Session, ctx: &RequestCtx) {
+    let Some(max) = ctx
+        .facts
+        .as_ref()
+        .and_then(|f| f.hcm.max_connection_duration)
+    else {
+        return;
+    };
+    if session.as_downstream().is_http2() {
+        return;
+    }
+    let Some(established) = session
+        .as_downstream()
+        .digest()
+        .and_then(|d| d.timing_digest.first().cloned().flatten())
+        .map(|t| t.established_ts)
+    else {
+        return;
+    };
+    let age = SystemTime::now()
+        .duration_since(established)
+        .unwrap_or_default();
+    match max.checked_sub(age).filter(|left| !left.is_zero()) {
+        None => session.set_keepalive(None),
+        Some(left) => {
+            // Only ever shorten the keep-alive wait (never re-enable a closing connection).
+            let left = left.as_secs_f64().ceil() as u64;
+            let shorter = match session.as_downstream().get_keepalive() {
+                None => false,
+                Some(0) => true,
+                Some(current) => left < current,
+            };
+            if shorter {
+                session.set_keepalive(Some(left));
+            }
+        }
+    }
 }
 
 /// The downstream read timeout: the stream idle bound, shortened to what is left until the request

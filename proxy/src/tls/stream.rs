@@ -24,6 +24,8 @@ pub struct TlsDownstream {
     fd: i32,
     proxy_digest: Option<Arc<ProxyDigest>>,
     socket_digest: Arc<SocketDigest>,
+    /// when the connection was handed to HTTP (its age bounds `max_connection_duration`)
+    established: std::time::SystemTime,
 }
 
 impl std::fmt::Debug for TlsDownstream {
@@ -49,6 +51,7 @@ impl TlsDownstream {
             fd,
             proxy_digest: Some(Arc::new(digest)),
             socket_digest: Arc::new(SocketDigest::from_raw_fd(fd)),
+            established: std::time::SystemTime::now(),
         }
     }
 }
@@ -118,7 +121,10 @@ impl Ssl for TlsDownstream {}
 
 impl GetTimingDigest for TlsDownstream {
     fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        Vec::new()
+        vec![Some(TimingDigest {
+            established_ts: self.established,
+            ..Default::default()
+        })]
     }
 }
 

@@ -61,6 +61,7 @@ pub const ROOTS: &[&str] = &[
     "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
     "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",
+    "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
     "envoy.extensions.matching.common_inputs.network.v3.DestinationPortInput",
     "envoy.extensions.matching.common_inputs.network.v3.DestinationIPInput",
     "envoy.extensions.matching.common_inputs.network.v3.ApplicationProtocolInput",

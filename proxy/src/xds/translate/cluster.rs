@@ -394,8 +394,9 @@ fn circuit_breakers(cb: &c::CircuitBreakers, path: &Path) -> Result<config::Thre
                 "max_retries",
                 "track_remaining",
                 "max_connection_pools",
+                "retry_budget",
             ],
-            &[("retry_budget", RESILIENCE)],
+            &[],
         )?;
         // Routes use the DEFAULT priority (pingsail does not honour a route `priority`).
         use envoy_types::pb::envoy::config::core::v3::RoutingPriority as RP;
@@ -411,6 +412,21 @@ fn circuit_breakers(cb: &c::CircuitBreakers, path: &Path) -> Result<config::Thre
             max_requests: v(&t.max_requests, 1024),
             max_retries: v(&t.max_retries, 3),
             track_remaining: t.track_remaining,
+            retry_budget: match &t.retry_budget {
+                Some(b) => {
+                    let bp = p.field("retry_budget");
+                    only(b, &bp, &["budget_percent", "min_retry_concurrency"], &[])?;
+                    let pct = b.budget_percent.as_ref().map_or(20.0, |v| v.value);
+                    if !(0.0..=100.0).contains(&pct) {
+                        return invalid(
+                            &bp.field("budget_percent"),
+                            format!("value must be inside range [0, 100], got {pct}"),
+                        );
+                    }
+                    Some((pct, v(&b.min_retry_concurrency, 3)))
+                }
+                None => None,
+            },
         };
     }
     Ok(out)
@@ -443,9 +459,9 @@ fn outlier_detection(od: &c::OutlierDetection, path: &Path) -> Result<config::Ou
             "failure_percentage_request_volume",
             "max_ejection_time",
             "always_eject_one_host",
+            "max_ejection_time_jitter",
         ],
         &[
-            ("max_ejection_time_jitter", RESILIENCE),
             (
                 "successful_active_health_check_uneject_host",
                 "active health checking",
@@ -514,6 +530,10 @@ fn outlier_detection(od: &c::OutlierDetection, path: &Path) -> Result<config::Ou
         interval: dur(&od.interval, Duration::from_secs(10), "interval")?,
         base_ejection_time: base,
         max_ejection_time: max,
+        max_ejection_time_jitter: match &od.max_ejection_time_jitter {
+            Some(j) => duration(j, &path.field("max_ejection_time_jitter"))?,
+            None => Duration::ZERO,
+        },
         max_ejection_percent: pct(&od.max_ejection_percent, 10, "max_ejection_percent")?,
         enforcing_consecutive_5xx: pct(
             &od.enforcing_consecutive_5xx,

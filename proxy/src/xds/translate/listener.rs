@@ -727,16 +727,31 @@ fn http_connection_manager(
         only(
             o,
             &path.field("common_http_protocol_options"),
-            &["idle_timeout"],
+            &["idle_timeout", "max_connection_duration"],
             &[
                 ("max_headers_count", RESILIENCE),
                 ("headers_with_underscores_action", RESILIENCE),
                 ("max_stream_duration", RESILIENCE),
-                ("max_connection_duration", RESILIENCE),
                 ("max_requests_per_connection", RESILIENCE),
             ],
         )?;
     }
+    let max_connection_duration = match h
+        .common_http_protocol_options
+        .as_ref()
+        .and_then(|o| o.max_connection_duration.as_ref())
+    {
+        Some(d) => {
+            let d = duration(
+                d,
+                &path
+                    .field("common_http_protocol_options")
+                    .field("max_connection_duration"),
+            )?;
+            (!d.is_zero()).then_some(d)
+        }
+        None => None,
+    };
     let mut accept_http_10 = false;
     if let Some(o) = &h.http_protocol_options {
         only(
@@ -809,6 +824,7 @@ fn http_connection_manager(
             Some(Duration::from_secs(300)),
         )?,
         request_timeout: opt_duration(&h.request_timeout, "request_timeout", None)?,
+        max_connection_duration,
         delayed_close_timeout: opt_duration(
             &h.delayed_close_timeout,
             "delayed_close_timeout",

@@ -1028,13 +1028,72 @@ fn retry_policy(p: &r::RetryPolicy, path: &Path) -> Result<RetryPolicy> {
             "per_try_idle_timeout",
             "retriable_headers",
             "retriable_request_headers",
+            "rate_limited_retry_back_off",
+            "retry_priority",
         ],
-        &[
-            ("retry_priority", RESILIENCE),
-            ("rate_limited_retry_back_off", RESILIENCE),
-            ("retry_options_predicates", RESILIENCE),
-        ],
+        &[("retry_options_predicates", RESILIENCE)],
     )?;
+    // previous_priorities only moves retries between endpoint priorities; every endpoint here is
+    // priority 0 (others are refused), where Envoy's load stays on P0: validated, no effect.
+    if let Some(rp) = &p.retry_priority {
+        let pp = path.field("retry_priority");
+        const PREVIOUS: &str =
+            "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig";
+        match &rp.config_type {
+            Some(r::retry_policy::retry_priority::ConfigType::TypedConfig(a)) => {
+                let tp = pp.field("typed_config");
+                match type_name(&a.type_url) {
+                    PREVIOUS => {
+                        let c: envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig =
+                            unpack(a, &tp)?;
+                        if c.update_frequency <= 0 {
+                            return invalid(
+                                &tp.field("update_frequency"),
+                                format!("value must be greater than 0, got {}", c.update_frequency),
+                            );
+                        }
+                    }
+                    other => return err(&tp, ErrorKind::UnknownType(other.to_string())),
+                }
+            }
+            None => return err(&pp.field("typed_config"), ErrorKind::Required),
+        }
+    }
+    let rate_limited = match &p.rate_limited_retry_back_off {
+        Some(b) => {
+            use pingsail_filters::retry::ResetFormat;
+            use r::retry_policy::ResetHeaderFormat as F;
+            let bp = path.field("rate_limited_retry_back_off");
+            only(b, &bp, &["reset_headers", "max_interval"], &[])?;
+            if b.reset_headers.is_empty() {
+                return invalid(
+                    &bp.field("reset_headers"),
+                    "value must contain at least 1 item",
+                );
+            }
+            let mut reset_headers = Vec::new();
+            for (i, h) in b.reset_headers.iter().enumerate() {
+                let hp = bp.at("reset_headers", i);
+                let name = http::HeaderName::from_bytes(h.name.as_bytes())
+                    .or_else(|_| invalid(&hp.field("name"), "invalid header name"))?;
+                let format = match F::try_from(h.format) {
+                    Ok(F::Seconds) => ResetFormat::Seconds,
+                    Ok(F::UnixTimestamp) => ResetFormat::UnixTimestamp,
+                    Err(_) => return invalid(&hp.field("format"), "unknown format"),
+                };
+                reset_headers.push((name, format));
+            }
+            let max_interval = match &b.max_interval {
+                Some(d) => duration(d, &bp.field("max_interval"))?,
+                None => Duration::from_secs(300),
+            };
+            Some(pingsail_filters::retry::RateLimitedBackOff {
+                reset_headers,
+                max_interval,
+            })
+        }
+        None => None,
+    };
     let opt_dur = |d: &Option<envoy_types::pb::google::protobuf::Duration>,
                    f: &str|
      -> Result<Option<Duration>> {
@@ -1112,6 +1171,7 @@ fn retry_policy(p: &r::RetryPolicy, path: &Path) -> Result<RetryPolicy> {
         None => (Duration::from_millis(25), Duration::from_millis(250)),
     };
     Ok(RetryPolicy {
+        rate_limited,
         on,
         num_retries: p.num_retries.as_ref().map(|v| v.value).unwrap_or(1),
         retriable_status_codes: codes,
