@@ -38,7 +38,10 @@ fn main() {
             "--file-flush-interval-msec",
             cli.file_flush_interval_msec.is_some(),
         ),
-        ("--file-flush-min-size-kb", cli.file_flush_min_size_kb.is_some()),
+        (
+            "--file-flush-min-size-kb",
+            cli.file_flush_min_size_kb.is_some(),
+        ),
     ] {
         if set {
             tracing::debug!("{flag} accepted and ignored (no meaning for pingsail)");
