@@ -20,8 +20,8 @@ async fn main() -> anyhow::Result<()> {
     let ca = FakeCa::start("spiffe://cluster.local/ns/default/sa/bench", false)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let istiod = FakeIstiod::start_tls(ca.pki().istiod_tls().map_err(|e| anyhow::anyhow!("{e}"))?)
-        .await?;
+    let istiod =
+        FakeIstiod::start_tls(ca.pki().istiod_tls().map_err(|e| anyhow::anyhow!("{e}"))?).await?;
     let echo = EchoServer::start("app").await?;
     let up = echo.addr();
     istiod.set_yaml(
