@@ -19,7 +19,7 @@
 
 mod service;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
@@ -107,16 +107,8 @@ pub fn secret_channel() -> (SecretSender, SecretReceiver) {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SdsError {
-    #[error("removing the stale socket {path}: {source}")]
-    RemoveStale {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("listening on unix socket {path}: {source}")]
-    Listen {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Socket(#[from] crate::h2serve::UdsError),
 }
 
 /// Counters of the server's activity, for tests and debugging.
@@ -147,82 +139,25 @@ impl Server {
         secrets: SecretReceiver,
     ) -> Result<ServerHandle, SdsError> {
         let path = path.as_ref().to_path_buf();
-        let listener = bind(&path)?;
+        let listener = crate::h2serve::bind_uds(&path, "SDS")?;
         let stats = Arc::new(Stats::default());
         let (stop_tx, stop_rx) = watch::channel(false);
-        let svc = service::SdsService::new(secrets, stats.clone(), stop_rx.clone()).into_server();
-        let mut stop_rx = stop_rx;
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => {
-                            conns.spawn(crate::h2serve::serve_h2(stream, svc.clone()));
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "SDS accept failed");
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        }
-                    },
-                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                    _ = stopped(&mut stop_rx) => break,
-                }
-            }
-            conns.shutdown().await;
-        });
+        let svc = service::SdsService::new(secrets, stats.clone(), stop_rx).into_server();
+        let server = crate::h2serve::UdsServer::spawn(path.clone(), listener, svc, "SDS", stop_tx);
         tracing::info!(path = %path.display(), "SDS server listening");
-        Ok(ServerHandle {
-            path,
-            stats,
-            stop: Some(stop_tx),
-            task: Some(task),
-        })
+        Ok(ServerHandle { server, stats })
     }
-}
-
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stopped| *stopped).await;
-}
-
-fn bind(path: &Path) -> Result<tokio::net::UnixListener, SdsError> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(SdsError::RemoveStale {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && let Err(e) = std::fs::create_dir_all(dir)
-    {
-        tracing::warn!(dir = %dir.display(), error = %e, "cannot create the SDS socket directory");
-    }
-    let listener = tokio::net::UnixListener::bind(path).map_err(|source| SdsError::Listen {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    use std::os::unix::fs::PermissionsExt;
-    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)) {
-        tracing::warn!(path = %path.display(), error = %e, "cannot make the SDS socket 0666");
-    }
-    Ok(listener)
 }
 
 /// A running SDS server; stops when shut down or dropped.
 pub struct ServerHandle {
-    path: PathBuf,
+    server: crate::h2serve::UdsServer,
     stats: Arc<Stats>,
-    stop: Option<watch::Sender<bool>>,
-    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ServerHandle {
     pub fn path(&self) -> &Path {
-        &self.path
+        self.server.path()
     }
 
     pub fn stats(&self) -> &Stats {
@@ -230,24 +165,7 @@ impl ServerHandle {
     }
 
     /// Stops accepting, ends the streams, waits for the server task and removes the socket.
-    pub async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(true);
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-impl Drop for ServerHandle {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(true);
-        }
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
+    pub async fn shutdown(self) {
+        self.server.shutdown().await;
     }
 }

@@ -433,7 +433,7 @@ async fn run_stream<F: Flavor>(
                 !producer_gone
             },
             _ = poll.tick(), if state.has_files() => true,
-            () = super::stopped(&mut stop) => return,
+            () = crate::h2serve::stopped(&mut stop) => return,
             () = out.closed() => return,
         };
         if !resync {

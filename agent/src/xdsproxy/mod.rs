@@ -109,16 +109,8 @@ impl XdsProxyConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum XdsProxyError {
-    #[error("removing the stale xDS socket {path}: {source}")]
-    RemoveStale {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("listening on the xDS unix socket {path}: {source}")]
-    Listen {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("xDS socket: {0}")]
+    Socket(#[from] crate::h2serve::UdsError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
 }
@@ -178,7 +170,7 @@ impl XdsProxy {
     ) -> Result<XdsProxyHandle, XdsProxyError> {
         let upstream = upstream::Upstream::new(&cfg, secrets)?;
         let path = cfg.socket_path.clone();
-        let listener = bind(&path)?;
+        let listener = crate::h2serve::bind_uds(&path, "xDS")?;
         let stats = Arc::new(Stats::default());
         let (stop_tx, stop_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -190,79 +182,22 @@ impl XdsProxy {
         let svc = AggregatedDiscoveryServiceServer::new(Ads { shared })
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
-        let mut stop_rx = stop_rx;
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => {
-                            conns.spawn(crate::h2serve::serve_h2(stream, svc.clone()));
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "xDS proxy accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    },
-                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                    _ = stopped(&mut stop_rx) => break,
-                }
-            }
-            conns.shutdown().await;
-        });
+        let server =
+            crate::h2serve::UdsServer::spawn(path.clone(), listener, svc, "xDS proxy", stop_tx);
         tracing::info!(path = %path.display(), upstream = %cfg.discovery_address, "xDS proxy listening");
-        Ok(XdsProxyHandle {
-            path,
-            stats,
-            stop: Some(stop_tx),
-            task: Some(task),
-        })
+        Ok(XdsProxyHandle { server, stats })
     }
-}
-
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stopped| *stopped).await;
-}
-
-fn bind(path: &Path) -> Result<tokio::net::UnixListener, XdsProxyError> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(XdsProxyError::RemoveStale {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && let Err(e) = std::fs::create_dir_all(dir)
-    {
-        tracing::warn!(dir = %dir.display(), error = %e, "cannot create the xDS socket directory");
-    }
-    let listener =
-        tokio::net::UnixListener::bind(path).map_err(|source| XdsProxyError::Listen {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    use std::os::unix::fs::PermissionsExt;
-    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)) {
-        tracing::warn!(path = %path.display(), error = %e, "cannot make the xDS socket 0666");
-    }
-    Ok(listener)
 }
 
 /// A running xDS proxy; stops (ending every stream) when shut down or dropped.
 pub struct XdsProxyHandle {
-    path: PathBuf,
+    server: crate::h2serve::UdsServer,
     stats: Arc<Stats>,
-    stop: Option<watch::Sender<bool>>,
-    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl XdsProxyHandle {
     pub fn path(&self) -> &Path {
-        &self.path
+        self.server.path()
     }
 
     pub fn stats(&self) -> &Stats {
@@ -270,25 +205,8 @@ impl XdsProxyHandle {
     }
 
     /// Stops accepting, ends the streams, waits for the server task and removes the socket.
-    pub async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(true);
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-impl Drop for XdsProxyHandle {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(true);
-        }
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
+    pub async fn shutdown(self) {
+        self.server.shutdown().await;
     }
 }
 
@@ -438,7 +356,7 @@ fn start_relay<F: Flavor>(
         let mut stop = shared.stop.clone();
         let end = tokio::select! {
             end = relay::<F>(&shared, id, downstream, &down_tx) => end,
-            _ = stopped(&mut stop) => Some(Status::unavailable("the agent's xDS proxy is stopping")),
+            _ = crate::h2serve::stopped(&mut stop) => Some(Status::unavailable("the agent's xDS proxy is stopping")),
         };
         if let Some(status) = end {
             let _ = down_tx.send(Err(status)).await;
