@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 use crate::ca::dev::DevCa;
@@ -310,9 +309,16 @@ async fn wait_ready(r: &mut Running) -> Result<(), StandaloneError> {
                 status: status.to_string(),
             });
         }
-        let last = match admin_get(r.admin, "/ready").await {
-            Ok(body) if body.starts_with("HTTP/1.1 200") && body.contains("LIVE") => return Ok(()),
-            Ok(body) => body.lines().next().unwrap_or_default().to_string(),
+        let last = match crate::status::client::Call::get(r.admin, "/ready")
+            .send()
+            .await
+        {
+            Ok(reply) if reply.status == 200 && reply.body.starts_with(b"LIVE") => return Ok(()),
+            Ok(reply) => format!(
+                "{} {}",
+                reply.status,
+                String::from_utf8_lossy(&reply.body).trim()
+            ),
             Err(e) => e.to_string(),
         };
         if tokio::time::Instant::now() >= deadline {
@@ -324,17 +330,6 @@ async fn wait_ready(r: &mut Running) -> Result<(), StandaloneError> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-async fn admin_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await?;
-    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 async fn first_exit(running: &mut [Running]) -> (String, String) {
