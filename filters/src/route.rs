@@ -288,6 +288,8 @@ pub enum PathMatch {
     Regex(Regex),
     /// `path_separated_prefix` (query removed; the prefix must end at '/' or the end).
     SeparatedPrefix(String),
+    /// `connect_matcher`: CONNECT requests (which no path matcher matches).
+    Connect,
 }
 
 /// A compiled `RouteMatch`.
@@ -326,7 +328,11 @@ impl RouteMatch {
 
     fn matches_request(&self, req: &RequestView<'_>) -> bool {
         let (path_only, query) = split_query(req.path);
+        let connect = req.method == "CONNECT";
         let path_ok = match &self.path {
+            PathMatch::Connect => connect,
+            // A CONNECT request has no path: only connect_matcher routes take it (as Envoy).
+            _ if connect => false,
             PathMatch::Prefix(p) => starts_with(req.path, p, self.case_sensitive),
             PathMatch::Exact(p) => {
                 path_only.len() == p.len() && starts_with(path_only, p, self.case_sensitive)
@@ -534,6 +540,11 @@ pub struct RouteAction {
     pub cluster_not_found_status: u16,
     /// Route-level websocket `upgrade_configs.enabled`, overriding the connection manager's.
     pub websocket: Option<bool>,
+    /// Route-level CONNECT `upgrade_configs`: `enabled`, and whether `connect_config` is set (the
+    /// proxy terminates the CONNECT and forwards its payload as raw TCP).
+    pub connect: Option<(bool, bool)>,
+    /// Istio's `connect_authority` per-route config: (`enabled`, `port`).
+    pub connect_authority: Option<(bool, u16)>,
     /// `idle_timeout`: overrides the connection manager's `stream_idle_timeout` (`Some(None)` =
     /// disabled).
     pub idle_timeout: Option<Option<Duration>>,
@@ -581,7 +592,7 @@ impl RouteAction {
             let old_len = match matched {
                 PathMatch::Prefix(p) | PathMatch::SeparatedPrefix(p) => p.len(),
                 PathMatch::Exact(p) => p.len(),
-                PathMatch::Regex(_) => return None,
+                PathMatch::Regex(_) | PathMatch::Connect => return None,
             };
             // Literal substitution, as Envoy 1.40 does: prefix "/api" rewritten to "/" turns
             // "/api/x" into "//x" (configure prefix "/api/" to get "/x").
@@ -751,7 +762,7 @@ impl Redirect {
                     PathMatch::Prefix(p) | PathMatch::SeparatedPrefix(p) | PathMatch::Exact(p) => {
                         p.len()
                     }
-                    PathMatch::Regex(_) => 0,
+                    PathMatch::Regex(_) | PathMatch::Connect => 0,
                 };
                 format!("{prefix}{}", orig_path.get(n..).unwrap_or(""))
             }

@@ -46,6 +46,13 @@ pub struct Listener {
     pub freebind: bool,
     /// The `original_src` listener filter (istiod adds it to virtualInbound in TPROXY mode).
     pub original_src: Option<OriginalSrc>,
+    /// `internal_listener`: no socket; connections come from clusters whose endpoints are
+    /// `envoy_internal_address { server_listener_name }` (proxy/src/internal.rs).
+    pub internal: bool,
+    /// Istio's `set_dst_address` listener filter (`istio.set_internal_dst_address.v1.Config`) on
+    /// an internal listener: the local address comes from the endpoint's `tunnel` metadata or the
+    /// CONNECT authority.
+    pub set_dst_address: bool,
 }
 
 /// `envoy.filters.listener.original_src`: upstream connections of a downstream connection leave
@@ -365,6 +372,14 @@ pub struct HttpConnectionManager {
     /// `upgrade_configs` websocket entry: `None` = not configured (upgrades refused with 403),
     /// `Some(enabled)`; a route's own `upgrade_configs` may override `enabled`.
     pub websocket: Option<bool>,
+    /// `upgrade_configs` CONNECT entry, like `websocket`.
+    pub connect: Option<bool>,
+    /// Istio's `connect_authority` HTTP filter is in the chain: a route enabling it hands the
+    /// CONNECT authority to the internal listener behind it (`set_dst_address`).
+    pub connect_authority: bool,
+    /// `envoy.filters.http.set_filter_state`: the values shared with the upstream connection
+    /// that an internal listener reads.
+    pub set_filter_state: Option<Arc<SetFilterState>>,
     /// The CORS filter is in the chain.
     pub cors_filter: bool,
     /// jwt_authn and rbac HTTP filters, in chain order (they run before CORS and the router).
@@ -388,6 +403,84 @@ pub struct TcpProxy {
     pub idle_timeout: Option<Duration>,
     /// `access_log`
     pub access_logs: Vec<Arc<crate::access_log::AccessLog>>,
+    /// `tunneling_config`: the bytes travel inside an HTTP/2 CONNECT stream to the upstream.
+    pub tunneling: Option<Arc<Tunneling>>,
+}
+
+/// The `set_filter_state` values an internal listener's `original_dst` filter reads
+/// (`envoy.filters.listener.original_dst.local_ip` / `.remote_ip`, shared with the upstream).
+#[derive(Debug, Default)]
+pub struct SetFilterState {
+    /// `…original_dst.local_ip`
+    pub local: Option<Template>,
+    /// `…original_dst.remote_ip`
+    pub remote: Option<Template>,
+}
+
+/// `tcp_proxy.tunneling_config` (HBONE origination).
+#[derive(Debug)]
+pub struct Tunneling {
+    /// `hostname`: the CONNECT `:authority`
+    pub hostname: Template,
+    /// `headers_to_add` (name, value), added to the CONNECT request
+    pub headers: Vec<(http::HeaderName, Template)>,
+}
+
+/// A string with the few Envoy substitution operators the tunnel uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template(pub Vec<TemplatePart>);
+
+/// One piece of a [`Template`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplatePart {
+    /// literal text
+    Text(String),
+    /// `%DOWNSTREAM_LOCAL_ADDRESS%`
+    LocalAddress,
+    /// `%DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT%`
+    LocalIp,
+    /// `%DOWNSTREAM_LOCAL_PORT%`
+    LocalPort,
+    /// `%DOWNSTREAM_REMOTE_ADDRESS%`
+    RemoteAddress,
+    /// `%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%`
+    RemoteIp,
+    /// `%REQ(name)%` (lower case; `:authority` is the request's authority)
+    Req(String),
+    /// `%DOWNSTREAM_PEER_URI_SAN%`
+    PeerUriSan,
+}
+
+impl Template {
+    /// Renders with the connection's addresses.
+    pub fn render(&self, local: SocketAddr, remote: SocketAddr) -> String {
+        self.render_req(local, remote, None, |_| None)
+    }
+
+    /// Renders with the connection's addresses, its peer identity and a request's headers.
+    pub fn render_req<'a>(
+        &self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        peer: Option<&str>,
+        header: impl Fn(&str) -> Option<&'a str>,
+    ) -> String {
+        let mut out = String::new();
+        for p in &self.0 {
+            match p {
+                TemplatePart::Text(t) => out.push_str(t),
+                TemplatePart::LocalAddress => out.push_str(&local.to_string()),
+                TemplatePart::LocalIp => out.push_str(&local.ip().to_string()),
+                TemplatePart::LocalPort => out.push_str(&local.port().to_string()),
+                TemplatePart::RemoteAddress => out.push_str(&remote.to_string()),
+                TemplatePart::RemoteIp => out.push_str(&remote.ip().to_string()),
+                // Envoy renders a missing value as "-".
+                TemplatePart::Req(h) => out.push_str(header(h).unwrap_or("-")),
+                TemplatePart::PeerUriSan => out.push_str(peer.unwrap_or("-")),
+            }
+        }
+        out
+    }
 }
 
 /// Cluster discovery types.
@@ -433,6 +526,27 @@ pub struct Endpoint {
     pub hostname: Option<ArcStr>,
     /// `metadata.filter_metadata["envoy.transport_socket_match"]` string values (e.g. `tlsMode`)
     pub socket_match: Vec<(ArcStr, ArcStr)>,
+    /// `envoy_internal_address`: connections go to an internal listener of this proxy.
+    pub internal: Option<Arc<InternalEndpoint>>,
+}
+
+/// An endpoint that is one of our own internal listeners.
+#[derive(Debug, PartialEq)]
+pub struct InternalEndpoint {
+    /// `server_listener_name`
+    pub listener: ArcStr,
+    /// `endpoint_id`
+    pub endpoint_id: ArcStr,
+    /// the endpoint's `metadata.filter_metadata` (what `passthrough_metadata` of kind `host` passes)
+    pub metadata: crate::internal::Metadata,
+}
+
+/// `envoy.transport_sockets.internal_upstream`: which metadata namespaces an internal connection
+/// carries to the internal listener (as its dynamic metadata).
+#[derive(Debug, Default, PartialEq)]
+pub struct InternalUpstream {
+    /// `passthrough_metadata`: (namespace, from the host (`true`) or the cluster (`false`))
+    pub passthrough: Vec<(String, bool)>,
 }
 
 /// A validated cluster.
@@ -460,6 +574,8 @@ pub struct Cluster {
     pub dns_refresh_rate: Duration,
     /// ORIGINAL_DST `use_http_header`
     pub original_dst_use_header: bool,
+    /// ORIGINAL_DST `upstream_port_override`
+    pub original_dst_port: Option<u16>,
     /// EDS: the `ClusterLoadAssignment` name whose endpoints this cluster uses (`eds_cluster_config`).
     pub eds_service: Option<ArcStr>,
     /// Unix socket endpoints (`pipe` addresses); only control-plane gRPC clusters may have them.
@@ -479,6 +595,10 @@ pub struct Cluster {
     pub panic_threshold: f64,
     /// Upstream HTTP connection options (`HttpProtocolOptions`).
     pub conn: ConnOptions,
+    /// `internal_upstream` transport socket (cluster's or in `transport_socket_matches`).
+    pub internal_upstream: Option<Arc<InternalUpstream>>,
+    /// the cluster's `metadata.filter_metadata` (for `passthrough_metadata` of kind `cluster`)
+    pub metadata: crate::internal::Metadata,
 }
 
 /// One `transport_socket_matches` entry: the criteria and the transport (TLS, or plaintext).

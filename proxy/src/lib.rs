@@ -12,6 +12,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod http;
+pub mod internal;
 pub mod listener;
 pub mod orig_dst;
 pub mod snapshot;
@@ -20,6 +21,7 @@ pub mod stats;
 pub mod tcp;
 pub mod testing;
 pub mod tls;
+pub mod tunnel;
 pub mod xds;
 
 use anyhow::Context as _;
@@ -48,6 +50,15 @@ pub struct Shared {
     pub tunnel: std::sync::OnceLock<Arc<tls::tunnel::Tunnel>>,
     /// the secret names the configuration uses (followed by the SDS client)
     pub secret_names: watch::Sender<std::collections::BTreeSet<String>>,
+    /// the HTTP proxies, for connections to internal listeners (set once at start)
+    pub apps: std::sync::OnceLock<std::sync::Weak<Apps>>,
+}
+
+impl Shared {
+    /// The listeners' HTTP proxies (`None` before start or after shutdown).
+    pub fn apps(&self) -> Option<Arc<Apps>> {
+        self.apps.get()?.upgrade()
+    }
 }
 
 /// The HTTP proxies the listeners hand connections to (one per downstream codec).
@@ -219,6 +230,7 @@ pub fn start(
         secrets: Arc::new(tls::Secrets::default()),
         tunnel: std::sync::OnceLock::new(),
         secret_names: watch::Sender::new(Default::default()),
+        apps: std::sync::OnceLock::new(),
     });
     for (name, m) in loaded.static_secrets {
         shared.secrets.set(&name, Some(m));
@@ -269,12 +281,16 @@ pub fn start(
     let mut h2 = pingora_proxy::http_proxy(&conf, http::Router::new(shared.clone()));
     let mut h2_opts = HttpServerOptions::default();
     h2_opts.h2c = true;
+    // CONNECT reaches the router, which terminates it where a route says so (http/connect.rs)
+    // and refuses it otherwise.
+    h2_opts.allow_connect_method_proxying = true;
     h2.server_options = Some(h2_opts);
     let apps = Arc::new(Apps {
         shared: shared.clone(),
         h1,
         h2: Arc::new(h2),
     });
+    let _ = shared.apps.set(Arc::downgrade(&apps));
 
     let (shutdown, _shutdown_rx) = watch::channel(false);
     let manager = Arc::new(listener::Manager::new(

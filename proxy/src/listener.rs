@@ -653,8 +653,15 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
         }
         match &chain.kind {
             ChainKind::Tcp(t) => {
+                let conn = crate::tcp::Conn {
+                    local: dst,
+                    remote,
+                    original_dst,
+                    upstream_src,
+                    peer_principal,
+                };
                 tokio::select! {
-                    _ = crate::tcp::proxy(&apps.shared, t.clone(), accepted, original_dst, upstream_src) => {}
+                    _ = crate::tcp::proxy(&apps.shared, t.clone(), accepted, conn) => {}
                     _ = forced => {}
                 }
             }
@@ -722,8 +729,15 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
     }
     match &chain.kind {
         ChainKind::Tcp(t) => {
+            let conn = crate::tcp::Conn {
+                local: dst,
+                remote,
+                original_dst,
+                upstream_src,
+                peer_principal: None,
+            };
             tokio::select! {
-                _ = crate::tcp::proxy(&apps.shared, t.clone(), tcp, original_dst, upstream_src) => {}
+                _ = crate::tcp::proxy(&apps.shared, t.clone(), tcp, conn) => {}
                 _ = forced => {}
             }
         }
@@ -756,6 +770,61 @@ async fn handle(apps: Arc<Apps>, listener: Arc<Listener>, tcp: TcpStream, remote
     }
 }
 
+/// Serves a plaintext connection we did not accept from a socket (an internal listener's pipe) on
+/// `chain`: tcp_proxy, or the HTTP connection manager with HTTP/2 detected by its preface.
+pub(crate) async fn serve_chain<S>(
+    apps: &Arc<Apps>,
+    listener: &Listener,
+    chain: &Arc<FilterChain>,
+    mut stream: S,
+    fd: i32,
+    conn: crate::tcp::Conn,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync + 'static,
+{
+    let drain = chain.drain.watch();
+    let forced = drained(chain.drain.retired(), apps.shared.drain_time);
+    match &chain.kind {
+        ChainKind::Tcp(t) => {
+            tokio::select! {
+                _ = crate::tcp::proxy(&apps.shared, t.clone(), stream, conn) => {}
+                _ = forced => {}
+            }
+        }
+        ChainKind::Http(hcm) => {
+            let mut prefix = Vec::new();
+            let h2 = match hcm.codec {
+                Codec::Http2 => true,
+                Codec::Http1 => false,
+                Codec::Auto => {
+                    let sniffed = pingora_timeout::timeout(
+                        listener.sniff_timeout.unwrap_or(Duration::from_secs(15)),
+                        read_preface(&mut stream, &mut prefix),
+                    )
+                    .await;
+                    matches!(sniffed, Ok(Ok(true)))
+                }
+            };
+            let Some(digest) = digest(ConnFacts {
+                hcm: hcm.clone(),
+                stats: apps.shared.stats.http(&hcm.stat_prefix),
+                remote: conn.remote,
+                local: conn.local,
+                original_dst: conn.original_dst,
+                peer_principal: conn.peer_principal,
+                tls: false,
+                peer_certs: None,
+                local_uri: None,
+                upstream_src: None,
+            }) else {
+                return;
+            };
+            let stream = crate::tls::stream::Downstream::from_parts(stream, fd, digest, prefix);
+            serve_http(apps, Box::new(stream), h2, &drain, forced).await;
+        }
+    }
+}
+
 /// The per-connection facts as the proxy digest Pingora hands to the HTTP callbacks.
 fn digest(facts: ConnFacts) -> Option<ProxyDigest> {
     let header = ResponseHeader::build(200, Some(0)).ok()?;
@@ -766,7 +835,7 @@ fn digest(facts: ConnFacts) -> Option<ProxyDigest> {
 }
 
 /// Runs Pingora's HTTP server (h1 or h2) on a connection until it ends or its drain time is up.
-async fn serve_http(
+pub(crate) async fn serve_http(
     apps: &Apps,
     stream: Stream,
     h2: bool,
@@ -781,7 +850,7 @@ async fn serve_http(
 }
 
 /// The chain's network RBAC and ext_authz filters (evaluated once the peer identity is known).
-async fn network_allowed(
+pub(crate) async fn network_allowed(
     apps: &Apps,
     chain: &FilterChain,
     remote: SocketAddr,
@@ -800,8 +869,8 @@ async fn network_allowed(
 
 /// Reads decrypted bytes until they diverge from the HTTP/2 preface (false) or complete it (true);
 /// what was read is left in `buf` to be served first.
-async fn read_preface(
-    s: &mut tokio_rustls::server::TlsStream<TcpStream>,
+async fn read_preface<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
     buf: &mut Vec<u8>,
 ) -> std::io::Result<bool> {
     use tokio::io::AsyncReadExt;
@@ -878,6 +947,7 @@ mod tests {
                 total_weight: 0,
                 idle_timeout: None,
                 access_logs: vec![],
+                tunneling: None,
             })),
             drain: Default::default(),
             tls: None,
@@ -912,6 +982,8 @@ mod tests {
             transparent: false,
             freebind: false,
             original_src: None,
+            internal: false,
+            set_dst_address: false,
         }
     }
 

@@ -128,6 +128,8 @@ pub struct ConfigSnapshot {
     pub xds: Option<Arc<XdsState>>,
     /// Listeners by address, for the original-destination hand-off (built by [`Self::index`]).
     pub by_address: HashMap<std::net::SocketAddr, Arc<Listener>>,
+    /// Internal listeners by name (built by [`Self::index`]).
+    pub internal: HashMap<ArcStr, Arc<Listener>>,
 }
 
 impl ConfigSnapshot {
@@ -136,7 +138,14 @@ impl ConfigSnapshot {
         self.by_address = self
             .listeners
             .iter()
+            .filter(|l| !l.config.internal)
             .map(|l| (l.config.address, l.config.clone()))
+            .collect();
+        self.internal = self
+            .listeners
+            .iter()
+            .filter(|l| l.config.internal)
+            .map(|l| (l.config.name.clone(), l.config.clone()))
             .collect();
     }
 
@@ -154,6 +163,11 @@ impl ConfigSnapshot {
         self.by_address
             .get(&std::net::SocketAddr::new(any, dst.port()))
             .cloned()
+    }
+
+    /// An internal listener by name.
+    pub fn internal_listener(&self, name: &str) -> Option<Arc<Listener>> {
+        self.internal.get(name).cloned()
     }
 
     /// A cluster by name.

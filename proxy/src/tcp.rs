@@ -16,14 +16,28 @@ pub struct UpstreamSource {
     pub mark: u32,
 }
 
+/// What the tcp_proxy knows of its downstream connection.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    /// our local address (the original destination after capture)
+    pub local: SocketAddr,
+    /// the downstream peer
+    pub remote: SocketAddr,
+    /// where an ORIGINAL_DST cluster connects
+    pub original_dst: Option<SocketAddr>,
+    /// `original_src` (TPROXY)
+    pub upstream_src: Option<UpstreamSource>,
+    /// the downstream's verified SPIFFE identity (mTLS), shared with internal upstreams
+    pub peer_principal: Option<arcstr::ArcStr>,
+}
+
+/// An upstream byte stream of any kind (TCP, TLS, an internal listener's pipe).
+pub trait Upstream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Upstream for T {}
+
 /// Proxies one downstream connection.
-pub async fn proxy<D>(
-    shared: &Arc<Shared>,
-    cfg: Arc<TcpProxy>,
-    mut downstream: D,
-    original_dst: Option<SocketAddr>,
-    upstream_src: Option<UpstreamSource>,
-) where
+pub async fn proxy<D>(shared: &Arc<Shared>, cfg: Arc<TcpProxy>, mut downstream: D, conn: Conn)
+where
     D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     shared.stats.tcp(&cfg.stat_prefix).cx_total.inc();
@@ -52,46 +66,15 @@ pub async fn proxy<D>(
         tracing::debug!(cluster = %name, "tcp_proxy: max_connections reached; closing");
         return;
     };
-    let Some(picked) = cluster.pick(None, &[], 1, original_dst) else {
+    let Some(picked) = cluster.pick(None, &[], 1, conn.original_dst) else {
         stats.none_healthy.inc();
         tracing::debug!(cluster = %name, "tcp_proxy: no healthy upstream; closing");
         return;
     };
-    if let Some((_, tls)) = &picked.tls {
-        let mut upstream = match crate::tls::tunnel::connect_tls(
-            tls,
-            &shared.secrets,
-            picked.addr,
-            cluster.config.bind_source,
-            cluster.config.connect_timeout,
-            None,
-        )
-        .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(cluster = %name, "tcp_proxy: TLS upstream: {e}");
-                stats.cx_connect_fail.inc();
-                return;
-            }
-        };
-        stats.rq_total.inc();
-        let _picked = picked;
-        let _ = copy_with_idle_timeout(&mut downstream, &mut upstream, cfg.idle_timeout).await;
-        return;
-    }
-    let connect = async {
-        match upstream_src {
-            Some(src) if src.addr.is_ipv4() == picked.addr.is_ipv4() => {
-                connect_transparent(picked.addr, src).await
-            }
-            _ => connect(picked.addr, cluster.config.bind_source).await,
-        }
-    };
-    let mut upstream = match pingora_timeout::timeout(cluster.config.connect_timeout, connect).await
-    {
-        Ok(Ok(s)) => s,
-        _ => {
+    let upstream = match connect_upstream(shared, &cluster, &picked, &conn).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(cluster = %name, upstream = %picked.addr, "tcp_proxy: connect: {e}");
             stats.cx_connect_fail.inc();
             cluster.record(&picked, crate::cluster::outlier::Outcome::ConnectFailed);
             return;
@@ -99,11 +82,75 @@ pub async fn proxy<D>(
     };
     // A connection counts as a success for outlier detection.
     cluster.record(&picked, crate::cluster::outlier::Outcome::Status(200));
-    let _ = upstream.set_nodelay(true);
     stats.rq_total.inc();
     // Keep the active-request count for least-request while the connection lives.
     let _picked = picked;
+    let mut upstream = match &cfg.tunneling {
+        None => upstream,
+        Some(t) => {
+            let authority = t.hostname.render(conn.local, conn.remote);
+            let headers: Vec<_> = t
+                .headers
+                .iter()
+                .map(|(n, v)| (n.clone(), v.render(conn.local, conn.remote)))
+                .collect();
+            match crate::tunnel::originate(upstream, &authority, &headers).await {
+                Ok(s) => Box::new(s),
+                Err(e) => {
+                    tracing::debug!(cluster = %name, %authority, "tcp_proxy: CONNECT tunnel: {e}");
+                    return;
+                }
+            }
+        }
+    };
     let _ = copy_with_idle_timeout(&mut downstream, &mut upstream, cfg.idle_timeout).await;
+}
+
+/// Connects to the picked endpoint: an internal listener, TLS, or plain TCP (from the downstream's
+/// address under `original_src`), within the cluster's connect timeout.
+pub async fn connect_upstream(
+    shared: &Arc<Shared>,
+    cluster: &crate::cluster::ClusterState,
+    picked: &crate::cluster::Picked,
+    conn: &Conn,
+) -> std::io::Result<Box<dyn Upstream>> {
+    if let Some(ep) = &picked.internal {
+        let Some(apps) = shared.apps() else {
+            return Err(std::io::Error::other("proxy is stopping"));
+        };
+        let mut passed = crate::internal::Passed::for_endpoint(&cluster.config, ep);
+        passed.peer_principal = conn.peer_principal.clone();
+        return Ok(Box::new(crate::internal::connect(
+            &apps,
+            &ep.listener,
+            passed,
+        )?));
+    }
+    if let Some((_, tls)) = &picked.tls {
+        let s = crate::tls::tunnel::connect_tls(
+            tls,
+            &shared.secrets,
+            picked.addr,
+            cluster.config.bind_source,
+            cluster.config.connect_timeout,
+            None,
+        )
+        .await?;
+        return Ok(Box::new(s));
+    }
+    let connect = async {
+        match conn.upstream_src {
+            Some(src) if src.addr.is_ipv4() == picked.addr.is_ipv4() => {
+                connect_transparent(picked.addr, src).await
+            }
+            _ => connect(picked.addr, cluster.config.bind_source).await,
+        }
+    };
+    let s = pingora_timeout::timeout(cluster.config.connect_timeout, connect)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout"))??;
+    let _ = s.set_nodelay(true);
+    Ok(Box::new(s))
 }
 
 /// Connects, from `source` when the cluster has `upstream_bind_config` (Istio's 127.0.0.6).
@@ -189,7 +236,7 @@ const MAX_BUF: usize = 64 * 1024;
 
 /// Copies both ways until both sides have closed, or nothing moved in either direction for
 /// `idle` (tcp_proxy `idle_timeout`, Envoy's default 1 h). A half-close is propagated with shutdown.
-async fn copy_with_idle_timeout<A, B>(
+pub(crate) async fn copy_with_idle_timeout<A, B>(
     a: &mut A,
     b: &mut B,
     idle: Option<std::time::Duration>,

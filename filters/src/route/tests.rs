@@ -74,6 +74,8 @@ fn prefix_rewrite_slash() {
         grpc_timeout: None,
         cluster_not_found_status: 503,
         websocket: None,
+        connect: None,
+        connect_authority: None,
         idle_timeout: None,
     };
     let m = PathMatch::Prefix("/api".into());

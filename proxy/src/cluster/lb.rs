@@ -288,6 +288,7 @@ mod tests {
             weight: w,
             hostname: None,
             socket_match: Vec::new(),
+            internal: None,
         }
     }
 

@@ -362,6 +362,8 @@ pub struct Picked {
     /// the transport socket chosen for this endpoint (`transport_socket_matches`, else the
     /// cluster's): its index for the TLS tunnel and the context
     pub tls: Option<(usize, Arc<crate::tls::UpstreamTls>)>,
+    /// an internal listener of ours (`envoy_internal_address`)
+    pub internal: Option<Arc<crate::config::InternalEndpoint>>,
     active: Option<Arc<AtomicU32>>,
     outlier: Option<Arc<outlier::HostState>>,
 }
@@ -386,8 +388,12 @@ impl ClusterState {
     ) -> Option<Picked> {
         if self.config.discovery == Discovery::OriginalDst {
             return original_dst.map(|addr| Picked {
-                addr,
+                addr: match self.config.original_dst_port {
+                    Some(port) => SocketAddr::new(addr.ip(), port),
+                    None => addr,
+                },
                 hostname: None,
+                internal: None,
                 tls: self.config.tls_for(&[]).1.map(|t| (usize::MAX, t.clone())),
                 active: None,
                 outlier: None,
@@ -466,6 +472,7 @@ impl ClusterState {
         Some(Picked {
             addr,
             hostname: ep.hostname.clone(),
+            internal: ep.internal.clone(),
             tls: tls.map(|t| (idx, t.clone())),
             active,
             outlier: set.outlier.get(i).cloned(),

@@ -3,6 +3,7 @@
 //! and turns every failure into Envoy's local reply in one place ([`Router::fail_to_proxy`]).
 
 mod authz;
+mod connect;
 pub mod error;
 mod forwarded;
 pub mod mirror;
@@ -571,6 +572,7 @@ impl Router {
     }
 
     async fn fail(&self, session: &mut Session, ctx: &mut RequestCtx, f: Failure) -> Result<bool> {
+        tracing::debug!(failure = ?f, "local reply");
         if f == Failure::Overflow {
             ctx.failure = Some(f);
             let over = [(
@@ -687,9 +689,14 @@ impl ProxyHttp for Router {
             return self.fail(session, ctx, Failure::MissingHost).await;
         }
 
-        // Path normalisation (normalize_path, merge_slashes, escaped slashes).
+        // Path normalisation (normalize_path, merge_slashes, escaped slashes); a CONNECT has no path.
         // Borrow the path; allocate only when normalisation changes it.
-        let raw = session.req_header().raw_path();
+        let is_connect = session.req_header().method == http::Method::CONNECT;
+        let raw: &[u8] = if is_connect {
+            b"/"
+        } else {
+            session.req_header().raw_path()
+        };
         let normalized = match std::str::from_utf8(raw) {
             Ok(p) => path::normalize(
                 p,
@@ -777,7 +784,11 @@ impl ProxyHttp for Router {
                 .iter()
                 .position(|v| std::ptr::eq(v, vh))
                 .unwrap_or(0);
-            let path = std::str::from_utf8(req.raw_path()).unwrap_or("/");
+            let path = if is_connect {
+                ""
+            } else {
+                std::str::from_utf8(req.raw_path()).unwrap_or("/")
+            };
             let is_grpc = is_grpc(req);
             let view = RequestView {
                 path,
@@ -943,6 +954,21 @@ impl ProxyHttp for Router {
                 let Some(cluster) = self.shared.clusters.get(&cluster_name) else {
                     return self.fail(session, ctx, Failure::ClusterNotFound).await;
                 };
+                if is_connect {
+                    // CONNECT needs the connection manager's CONNECT upgrade (a route may
+                    // switch it off or on) and is terminated only with `connect_config`.
+                    let enabled = hcm
+                        .connect
+                        .is_some_and(|on| a.connect.map_or(on, |(route_on, _)| route_on));
+                    // HTTP/1.1 CONNECT never gets here: Pingora's HTTP/1 server answers 405.
+                    if !enabled || !a.connect.is_some_and(|(_, terminate)| terminate) {
+                        return self.fail(session, ctx, Failure::UpgradeFailed).await;
+                    }
+                    ctx.cluster_stats = Some(self.shared.stats.cluster(&cluster_name));
+                    return self
+                        .connect_terminate(session, ctx, &facts, cluster, a)
+                        .await;
+                }
                 // Answer "no healthy upstream" here rather than from upstream_peer: Pingora closes the
                 // downstream connection after any upstream-phase error, Envoy keeps it.
                 if cluster.endpoint_count() == 0

@@ -17,8 +17,12 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 /// A server-side TLS stream with the connection's facts.
-pub struct TlsDownstream {
-    inner: TlsStream<TcpStream>,
+pub type TlsDownstream = Downstream<TlsStream<TcpStream>>;
+
+/// A downstream connection we accepted ourselves (TLS-terminated, or an internal listener's
+/// in-memory pipe) as a Pingora stream carrying the connection's facts.
+pub struct Downstream<S> {
+    inner: S,
     /// bytes already read (protocol detection) and served before the stream's own
     prefix: Vec<u8>,
     fd: i32,
@@ -28,11 +32,9 @@ pub struct TlsDownstream {
     established: std::time::SystemTime,
 }
 
-impl std::fmt::Debug for TlsDownstream {
+impl<S> std::fmt::Debug for Downstream<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsDownstream")
-            .field("fd", &self.fd)
-            .finish()
+        f.debug_struct("Downstream").field("fd", &self.fd).finish()
     }
 }
 
@@ -45,7 +47,14 @@ impl TlsDownstream {
     /// Like [`TlsDownstream::new`], with bytes already read from the stream put back in front.
     pub fn with_prefix(inner: TlsStream<TcpStream>, digest: ProxyDigest, prefix: Vec<u8>) -> Self {
         let fd = inner.get_ref().0.as_raw_fd();
-        TlsDownstream {
+        Downstream::from_parts(inner, fd, digest, prefix)
+    }
+}
+
+impl<S> Downstream<S> {
+    /// Any stream; `fd` identifies it to Pingora (-1 when there is no socket).
+    pub fn from_parts(inner: S, fd: i32, digest: ProxyDigest, prefix: Vec<u8>) -> Self {
+        Downstream {
             inner,
             prefix,
             fd,
@@ -56,7 +65,7 @@ impl TlsDownstream {
     }
 }
 
-impl AsyncRead for TlsDownstream {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> AsyncRead for Downstream<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -72,7 +81,7 @@ impl AsyncRead for TlsDownstream {
     }
 }
 
-impl AsyncWrite for TlsDownstream {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> AsyncWrite for Downstream<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -103,13 +112,13 @@ impl AsyncWrite for TlsDownstream {
 }
 
 #[async_trait]
-impl Shutdown for TlsDownstream {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Shutdown for Downstream<S> {
     async fn shutdown(&mut self) {
         let _ = AsyncWriteExt::shutdown(&mut self.inner).await;
     }
 }
 
-impl UniqueID for TlsDownstream {
+impl<S> UniqueID for Downstream<S> {
     fn id(&self) -> UniqueIDType {
         self.fd
     }
@@ -117,9 +126,9 @@ impl UniqueID for TlsDownstream {
 
 // TLS facts reach the filters through the proxy digest (ConnFacts); Pingora's own TLS digest is
 // OpenSSL/rustls-connector specific and not needed.
-impl Ssl for TlsDownstream {}
+impl<S> Ssl for Downstream<S> {}
 
-impl GetTimingDigest for TlsDownstream {
+impl<S> GetTimingDigest for Downstream<S> {
     fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
         vec![Some(TimingDigest {
             established_ts: self.established,
@@ -128,7 +137,7 @@ impl GetTimingDigest for TlsDownstream {
     }
 }
 
-impl GetProxyDigest for TlsDownstream {
+impl<S> GetProxyDigest for Downstream<S> {
     fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
         self.proxy_digest.clone()
     }
@@ -138,11 +147,11 @@ impl GetProxyDigest for TlsDownstream {
     }
 }
 
-impl GetSocketDigest for TlsDownstream {
+impl<S> GetSocketDigest for Downstream<S> {
     fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
         Some(self.socket_digest.clone())
     }
 }
 
 #[async_trait]
-impl Peek for TlsDownstream {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Peek for Downstream<S> {}

@@ -610,6 +610,7 @@ impl Store {
             endpoints: self.endpoints.clone(),
             xds: Some(Arc::new(xds)),
             by_address: HashMap::new(),
+            internal: HashMap::new(),
         }
     }
 }

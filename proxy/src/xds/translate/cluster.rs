@@ -9,6 +9,7 @@ use crate::config::{self, Discovery, Endpoint, LbPolicy};
 use envoy_types::pb::envoy::config::cluster::v3 as c;
 use envoy_types::pb::envoy::config::endpoint::v3 as e;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3 as up;
+use std::sync::Arc;
 use std::time::Duration;
 
 const RESILIENCE: &str = "resilience issue";
@@ -65,6 +66,8 @@ fn translate_cluster_with(
         "outlier_detection",
         "max_requests_per_connection",
         "upstream_connection_options",
+        // ORIGINAL_DST host expiry: we keep no per-destination hosts, so there is nothing to clean.
+        "cleanup_interval",
     ];
     if control_plane {
         allowed.extend_from_slice(CONTROL_PLANE_ONLY);
@@ -76,7 +79,6 @@ fn translate_cluster_with(
         &[
             ("health_checks", "active health checking"),
             ("per_connection_buffer_limit_bytes", RESILIENCE),
-            ("cleanup_interval", RESILIENCE),
             ("least_request_lb_config", RESILIENCE),
         ],
     )?;
@@ -216,23 +218,40 @@ fn translate_cluster_with(
         None => Duration::from_secs(5),
     };
     let mut original_dst_use_header = false;
+    let mut original_dst_port = None;
     if let Some(c::cluster::LbConfig::OriginalDstLbConfig(o)) = &cl.lb_config {
+        let p = path.field("original_dst_lb_config");
         only(
             o,
-            &path.field("original_dst_lb_config"),
-            &["use_http_header"],
+            &p,
+            &["use_http_header", "upstream_port_override"],
             &[
                 ("http_header_name", "capture issue"),
-                ("upstream_port_override", "capture issue"),
                 ("metadata_key", "capture issue"),
             ],
         )?;
         original_dst_use_header = o.use_http_header;
+        if let Some(port) = &o.upstream_port_override {
+            original_dst_port = Some(
+                u16::try_from(port.value)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .map_or_else(
+                        || invalid(&p.field("upstream_port_override"), "port out of range"),
+                        Ok,
+                    )?,
+            );
+        }
     }
+    let mut internal_upstream = None;
     let tls = match &cl.transport_socket {
         Some(ts) => match super::tls::upstream(ts, &path.field("transport_socket"))? {
             super::tls::Socket::Plain => None,
             super::tls::Socket::Tls(t) => Some(t),
+            super::tls::Socket::Internal(i) => {
+                internal_upstream = Some(i);
+                None
+            }
         },
         None => None,
     };
@@ -248,6 +267,11 @@ fn translate_cluster_with(
             Some(ts) => match super::tls::upstream(ts, &p.field("transport_socket"))? {
                 super::tls::Socket::Plain => None,
                 super::tls::Socket::Tls(t) => Some(t),
+                // Internal endpoints are never TLS here; the passthrough applies to them all.
+                super::tls::Socket::Internal(i) => {
+                    internal_upstream.get_or_insert(i);
+                    None
+                }
             },
             None => return err(&p.field("transport_socket"), ErrorKind::Required),
         };
@@ -361,6 +385,12 @@ fn translate_cluster_with(
         use_downstream_protocol,
         dns_refresh_rate,
         original_dst_use_header,
+        original_dst_port,
+        internal_upstream,
+        metadata: match &cl.metadata {
+            Some(m) => metadata_json(m),
+            None => Default::default(),
+        },
         eds_service,
         pipes,
         bind_source,
@@ -783,6 +813,58 @@ fn load_assignment(
                 pipes.push(pipe.path.as_str().into());
                 continue;
             }
+            if let Some(A::EnvoyInternalAddress(ia)) = &addr.address {
+                let ip = ep_path.field("address").field("envoy_internal_address");
+                only(ia, &ip, &["server_listener_name", "endpoint_id"], &[])?;
+                use envoy_types::pb::envoy::config::core::v3::envoy_internal_address::AddressNameSpecifier as N;
+                let Some(N::ServerListenerName(listener)) = &ia.address_name_specifier else {
+                    return err(&ip.field("server_listener_name"), ErrorKind::Required);
+                };
+                if !matches!(discovery, Discovery::Static) {
+                    return invalid(&ip, "internal addresses need a STATIC or EDS cluster");
+                }
+                let healthy = matches!(
+                    envoy_types::pb::envoy::config::core::v3::HealthStatus::try_from(
+                        lbe.health_status
+                    ),
+                    Ok(
+                        envoy_types::pb::envoy::config::core::v3::HealthStatus::Unknown
+                            | envoy_types::pb::envoy::config::core::v3::HealthStatus::Healthy
+                            | envoy_types::pb::envoy::config::core::v3::HealthStatus::Degraded
+                    )
+                );
+                if !healthy {
+                    continue;
+                }
+                let weight = lbe.load_balancing_weight.as_ref().map_or(1, |w| w.value);
+                if weight == 0 {
+                    return invalid(&q.field("load_balancing_weight"), "must be at least 1");
+                }
+                let socket_match = match lbe
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.filter_metadata.get("envoy.transport_socket_match"))
+                {
+                    Some(st) => struct_strings(st, &q.field("metadata"))?,
+                    None => Vec::new(),
+                };
+                out.push(Endpoint {
+                    host: format!("envoy://{listener}/{}", ia.endpoint_id).into(),
+                    port: 0,
+                    // The internal listener is the destination: no socket address (see
+                    // proxy/src/internal.rs); 0.0.0.0:0 keeps the balancers' bookkeeping uniform.
+                    addr: Some(std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+                    weight,
+                    hostname: (!ep.hostname.is_empty()).then(|| ep.hostname.as_str().into()),
+                    socket_match,
+                    internal: Some(Arc::new(crate::config::InternalEndpoint {
+                        listener: listener.as_str().into(),
+                        endpoint_id: ia.endpoint_id.as_str().into(),
+                        metadata: lbe.metadata.as_ref().map(metadata_json).unwrap_or_default(),
+                    })),
+                });
+                continue;
+            }
             let (host, port, sock) = match discovery {
                 Discovery::StrictDns | Discovery::LogicalDns => {
                     let (h, p) = host_port(addr, &ep_path.field("address"))?;
@@ -833,10 +915,23 @@ fn load_assignment(
                 weight,
                 hostname,
                 socket_match,
+                internal: None,
             });
         }
     }
     Ok((out, pipes))
+}
+
+/// `metadata.filter_metadata` as JSON by namespace.
+fn metadata_json(
+    m: &envoy_types::pb::envoy::config::core::v3::Metadata,
+) -> crate::internal::Metadata {
+    Arc::new(
+        m.filter_metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), super::listener::struct_to_json(v)))
+            .collect(),
+    )
 }
 
 /// The string fields of a `Struct` (transport socket match criteria / endpoint metadata).

@@ -38,10 +38,35 @@ const ACCEPTED_NOT_ENFORCED: &[&str] = &[
     // istio_authn: exposes the mTLS peer identity as filter state `io.istio.peer_principal`; the
     // RBAC input always carries it (None on plaintext).
     "io.istio.network.authn.Config",
+    CONNECT_BAGGAGE,
+    // Schema-less like the others; the HTTP filter is matched by name below and enforced.
+    CONNECT_AUTHORITY,
 ];
 
 /// Istio extensions without a schema here whose behaviour belongs to a later issue.
-const LATER_TYPES: &[(&str, &str)] = &[("istio.set_internal_dst_address.v1.Config", CAPTURE)];
+const LATER_TYPES: &[(&str, &str)] = &[];
+
+/// Istio's HTTP filters of the HBONE CONNECT terminator (`connect_terminate`), schema-less.
+const CONNECT_AUTHORITY: &str = "io.istio.http.connect_authority.Config";
+/// `connect_baggage` decodes the CONNECT's `baggage` header into peer metadata for telemetry:
+/// accepted, not enforced (telemetry).
+const CONNECT_BAGGAGE: &str = "io.istio.http.connect_baggage.Config";
+/// Istio's `set_dst_address` listener filter.
+const SET_DST_ADDRESS: &str = "istio.set_internal_dst_address.v1.Config";
+
+/// The inner type and JSON value of a `TypedStruct` (for Istio configs without a schema here).
+pub(super) fn typed_struct_json(any: &Any) -> Option<(String, serde_json::Value)> {
+    let url = type_name(&any.type_url);
+    if url != "udpa.type.v1.TypedStruct" && url != "xds.type.v3.TypedStruct" {
+        return None;
+    }
+    let ts: TypedStruct = prost::Message::decode(any.value.as_slice()).ok()?;
+    let value = match &ts.value {
+        Some(s) => struct_to_json(s),
+        None => serde_json::Value::Object(Default::default()),
+    };
+    Some((type_name(&ts.type_url).to_string(), value))
+}
 
 /// Translates a listener.
 pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Listener> {
@@ -69,11 +94,12 @@ pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Liste
             // TPROXY interception (IP_TRANSPARENT / IP_FREEBIND on the listening socket).
             "transparent",
             "freebind",
+            "internal_listener",
         ],
         &[
             ("per_connection_buffer_limit_bytes", RESILIENCE),
             ("connection_balance_config", "performance"),
-            ("filter_chain_matcher", CAPTURE),
+            ("filter_chain_matcher", "waypoint (gateway) issue"),
             ("socket_options", CAPTURE),
             ("drain_type", "xDS issue"),
         ],
@@ -81,10 +107,27 @@ pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Liste
     if !li.access_log.is_empty() {
         return err(&path.field("access_log"), ErrorKind::NotYet(TELEMETRY));
     }
-    let Some(addr) = &li.address else {
-        return err(&path.field("address"), ErrorKind::Required);
+    let internal = li.listener_specifier.is_some();
+    if let Some(l::listener::ListenerSpecifier::InternalListener(il)) = &li.listener_specifier {
+        only(
+            il,
+            &path.field("internal_listener"),
+            &[],
+            &[("buffer_size_kb", "performance")],
+        )?;
+    }
+    let address = match &li.address {
+        Some(_) if internal => {
+            return invalid(
+                &path.field("address"),
+                "an internal listener has no address",
+            );
+        }
+        Some(addr) => socket_addr(addr, &path.field("address"))?,
+        None if internal => std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        None => return err(&path.field("address"), ErrorKind::Required),
     };
-    let address = socket_addr(addr, &path.field("address"))?;
+    let mut set_dst_address = false;
     let mut http_inspector = None;
     let mut tls_inspector = None;
     let mut original_dst_filter = false;
@@ -98,9 +141,7 @@ pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Liste
             None => None,
         };
         let url = match &f.config_type {
-            Some(l::listener_filter::ConfigType::TypedConfig(a)) => {
-                type_name(&a.type_url).to_string()
-            }
+            Some(l::listener_filter::ConfigType::TypedConfig(a)) => typed_struct_inner_type(a),
             _ => return err(&p.field("typed_config"), ErrorKind::Required),
         };
         match url.as_str() {
@@ -112,6 +153,18 @@ pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Liste
             }
             "envoy.extensions.filters.listener.original_dst.v3.OriginalDst" => {
                 original_dst_filter = true;
+            }
+            SET_DST_ADDRESS if internal => {
+                if disabled.is_some() {
+                    return err(&p.field("filter_disabled"), ErrorKind::NotSupported);
+                }
+                set_dst_address = true;
+            }
+            SET_DST_ADDRESS => {
+                return invalid(
+                    &p.field("typed_config"),
+                    "set_dst_address only runs on internal listeners",
+                );
             }
             "envoy.extensions.filters.listener.original_src.v3.OriginalSrc" => {
                 use envoy_types::pb::envoy::extensions::filters::listener::original_src::v3 as osrc;
@@ -160,7 +213,7 @@ pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Liste
     Ok(config::Listener {
         name: li.name.as_str().into(),
         address,
-        bind_to_port: li.bind_to_port.as_ref().is_none_or(|b| b.value),
+        bind_to_port: !internal && li.bind_to_port.as_ref().is_none_or(|b| b.value),
         use_original_dst: li.use_original_dst.as_ref().is_some_and(|b| b.value),
         original_dst_filter,
         tls_inspector,
@@ -172,13 +225,19 @@ pub fn translate_listener(li: &l::Listener, path: &Path) -> Result<config::Liste
         inbound: li.traffic_direction
             == envoy_types::pb::envoy::config::core::v3::TrafficDirection::Inbound as i32,
         stat_prefix: if li.stat_prefix.is_empty() {
-            format!("{address}").replace(':', "_").into()
+            if internal {
+                li.name.as_str().into()
+            } else {
+                format!("{address}").replace(':', "_").into()
+            }
         } else {
             li.stat_prefix.as_str().into()
         },
         transparent: li.transparent.as_ref().is_some_and(|b| b.value),
         freebind: li.freebind.as_ref().is_some_and(|b| b.value),
         original_src,
+        internal,
+        set_dst_address,
     })
 }
 
@@ -197,7 +256,7 @@ fn filter_chain(fc: &l::FilterChain, path: &Path) -> Result<FilterChain> {
     )?;
     let tls = match &fc.transport_socket {
         Some(ts) => match super::tls::downstream(ts, &path.field("transport_socket"))? {
-            super::tls::Socket::Plain => None,
+            super::tls::Socket::Plain | super::tls::Socket::Internal(_) => None,
             super::tls::Socket::Tls(t) => Some(t),
         },
         None => None,
@@ -423,7 +482,7 @@ fn unwrap_typed_struct(any: &Any, path: &Path) -> Result<(String, Any)> {
     }
 }
 
-fn struct_to_json(s: &envoy_types::pb::google::protobuf::Struct) -> serde_json::Value {
+pub(super) fn struct_to_json(s: &envoy_types::pb::google::protobuf::Struct) -> serde_json::Value {
     serde_json::Value::Object(
         s.fields
             .iter()
@@ -541,6 +600,8 @@ fn http_connection_manager(
         None => return err(&path.field("route_config"), ErrorKind::Required),
     };
     let mut cors_filter = false;
+    let mut connect_authority = false;
+    let mut set_filter_state = None;
     let mut authz = Vec::new();
     let http_stat_prefix = format!("http.{}.", h.stat_prefix);
     let mut fault_filter = None;
@@ -639,6 +700,10 @@ fn http_connection_manager(
             "envoy.extensions.filters.http.wasm.v3.Wasm" => {
                 super::telemetry::istio_wasm(&unpack(&any, &tp)?, &tp)?;
             }
+            CONNECT_AUTHORITY => connect_authority = true,
+            "envoy.extensions.filters.http.set_filter_state.v3.Config" => {
+                set_filter_state = Some(Arc::new(filter_state(&unpack(&any, &tp)?, &tp)?));
+            }
             u if ACCEPTED_NOT_ENFORCED.contains(&u) => {}
             other => return err(&tp, ErrorKind::UnknownType(other.to_string())),
         }
@@ -664,11 +729,14 @@ fn http_connection_manager(
         }
     }
     let mut websocket = None;
+    let mut connect = None;
     for (i, u) in h.upgrade_configs.iter().enumerate() {
         let p = path.at("upgrade_configs", i);
         only(u, &p, &["upgrade_type", "enabled"], &[])?;
         if u.upgrade_type.eq_ignore_ascii_case("websocket") {
             websocket = Some(u.enabled.as_ref().is_none_or(|b| b.value));
+        } else if u.upgrade_type.eq_ignore_ascii_case("CONNECT") {
+            connect = Some(u.enabled.as_ref().is_none_or(|b| b.value));
         } else {
             return invalid(
                 &p.field("upgrade_type"),
@@ -770,6 +838,8 @@ fn http_connection_manager(
                 "max_concurrent_streams",
                 "initial_stream_window_size",
                 "initial_connection_window_size",
+                // CONNECT over HTTP/2 needs an HCM (and route) CONNECT upgrade here too.
+                "allow_connect",
             ],
             &[],
         )?;
@@ -833,6 +903,9 @@ fn http_connection_manager(
         max_request_headers_kb: max_kb,
         accept_http_10,
         websocket,
+        connect,
+        connect_authority,
+        set_filter_state,
         cors_filter,
         authz,
         fault: fault_filter,
@@ -850,6 +923,7 @@ fn tcp_proxy(t: &tcp::TcpProxy, path: &Path) -> Result<TcpProxy> {
             "weighted_clusters",
             "idle_timeout",
             "access_log",
+            "tunneling_config",
         ],
         &[
             ("downstream_idle_timeout", RESILIENCE),
@@ -897,7 +971,159 @@ fn tcp_proxy(t: &tcp::TcpProxy, path: &Path) -> Result<TcpProxy> {
         total_weight,
         idle_timeout,
         access_logs: translate_access_logs(&t.access_log, &path.field("access_log"))?,
+        tunneling: match &t.tunneling_config {
+            Some(tc) => Some(Arc::new(tunneling(tc, &path.field("tunneling_config"))?)),
+            None => None,
+        },
     })
+}
+
+fn tunneling(
+    tc: &tcp::tcp_proxy::TunnelingConfig,
+    path: &Path,
+) -> Result<crate::config::Tunneling> {
+    only(
+        tc,
+        path,
+        &["hostname", "headers_to_add"],
+        &[
+            ("use_post", "HTTP/1 POST tunnels"),
+            ("post_path", "HTTP/1 POST tunnels"),
+            ("propagate_response_headers", TELEMETRY),
+            ("propagate_response_trailers", TELEMETRY),
+            ("request_id_extension", TELEMETRY),
+            ("request_id_header", TELEMETRY),
+            ("request_id_metadata_key", TELEMETRY),
+        ],
+    )?;
+    if tc.hostname.is_empty() {
+        return err(&path.field("hostname"), ErrorKind::Required);
+    }
+    let hostname = template(&tc.hostname, &path.field("hostname"))?;
+    let mut headers = Vec::new();
+    for (i, h) in tc.headers_to_add.iter().enumerate() {
+        let p = path.at("headers_to_add", i);
+        only(h, &p, &["header", "append", "append_action"], &[])?;
+        let Some(hv) = &h.header else {
+            return err(&p.field("header"), ErrorKind::Required);
+        };
+        let name = http::HeaderName::from_bytes(hv.key.to_ascii_lowercase().as_bytes())
+            .or_else(|_| invalid(&p.field("header").field("key"), "invalid header name"))?;
+        if name.as_str().starts_with(':') {
+            return invalid(
+                &p.field("header").field("key"),
+                "pseudo-headers cannot be added",
+            );
+        }
+        headers.push((
+            name,
+            template(&hv.value, &p.field("header").field("value"))?,
+        ));
+    }
+    Ok(crate::config::Tunneling { hostname, headers })
+}
+
+/// `envoy.filters.http.set_filter_state`: the keys that cross to an internal listener.
+fn filter_state(
+    c: &envoy_types::pb::envoy::extensions::filters::http::set_filter_state::v3::Config,
+    path: &Path,
+) -> Result<crate::config::SetFilterState> {
+    use envoy_types::pb::envoy::config::core::v3::substitution_format_string::Format;
+    use envoy_types::pb::envoy::extensions::filters::common::set_filter_state::v3::filter_state_value as fsv;
+    only(
+        c,
+        path,
+        &["on_request_headers"],
+        &[("clear_route_cache", "routing on filter state")],
+    )?;
+    let mut out = crate::config::SetFilterState::default();
+    for (i, v) in c.on_request_headers.iter().enumerate() {
+        let p = path.at("on_request_headers", i);
+        only(
+            v,
+            &p,
+            &[
+                "object_key",
+                "factory_key",
+                "format_string",
+                "shared_with_upstream",
+                "read_only",
+                "skip_if_empty",
+            ],
+            &[],
+        )?;
+        let Some(fsv::Key::ObjectKey(key)) = &v.key else {
+            return err(&p.field("object_key"), ErrorKind::Required);
+        };
+        if key == "io.istio.local_principal" {
+            // Read only by telemetry.
+            continue;
+        }
+        let fp = p.field("format_string");
+        let Some(fsv::Value::FormatString(f)) = &v.value else {
+            return err(&fp, ErrorKind::Required);
+        };
+        only(f, &fp, &["text_format_source", "text_format"], &[])?;
+        let text = match &f.format {
+            Some(Format::TextFormat(t)) => t.clone(),
+            Some(Format::TextFormatSource(ds)) => {
+                use envoy_types::pb::envoy::config::core::v3::data_source::Specifier as S;
+                match &ds.specifier {
+                    Some(S::InlineString(s)) => s.clone(),
+                    _ => return err(&fp.field("text_format_source"), ErrorKind::NotSupported),
+                }
+            }
+            _ => return err(&fp, ErrorKind::NotSupported),
+        };
+        let t = template(&text, &fp)?;
+        let shared = v.shared_with_upstream != fsv::SharedWithUpstream::None as i32;
+        match key.as_str() {
+            "envoy.filters.listener.original_dst.local_ip" if shared => out.local = Some(t),
+            "envoy.filters.listener.original_dst.remote_ip" if shared => out.remote = Some(t),
+            // The peer identity always travels to internal listeners (istio_authn).
+            "io.istio.peer_principal" if t.0 == [crate::config::TemplatePart::PeerUriSan] => {}
+            _ => return err(&p.field("object_key"), ErrorKind::NotSupported),
+        }
+    }
+    Ok(out)
+}
+
+/// A value with Envoy's `%DOWNSTREAM_…%` substitutions (the ones tunnels use); others are refused.
+fn template(s: &str, path: &Path) -> Result<crate::config::Template> {
+    use crate::config::TemplatePart as T;
+    let mut parts = Vec::new();
+    let mut rest = s;
+    while let Some(start) = rest.find('%') {
+        if start > 0 {
+            parts.push(T::Text(rest[..start].to_string()));
+        }
+        let after = &rest[start + 1..];
+        let Some(end) = after.find('%') else {
+            return invalid(path, format!("unterminated command operator in '{s}'"));
+        };
+        parts.push(match &after[..end] {
+            "DOWNSTREAM_LOCAL_ADDRESS" => T::LocalAddress,
+            "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => T::LocalIp,
+            "DOWNSTREAM_LOCAL_PORT" => T::LocalPort,
+            "DOWNSTREAM_REMOTE_ADDRESS" => T::RemoteAddress,
+            "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => T::RemoteIp,
+            "DOWNSTREAM_PEER_URI_SAN" => T::PeerUriSan,
+            op if op.starts_with("REQ(") && op.ends_with(')') => {
+                T::Req(op[4..op.len() - 1].to_ascii_lowercase())
+            }
+            other => {
+                return invalid(
+                    path,
+                    format!("command operator %{other}% is not supported here"),
+                );
+            }
+        });
+        rest = &after[end + 1..];
+    }
+    if !rest.is_empty() {
+        parts.push(T::Text(rest.to_string()));
+    }
+    Ok(crate::config::Template(parts))
 }
 
 fn cidr(c: &envoy_types::pb::envoy::config::core::v3::CidrRange, path: &Path) -> Result<Cidr> {

@@ -101,7 +101,7 @@ fn virtual_host(vh: &r::VirtualHost, path: &Path) -> Result<VirtualHost> {
         Some(p) => Some(Arc::new(retry_policy(p, &path.field("retry_policy"))?)),
         None => None,
     };
-    let (cors, authz, fault) = per_filter(
+    let (cors, authz, fault, _) = per_filter(
         &vh.typed_per_filter_config,
         &path.field("typed_per_filter_config"),
     )?;
@@ -146,7 +146,9 @@ fn per_filter(
     Option<Arc<CorsPolicy>>,
     PerFilterAuthz,
     Option<(ArcStr, Arc<FaultConfig>)>,
+    Option<(bool, u16)>,
 )> {
+    let mut connect_authority = None;
     let mut cors = None;
     let mut authz = PerFilterAuthz::default();
     let mut fault = None;
@@ -155,6 +157,31 @@ fn per_filter(
     for name in names {
         let any = &map[name];
         let p = path.field(name);
+        if let Some((inner, v)) = super::listener::typed_struct_json(any)
+            && inner == "io.istio.http.connect_authority.Config"
+        {
+            // Istio's connect_authority: `enabled` (bool), `port` (the tunnel port override).
+            let enabled = v.get("enabled").and_then(|e| e.as_bool()).unwrap_or(false);
+            let port = match v.get("port") {
+                None => 0,
+                Some(n) => n
+                    .as_f64()
+                    .filter(|n| n.fract() == 0.0 && (0.0..=65535.0).contains(n))
+                    .map(|n| n as u16)
+                    .map_or_else(
+                        || invalid(&p.field("value").field("port"), "not a port"),
+                        Ok,
+                    )?,
+            };
+            if let Some(k) = v
+                .as_object()
+                .and_then(|o| o.keys().find(|k| *k != "enabled" && *k != "port"))
+            {
+                return err(&p.field("value").field(k), ErrorKind::NotSupported);
+            }
+            connect_authority = Some((enabled, port));
+            continue;
+        }
         match type_name(&any.type_url) {
             "envoy.extensions.filters.http.cors.v3.CorsPolicy" => {
                 let c: cors_pb::CorsPolicy = unpack(any, &p)?;
@@ -193,7 +220,7 @@ fn per_filter(
             other => return err(&p, ErrorKind::UnknownType(other.to_string())),
         }
     }
-    Ok((cors, authz, fault))
+    Ok((cors, authz, fault, connect_authority))
 }
 
 fn fraction(
@@ -412,13 +439,17 @@ fn route(rt: &r::Route, path: &Path, vh_retry: Option<&Arc<RetryPolicy>>) -> Res
         return err(&path.field("match"), ErrorKind::Required);
     };
     let matcher = route_match(m, &path.field("match"))?;
-    let (cors, authz, fault) = per_filter(
+    let (cors, authz, fault, connect_authority) = per_filter(
         &rt.typed_per_filter_config,
         &path.field("typed_per_filter_config"),
     )?;
     use r::route::Action as A;
     let action = match &rt.action {
-        Some(A::Route(ra)) => Action::Forward(route_action(ra, &path.field("route"), vh_retry)?),
+        Some(A::Route(ra)) => {
+            let mut a = route_action(ra, &path.field("route"), vh_retry)?;
+            a.connect_authority = connect_authority;
+            Action::Forward(a)
+        }
         Some(A::Redirect(rd)) => Action::Redirect(redirect(rd, &path.field("redirect"))?),
         Some(A::DirectResponse(d)) => Action::Direct(direct(d, &path.field("direct_response"))?),
         Some(A::FilterAction(_)) | Some(A::NonForwardingAction(_)) => {
@@ -459,6 +490,7 @@ pub(super) fn route_match(m: &r::RouteMatch, path: &Path) -> Result<RouteMatch> 
             "path",
             "safe_regex",
             "path_separated_prefix",
+            "connect_matcher",
             "case_sensitive",
             "headers",
             "query_parameters",
@@ -482,8 +514,9 @@ pub(super) fn route_match(m: &r::RouteMatch, path: &Path) -> Result<RouteMatch> 
             }
             PathMatch::SeparatedPrefix(p.clone())
         }
-        Some(P::ConnectMatcher(_)) => {
-            return err(&path.field("connect_matcher"), ErrorKind::NotSupported);
+        Some(P::ConnectMatcher(c)) => {
+            only(c, &path.field("connect_matcher"), &[], &[])?;
+            PathMatch::Connect
         }
         Some(P::PathMatchPolicy(_)) => {
             return err(&path.field("path_match_policy"), ErrorKind::NotSupported);
@@ -692,12 +725,35 @@ fn route_action(
         }
     };
     let mut websocket = None;
+    let mut connect = None;
     if !ra.upgrade_configs.is_empty() {
         for (i, u) in ra.upgrade_configs.iter().enumerate() {
             let p = path.at("upgrade_configs", i);
-            only(u, &p, &["upgrade_type", "enabled"], &[])?;
+            only(u, &p, &["upgrade_type", "enabled", "connect_config"], &[])?;
+            let enabled = u.enabled.as_ref().is_none_or(|b| b.value);
+            if u.upgrade_type.eq_ignore_ascii_case("CONNECT") {
+                if let Some(cc) = &u.connect_config {
+                    only(
+                        cc,
+                        &p.field("connect_config"),
+                        &[],
+                        &[
+                            ("proxy_protocol_config", "PROXY protocol"),
+                            ("allow_post", "HTTP/1 POST tunnels"),
+                        ],
+                    )?;
+                }
+                connect = Some((enabled, u.connect_config.is_some()));
+                continue;
+            }
+            if u.connect_config.is_some() {
+                return invalid(
+                    &p.field("connect_config"),
+                    "connect_config is only for the CONNECT upgrade",
+                );
+            }
             if u.upgrade_type.eq_ignore_ascii_case("websocket") {
-                websocket = Some(u.enabled.as_ref().is_none_or(|b| b.value));
+                websocket = Some(enabled);
             } else {
                 return invalid(
                     &p.field("upgrade_type"),
@@ -899,6 +955,8 @@ fn route_action(
         grpc_timeout,
         cluster_not_found_status,
         websocket,
+        connect,
+        connect_authority: None,
         idle_timeout: match &ra.idle_timeout {
             Some(d) => {
                 let d = duration(d, &path.field("idle_timeout"))?;

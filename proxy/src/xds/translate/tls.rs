@@ -17,6 +17,8 @@ pub enum Socket<T> {
     Plain,
     /// TLS
     Tls(Arc<T>),
+    /// `internal_upstream` (upstream only)
+    Internal(Arc<crate::config::InternalUpstream>),
 }
 
 fn typed(
@@ -89,6 +91,35 @@ pub fn upstream(ts: &core::TransportSocket, path: &Path) -> Result<Socket<Upstre
     };
     match type_name(&any.type_url) {
         "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" => Ok(Socket::Plain),
+        "envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport" => {
+            use envoy_types::pb::envoy::extensions::transport_sockets::internal_upstream::v3 as iu;
+            let c: iu::InternalUpstreamTransport = unpack(&any, &p)?;
+            only(&c, &p, &["passthrough_metadata", "transport_socket"], &[])?;
+            if let Some(inner) = &c.transport_socket
+                && !matches!(
+                    upstream(inner, &p.field("transport_socket"))?,
+                    Socket::Plain
+                )
+            {
+                return err(&p.field("transport_socket"), ErrorKind::NotSupported);
+            }
+            let mut passthrough = Vec::new();
+            for (i, m) in c.passthrough_metadata.iter().enumerate() {
+                let mp = p.at("passthrough_metadata", i);
+                only(m, &mp, &["kind", "name"], &[])?;
+                use envoy_types::pb::envoy::r#type::metadata::v3::metadata_kind::Kind as K;
+                let host = match m.kind.as_ref().and_then(|k| k.kind.as_ref()) {
+                    Some(K::Host(_)) => true,
+                    Some(K::Cluster(_)) => false,
+                    Some(_) => return err(&mp.field("kind"), ErrorKind::NotSupported),
+                    None => return err(&mp.field("kind"), ErrorKind::Required),
+                };
+                passthrough.push((m.name.clone(), host));
+            }
+            Ok(Socket::Internal(Arc::new(
+                crate::config::InternalUpstream { passthrough },
+            )))
+        }
         "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext" => {
             let c: t::UpstreamTlsContext = unpack(&any, &p)?;
             only(
