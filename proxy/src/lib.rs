@@ -258,8 +258,28 @@ pub fn start(
                 Err(_) => c.config.tls.clone(),
             }
         });
-        let tunnel = tls::tunnel::Tunnel::start(data_rt.handle(), shared.secrets.clone(), lookup)
-            .context("starting the upstream TLS tunnel")?;
+        let weak = Arc::downgrade(&shared);
+        let internal: tls::tunnel::InternalConnect =
+            Arc::new(move |cluster: &str, listener: &str, id: &str| {
+                let gone = || std::io::Error::other("proxy is stopping");
+                let shared = weak.upgrade().ok_or_else(gone)?;
+                let apps = shared.apps().ok_or_else(gone)?;
+                let c = shared
+                    .clusters
+                    .get(cluster)
+                    .ok_or_else(|| std::io::Error::other(format!("cluster '{cluster}' is gone")))?;
+                let endpoints = c.endpoints();
+                let ep = endpoints
+                    .iter()
+                    .filter_map(|e| e.internal.as_ref())
+                    .find(|e| e.listener == listener && e.endpoint_id == id)
+                    .ok_or_else(|| std::io::Error::other(format!("endpoint '{id}' is gone")))?;
+                let passed = internal::Passed::for_endpoint(&c.config, ep);
+                internal::connect(&apps, listener, passed)
+            });
+        let tunnel =
+            tls::tunnel::Tunnel::start(data_rt.handle(), shared.secrets.clone(), lookup, internal)
+                .context("starting the upstream TLS tunnel")?;
         let _ = shared.tunnel.set(tunnel);
     }
 

@@ -205,6 +205,16 @@ async fn pingsail_client(
         "filter_chains": [ { "filters": [ { "name": "envoy.filters.network.tcp_proxy", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
             "stat_prefix": "outbound", "cluster": "outbound|8000||httpbin.default.svc.cluster.local" } } ] } ] });
+    // istiod's outbound HTTP listener shape: the router picks the same HBONE endpoint.
+    let app_http = json!({ "name": "app_http",
+        "address": { "socket_address": { "address": ip.to_string(), "port_value": 18081 } },
+        "filter_chains": [ { "filters": [ { "name": "envoy.filters.network.http_connection_manager", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": "outbound_0.0.0.0_8000",
+            "route_config": { "name": "8000", "virtual_hosts": [ { "name": "httpbin", "domains": ["*"],
+                "routes": [ { "match": { "prefix": "/" }, "route": { "cluster": "outbound|8000||httpbin.default.svc.cluster.local" } } ] } ] },
+            "http_filters": [ { "name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" } } ] } } ] } ] });
     let clusters = vec![
         sds_cluster(&sock),
         json!({ "name": "outbound|8000||httpbin.default.svc.cluster.local", "type": "STATIC", "connect_timeout": "2s",
@@ -220,7 +230,7 @@ async fn pingsail_client(
     ];
     let proxy = pingsail_proxy::testing::start(&bootstrap(
         ip,
-        vec![app_out, listener("connect_originate")],
+        vec![app_out, app_http, listener("connect_originate")],
         clusters,
     ))
     .await
@@ -353,6 +363,54 @@ async fn dump_hbone_listeners_carry_traffic_to_the_inbound_cluster_with_the_peer
     let (status, _, body) = first_answer(client3, "/verbatim").await.expect("an answer");
     assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
     assert_eq!(verbatim.app.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dump_hbone_carries_http_routed_to_an_internal_endpoint() {
+    log();
+    let dir = TempDir::new("pingsail-dump-hbone").unwrap();
+    let pki = TestPki::new("cluster.local", true).unwrap();
+    let srv = server(
+        dir.path(),
+        &pki,
+        Some(allow_peer(json!({ "exact": SLEEP_ID }))),
+    )
+    .await;
+    let (client, _c, _cs) = pingsail_client(dir.path(), &pki, srv.ip, &format!("{POD}:80")).await;
+    assert_eq!(first_answer(client, "/ready").await.map(|r| r.0), Some(200));
+    // The client's HTTP router sends to the outbound cluster's internal endpoint
+    // (connect_originate); requests on one downstream connection share the pooled tunnel.
+    let mut conn = pingsail_tests::client::Connection::connect(SocketAddr::from((client, 18081)))
+        .await
+        .unwrap();
+    for path in ["/routed-1", "/routed-2", "/routed-3"] {
+        let r = conn
+            .send(&pingsail_tests::client::Request::get(path).header("host", "httpbin"))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{path}");
+    }
+    let seen = srv.app.received().await;
+    for path in ["/routed-1", "/routed-2", "/routed-3"] {
+        assert!(
+            seen.iter().any(|r| r.path == path),
+            "{path} reached the app: {seen:?}"
+        );
+    }
+    // One CONNECT for the readiness probe (tcp_proxy), one for the three routed requests: the
+    // router pooled its HBONE tunnel.
+    let stats = pingsail_tests::client::send(
+        SocketAddr::from((srv.ip, 15000)),
+        &pingsail_tests::client::Request::get("/stats").header("host", "admin"),
+    )
+    .await
+    .unwrap()
+    .body_text();
+    let connects = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("http.connect_terminate.downstream_rq_total: "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert_eq!(connects, Some(2), "CONNECTs received by 15008:\n{stats}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1248,16 +1248,40 @@ impl ProxyHttp for Router {
             set_authority(req, h)?;
         }
         let tls_socket = picked.tls.as_ref().map(|(i, _)| *i);
+        let internal = picked.internal.clone();
         ctx.picked = Some(picked);
         ctx.upstream_host = Some(addr);
         ctx.tried.push(addr);
         let cfg = &cluster.config;
         let h2 = cfg.http2 || (cfg.use_downstream_protocol && session.as_downstream().is_http2());
         let tunnel = tls_socket.and_then(|i| Some((i, self.shared.tunnel.get()?)));
-        let mut peer = match tunnel {
+        let mut peer = match (tunnel, &internal) {
+            // An internal listener: the tunnel connects to it (an `envoy_internal_address`
+            // endpoint, e.g. Istio's `connect_originate` for HBONE destinations); pooled per
+            // endpoint like any peer.
+            (_, Some(ep)) => {
+                let Some(tunnel) = self.shared.tunnel.get() else {
+                    return Error::e_explain(ErrorType::ConnectError, "no tunnel");
+                };
+                let mut h = std::collections::BTreeMap::new();
+                h.insert(
+                    crate::tls::tunnel::H_CLUSTER.to_string(),
+                    cfg.name.as_bytes().to_vec(),
+                );
+                h.insert(
+                    crate::tls::tunnel::H_INTERNAL.to_string(),
+                    ep.listener.as_bytes().to_vec(),
+                );
+                h.insert(
+                    crate::tls::tunnel::H_ENDPOINT.to_string(),
+                    ep.endpoint_id.as_bytes().to_vec(),
+                );
+                let path = tunnel.path().to_string_lossy().to_string();
+                HttpPeer::new_proxy(&path, addr.ip(), addr.port(), false, "", h)
+            }
             // TLS origination (mTLS in the mesh) goes through our tunnel; Pingora pools the tunnel
             // connections, so TLS connections are reused like plaintext ones.
-            Some((socket, tunnel)) => {
+            (Some((socket, tunnel)), None) => {
                 let mut h = std::collections::BTreeMap::new();
                 h.insert(
                     crate::tls::tunnel::H_CLUSTER.to_string(),
@@ -1289,7 +1313,7 @@ impl ProxyHttp for Router {
                 let path = tunnel.path().to_string_lossy().to_string();
                 HttpPeer::new_proxy(&path, addr.ip(), addr.port(), false, "", h)
             }
-            None => {
+            (None, None) => {
                 let mut peer = HttpPeer::new(addr, false, String::new());
                 if let Some(src) = cfg.bind_source {
                     let mut bind = pingora_core::connectors::l4::BindTo::default();
@@ -1304,6 +1328,7 @@ impl ProxyHttp for Router {
         peer.group_key = xxhash_rust::xxh64::xxh64(cfg.name.as_bytes(), 0);
         // original_src (TPROXY): connect from the client's address; pools are per source address.
         if tunnel.is_none()
+            && internal.is_none()
             && let Some(src) = ctx.facts.as_ref().and_then(|f| f.upstream_src)
             && src.addr.is_ipv4() == addr.is_ipv4()
         {

@@ -28,8 +28,18 @@ pub const H_BIND: &str = "x-pingsail-bind";
 /// CONNECT header: connect timeout in ms.
 pub const H_TIMEOUT: &str = "x-pingsail-connect-timeout-ms";
 
+/// CONNECT header: the internal listener (`envoy_internal_address.server_listener_name`); with
+/// it the tunnel connects to that listener instead of dialling TCP.
+pub const H_INTERNAL: &str = "x-pingsail-internal-listener";
+/// CONNECT header: the internal endpoint's `endpoint_id`.
+pub const H_ENDPOINT: &str = "x-pingsail-endpoint-id";
+
 /// Finds the TLS context for (cluster, socket index).
 pub type Lookup = Arc<dyn Fn(&str, &str) -> Option<Arc<UpstreamTls>> + Send + Sync>;
+
+/// Opens a connection to (cluster, internal listener, endpoint id).
+pub type InternalConnect =
+    Arc<dyn Fn(&str, &str, &str) -> std::io::Result<tokio::io::DuplexStream> + Send + Sync>;
 
 /// A running tunnel; the socket is removed on drop.
 pub struct Tunnel {
@@ -48,6 +58,7 @@ impl Tunnel {
         rt: &tokio::runtime::Handle,
         secrets: Arc<Secrets>,
         lookup: Lookup,
+        internal: InternalConnect,
     ) -> std::io::Result<Arc<Tunnel>> {
         let path = std::env::temp_dir().join(format!(
             "pingsail-tls-{}-{:x}.sock",
@@ -69,9 +80,10 @@ impl Tunnel {
                     pingora_timeout::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
-                let (secrets, lookup) = (secrets.clone(), lookup.clone());
+                let (secrets, lookup, internal) =
+                    (secrets.clone(), lookup.clone(), internal.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = serve(s, &secrets, &lookup).await {
+                    if let Err(e) = serve(s, &secrets, &lookup, &internal).await {
                         tracing::debug!("upstream TLS: {e}");
                     }
                 });
@@ -162,7 +174,12 @@ pub async fn connect_tls(
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS connect timeout"))?
 }
 
-async fn serve(mut s: UnixStream, secrets: &Secrets, lookup: &Lookup) -> std::io::Result<()> {
+async fn serve(
+    mut s: UnixStream,
+    secrets: &Secrets,
+    lookup: &Lookup,
+    internal: &InternalConnect,
+) -> std::io::Result<()> {
     let head = read_head(&mut s).await?;
     let mut headers = [httparse::EMPTY_HEADER; 16];
     let mut req = httparse::Request::new(&mut headers);
@@ -188,6 +205,20 @@ async fn serve(mut s: UnixStream, secrets: &Secrets, lookup: &Lookup) -> std::io
             .and_then(|h| std::str::from_utf8(h.value).ok())
     };
     let (cluster, socket) = (get(H_CLUSTER).unwrap_or(""), get(H_SOCKET).unwrap_or(""));
+    if let Some(listener) = get(H_INTERNAL) {
+        let mut pipe = match internal(cluster, listener, get(H_ENDPOINT).unwrap_or("")) {
+            Ok(p) => p,
+            Err(e) => {
+                s.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+                    .await?;
+                return Err(e);
+            }
+        };
+        s.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            .await?;
+        let _ = tokio::io::copy_bidirectional(&mut s, &mut pipe).await;
+        return Ok(());
+    }
     let http2 = get(H_HTTP).map(|v| v == "2");
     let bind = get(H_BIND).and_then(|b| b.parse().ok());
     let timeout = get(H_TIMEOUT)
