@@ -97,7 +97,24 @@ struct Setup {
     _net: Net,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sidecar {
+    Pingsail,
+    Envoy,
+}
+
 fn setup(test: &str, original_src: bool) -> Option<Setup> {
+    setup_with(test, original_src, original_src, Sidecar::Pingsail)
+}
+
+/// The server pod with Istio's TPROXY rules (plus, with `exempt_marked`, the rule that lets
+/// original_src's marked connection through) and `sidecar` as UID 1337.
+fn setup_with(
+    test: &str,
+    original_src: bool,
+    exempt_marked: bool,
+    sidecar: Sidecar,
+) -> Option<Setup> {
     let net = Net::new(test)?;
     let client = net.pod("client").unwrap();
     let server = net.pod("server").unwrap();
@@ -132,42 +149,32 @@ fn setup(test: &str, original_src: bool) -> Option<Setup> {
             "--enable-ipv6=false",
         ])
         .unwrap();
-    if original_src {
+    if exempt_marked {
         // With original_src the sidecar's upstream connection to the pod's own IP leaves from the
         // client's address, as UID 1337, over lo: istio-iptables' nat rule `ISTIO_OUTPUT -o lo
         // ! -d 127.0.0.1/32 … --uid-owner 1337 -j ISTIO_IN_REDIRECT` (present in Istio's
         // tproxy.golden too) would send it back to 15006 and the connect fails. Exempting the
         // marked connection (mark 1337, which original_src sets) lets it through; without this
-        // rule the test fails at the first call (see docs/COMPATIBILITY.md).
-        server
-            .exec(
-                "iptables",
-                &[
-                    "-t",
-                    "nat",
-                    "-I",
-                    "ISTIO_OUTPUT",
-                    "1",
-                    "-m",
-                    "mark",
-                    "--mark",
-                    "1337",
-                    "-j",
-                    "RETURN",
-                ],
-            )
-            .unwrap();
+        // rule the test fails at the first call — on Envoy as on pingsail
+        // (`tproxy_original_src_needs_the_mark_exemption_on_envoy_too`, docs/COMPATIBILITY.md).
+        exempt_marked_connections(&server);
     }
     let dir = TempDir::new("pingsail-tproxy").unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let path = dir.path().join("bootstrap.yaml");
     std::fs::write(&path, virtual_inbound(original_src)).unwrap();
-    let bin = cargo_bin("pingsail-proxy", "pingsail-proxy").unwrap();
+    let bin = match sidecar {
+        Sidecar::Pingsail => cargo_bin("pingsail-proxy", "pingsail-proxy").unwrap(),
+        Sidecar::Envoy => pingsail_tests::envoy::envoy_binary().unwrap(),
+    };
     // The sidecar in TPROXY mode: UID 1337 with CAP_NET_ADMIN (IP_TRANSPARENT).
     let mut cmd = server.cmd_as_with_caps(1337, 1337, &["net_admin"], bin);
     cmd.arg("-c")
         .arg(&path)
         .args(["--concurrency", "1", "-l", "warning"]);
+    if sidecar == Sidecar::Envoy {
+        cmd.arg("--disable-hot-restart");
+    }
     let sidecar = server.spawn(cmd).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -188,6 +195,28 @@ fn setup(test: &str, original_src: bool) -> Option<Setup> {
         _dir: dir,
         _net: net,
     })
+}
+
+/// `-t nat -I ISTIO_OUTPUT 1 -m mark --mark 1337 -j RETURN`
+fn exempt_marked_connections(server: &Pod) {
+    server
+        .exec(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-I",
+                "ISTIO_OUTPUT",
+                "1",
+                "-m",
+                "mark",
+                "--mark",
+                "1337",
+                "-j",
+                "RETURN",
+            ],
+        )
+        .unwrap();
 }
 
 fn call(pod: &Pod, dst: &str) -> Result<String, String> {
@@ -298,4 +327,39 @@ fn tproxy_inbound_without_original_src_uses_the_passthrough_source() {
     );
     let peer = http_peer(&s);
     assert!(peer.starts_with("127.0.0.6:"), "{peer}");
+}
+
+/// Istio's TPROXY rules exactly as istio-iptables writes them (tproxy.golden): the nat rule
+/// `ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 … --uid-owner 1337 -j ISTIO_IN_REDIRECT` redirects the
+/// sidecar's original_src connection (client address → pod IP, UID 1337, over lo) to 15006; the
+/// kernel cannot route the reply from 127.0.0.1 to the client (route_localnet=0), so the connect
+/// times out. Envoy 1.40 and pingsail fail alike; exempting the marked connection fixes both.
+#[test]
+fn tproxy_original_src_needs_the_mark_exemption_on_envoy_too() {
+    for (name, sidecar) in [
+        ("tproxy-gap-envoy", Sidecar::Envoy),
+        ("tproxy-gap-ps", Sidecar::Pingsail),
+    ] {
+        let Some(s) = setup_with(name, true, false, sidecar) else {
+            return;
+        };
+        let dst = format!("{}:8080", s.server.ip4);
+        let r = call(&s.client, &dst);
+        // The client's connection is accepted by the sidecar and closed without the app's line.
+        assert!(
+            r.as_deref().is_err() || r.as_deref().is_ok_and(|l| !l.starts_with("app ")),
+            "{sidecar:?}: Istio's exact rules let it through: {r:?}"
+        );
+        assert_eq!(
+            stat(&s.server, "listener.0.0.0.0_15006.downstream_cx_total"),
+            1,
+            "{sidecar:?}: one client connection, no loop (route_localnet=0)"
+        );
+        exempt_marked_connections(&s.server);
+        let line = call(&s.client, &dst).unwrap();
+        assert!(
+            line.starts_with(&format!("app local={dst} peer={}:", s.client.ip4)),
+            "{sidecar:?}: {line}"
+        );
+    }
 }
