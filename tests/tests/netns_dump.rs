@@ -14,8 +14,9 @@
 //!   PeerAuthentication modes (STRICT, DISABLE, a port-level override) — with an Istio-style mTLS
 //!   client (SDS-served test PKI certificates, istio ALPN) and a plaintext client.
 //!
-//! The HCM `ext_authz` filter (gRPC authorization service) is dropped from every copy: gRPC
-//! ext_authz is not supported on this branch yet and the test is about capture and chain selection.
+//! The dump's HCM `ext_authz` filter (gRPC, for istiod's CUSTOM action) stays: it is consulted only
+//! for requests its RBAC shadow policy selects, which these requests are not (its cluster
+//! `outbound|9191||sample-ext-authz-grpc` is supplied and never called).
 //! Needs root (skips with a message otherwise).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -98,12 +99,9 @@ fn port(fc: &Value) -> Option<u64> {
     fc["filter_chain_match"]["destination_port"].as_u64()
 }
 
-/// The dump's `virtualInbound`, minus the gRPC ext_authz filter (see the module docs).
+/// The dump's `virtualInbound`, verbatim.
 fn virtual_inbound() -> Value {
-    without_filters(
-        listener("virtualInbound"),
-        &["envoy.filters.http.ext_authz"],
-    )
+    listener("virtualInbound")
 }
 
 /// … and minus authorization altogether (RBAC), so traffic reaches the inbound clusters.
@@ -433,6 +431,12 @@ impl Inbound {
         let clusters = vec![
             orig_dst_cluster("inbound|80||", Some("127.0.0.6")),
             orig_dst_cluster("InboundPassthroughClusterIpv4", Some("127.0.0.6")),
+            // The ext_authz service (CUSTOM policies); nothing listens there.
+            static_cluster(
+                "outbound|9191||sample-ext-authz-grpc",
+                Ipv4Addr::LOCALHOST,
+                9191,
+            ),
             blackhole(),
             sds_cluster(&sock),
         ];
