@@ -17,6 +17,10 @@ impl Counter {
     pub fn inc(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
+    /// +n
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
     /// current value
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -107,6 +111,14 @@ pub struct ClusterStats {
     pub rq_per_try_timeout: Counter,
     /// upstream_rq_per_try_idle_timeout
     pub rq_per_try_idle_timeout: Counter,
+    /// upstream_cx_total (connections established: tcp_proxy, CONNECT, new HTTP connections)
+    pub cx_total: Counter,
+    /// upstream_cx_rx_bytes_total (tcp_proxy and CONNECT connections only)
+    pub cx_rx_bytes: Counter,
+    /// upstream_cx_tx_bytes_total (tcp_proxy and CONNECT connections only)
+    pub cx_tx_bytes: Counter,
+    /// bytes are counted for this cluster (it carried a tcp_proxy or CONNECT connection)
+    pub bytes_counted: std::sync::atomic::AtomicBool,
 }
 
 /// `tcp.<stat_prefix>.*`
@@ -116,6 +128,14 @@ pub struct TcpStats {
     pub cx_total: Counter,
     /// upstream_flush_total (connections closed)
     pub cx_closed: Counter,
+    /// downstream_cx_rx_bytes_total
+    pub rx_bytes: Counter,
+    /// downstream_cx_tx_bytes_total
+    pub tx_bytes: Counter,
+    /// idle_timeout
+    pub idle_timeout: Counter,
+    /// downstream_cx_no_route (the cluster does not exist)
+    pub no_route: Counter,
 }
 
 /// `listener.<stat_prefix>.*` (Envoy's per-listener connection stats).
@@ -248,6 +268,18 @@ impl Stats {
                 format!("cluster.{n}.upstream_cx_connect_fail"),
                 s.cx_connect_fail.get(),
             ));
+            out.push((format!("cluster.{n}.upstream_cx_total"), s.cx_total.get()));
+            // HTTP upstream bytes are not counted: no line rather than a wrong zero.
+            if s.bytes_counted.load(std::sync::atomic::Ordering::Relaxed) {
+                out.push((
+                    format!("cluster.{n}.upstream_cx_rx_bytes_total"),
+                    s.cx_rx_bytes.get(),
+                ));
+                out.push((
+                    format!("cluster.{n}.upstream_cx_tx_bytes_total"),
+                    s.cx_tx_bytes.get(),
+                ));
+            }
             out.push((format!("cluster.{n}.upstream_rq_retry"), s.rq_retry.get()));
             out.push((
                 format!("cluster.{n}.upstream_rq_timeout"),
@@ -302,6 +334,16 @@ impl Stats {
         }
         for (p, s) in self.tcp.read().iter() {
             out.push((format!("tcp.{p}.downstream_cx_total"), s.cx_total.get()));
+            out.push((
+                format!("tcp.{p}.downstream_cx_rx_bytes_total"),
+                s.rx_bytes.get(),
+            ));
+            out.push((
+                format!("tcp.{p}.downstream_cx_tx_bytes_total"),
+                s.tx_bytes.get(),
+            ));
+            out.push((format!("tcp.{p}.idle_timeout"), s.idle_timeout.get()));
+            out.push((format!("tcp.{p}.downstream_cx_no_route"), s.no_route.get()));
         }
         for (p, s) in self.listener.read().iter() {
             out.push((

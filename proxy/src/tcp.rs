@@ -55,11 +55,16 @@ where
         }
         chosen
     };
+    let tcp_stats = shared.stats.tcp(&cfg.stat_prefix);
     let Some(cluster) = shared.clusters.get(&name) else {
         tracing::debug!(cluster = %name, "tcp_proxy: cluster not found; closing");
+        tcp_stats.no_route.inc();
         return;
     };
     let stats = shared.stats.cluster(&name);
+    stats
+        .bytes_counted
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     // Circuit breaker: max_connections (Envoy closes the downstream connection).
     let Some(_slot) = cluster.tcp_slot() else {
         stats.cx_overflow.inc();
@@ -83,6 +88,7 @@ where
     // A connection counts as a success for outlier detection.
     cluster.record(&picked, crate::cluster::outlier::Outcome::Status(200));
     stats.rq_total.inc();
+    stats.cx_total.inc();
     // Keep the active-request count for least-request while the connection lives.
     let _picked = picked;
     let mut upstream = match &cfg.tunneling {
@@ -103,7 +109,51 @@ where
             }
         }
     };
-    let _ = copy_with_idle_timeout(&mut downstream, &mut upstream, cfg.idle_timeout).await;
+    let counters = ByteCounters {
+        downstream: Some(tcp_stats.clone()),
+        upstream: stats,
+    };
+    if let Ok(Ended::Idle) =
+        copy_with_idle_timeout(&mut downstream, &mut upstream, cfg.idle_timeout, &counters).await
+    {
+        tcp_stats.idle_timeout.inc();
+    }
+}
+
+/// The byte counters a copy loop feeds: Envoy's tcp_proxy `downstream_cx_{rx,tx}_bytes_total` and
+/// the cluster's `upstream_cx_{rx,tx}_bytes_total`.
+pub(crate) struct ByteCounters {
+    /// tcp_proxy counters (none for a terminated CONNECT)
+    pub downstream: Option<Arc<crate::stats::TcpStats>>,
+    /// the cluster's
+    pub upstream: Arc<crate::stats::ClusterStats>,
+}
+
+impl ByteCounters {
+    /// `n` bytes read from the downstream (`true`) or the upstream.
+    pub fn moved(&self, from_downstream: bool, n: usize) {
+        let n = n as u64;
+        if from_downstream {
+            if let Some(d) = &self.downstream {
+                d.rx_bytes.add(n);
+            }
+            self.upstream.cx_tx_bytes.add(n);
+        } else {
+            if let Some(d) = &self.downstream {
+                d.tx_bytes.add(n);
+            }
+            self.upstream.cx_rx_bytes.add(n);
+        }
+    }
+}
+
+/// How a copy loop ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// both sides closed
+    Closed,
+    /// nothing moved for the idle timeout
+    Idle,
 }
 
 /// Connects to the picked endpoint: an internal listener, TLS, or plain TCP (from the downstream's
@@ -240,7 +290,8 @@ pub(crate) async fn copy_with_idle_timeout<A, B>(
     a: &mut A,
     b: &mut B,
     idle: Option<std::time::Duration>,
-) -> std::io::Result<()>
+    counters: &ByteCounters,
+) -> std::io::Result<Ended>
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -260,18 +311,19 @@ where
         let (from_a, r) = match idle {
             Some(t) => match pingora_timeout::timeout(t, step).await {
                 Ok(x) => x,
-                Err(_) => return Ok(()),
+                Err(_) => return Ok(Ended::Idle),
             },
             None => step.await,
         };
         let n = r?;
+        counters.moved(from_a, n);
         if from_a {
             forward(&mut buf_a, n, &mut bw, &mut a_open).await?;
         } else {
             forward(&mut buf_b, n, &mut aw, &mut b_open).await?;
         }
     }
-    Ok(())
+    Ok(Ended::Closed)
 }
 
 /// Writes what was read (or half-closes on EOF) and grows the buffer after a full read.

@@ -1141,3 +1141,84 @@ static_resources:
     );
     assert_eq!(results[0], results[1], "pingsail differs from envoy");
 }
+
+/// tcp_proxy counters as operators read them: per connection `downstream_cx_total`, bytes each way
+/// (`downstream_cx_{rx,tx}_bytes_total`, the cluster's `upstream_cx_{rx,tx}_bytes_total`,
+/// `upstream_cx_total`), `idle_timeout` and `downstream_cx_no_route` — equal on Envoy and pingsail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_counters_match_envoy() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const NAMES: &str = "(tcp\\.tcp\\.(downstream_cx_total|downstream_cx_rx_bytes_total|downstream_cx_tx_bytes_total|idle_timeout|downstream_cx_no_route)|cluster\\.a\\.(upstream_cx_total|upstream_cx_rx_bytes_total|upstream_cx_tx_bytes_total))$";
+    let mut results = Vec::new();
+    for kind in [ProxyUnderTest::Envoy, ProxyUnderTest::Pingsail] {
+        let (a, b) = (
+            EchoServer::start("a").await.unwrap(),
+            EchoServer::start("b").await.unwrap(),
+        );
+        let ip = random_loopback_ip();
+        let proxy = kind
+            .start(&tcp_bootstrap(ip, a.port(), b.port()), ip)
+            .await
+            .unwrap();
+        let addr = std::net::SocketAddr::from((ip, 9090));
+        // Two exchanges that end with the upstream closing (connection: close), then one
+        // connection left idle until the proxy closes it.
+        let mut replies = Vec::new();
+        for path in ["/one", "/second-request"] {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let req = format!("GET {path} HTTP/1.1\r\nhost: counters\r\nconnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut reply = Vec::new();
+            tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut reply))
+                .await
+                .unwrap()
+                .unwrap();
+            replies.push(reply.len());
+        }
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 8];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), idle.read(&mut buf)).await;
+        assert!(
+            matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+            "{kind}: idle connection not closed"
+        );
+        // The counters settle once the proxy has seen every close.
+        let admin = (ip, 15000).into();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let stats = loop {
+            let text = pingsail_tests::client::send(
+                admin,
+                &pingsail_tests::client::Request::get(&format!("/stats?filter={NAMES}"))
+                    .header("host", "admin"),
+            )
+            .await
+            .unwrap()
+            .body_text();
+            if text.contains("tcp.tcp.idle_timeout: 1") || std::time::Instant::now() > deadline {
+                break text;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        drop(proxy);
+        results.push((kind, replies, stats));
+    }
+    let (e, p) = (&results[0], &results[1]);
+    assert_eq!(e.1, p.1, "the same replies");
+    let req_bytes: usize = ["/one", "/second-request"]
+        .iter()
+        .map(|path| {
+            format!("GET {path} HTTP/1.1\r\nhost: counters\r\nconnection: close\r\n\r\n").len()
+        })
+        .sum();
+    let reply_bytes: usize = e.1.iter().sum();
+    assert!(
+        e.2.contains(&format!(
+            "tcp.tcp.downstream_cx_rx_bytes_total: {req_bytes}\n"
+        )) && e.2.contains(&format!(
+            "tcp.tcp.downstream_cx_tx_bytes_total: {reply_bytes}\n"
+        )) && e.2.contains("cluster.a.upstream_cx_total: 3\n"),
+        "envoy:\n{}",
+        e.2
+    );
+    assert_eq!(e.2, p.2, "envoy:\n{}\npingsail:\n{}", e.2, p.2);
+}

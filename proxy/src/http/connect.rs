@@ -97,6 +97,14 @@ impl Router {
         };
         cluster.record(&picked, crate::cluster::outlier::Outcome::Status(200));
         stats.rq_total.inc();
+        stats.cx_total.inc();
+        stats
+            .bytes_counted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let counters = crate::tcp::ByteCounters {
+            downstream: None,
+            upstream: stats.clone(),
+        };
         let mut resp = ResponseHeader::build(200, None)?;
         resp.insert_header(http::header::SERVER, facts.hcm.server_name.clone())?;
         session
@@ -104,7 +112,7 @@ impl Router {
             .write_response_header(Box::new(resp))
             .await?;
         ctx.status = 200;
-        if let Err(e) = pipe(session, upstream).await {
+        if let Err(e) = pipe(session, upstream, &counters).await {
             tracing::debug!(cluster = %cluster.config.name, "CONNECT stream ended: {e}");
             // The client sees the stream reset.
             return Err(e);
@@ -114,14 +122,21 @@ impl Router {
 }
 
 /// Moves bytes between the CONNECT stream and the upstream until both directions have ended.
-async fn pipe(session: &mut Session, upstream: Box<dyn crate::tcp::Upstream>) -> Result<()> {
+async fn pipe(
+    session: &mut Session,
+    upstream: Box<dyn crate::tcp::Upstream>,
+    counters: &crate::tcp::ByteCounters,
+) -> Result<()> {
     let (mut ur, mut uw) = tokio::io::split(upstream);
     let mut buf = vec![0u8; CHUNK];
     let (mut down_open, mut up_open) = (true, true);
     while down_open || up_open {
         tokio::select! {
             body = session.as_downstream_mut().read_request_body(), if down_open => match body? {
-                Some(b) => uw.write_all(&b).await.or_err(ErrorType::WriteError, "CONNECT upstream")?,
+                Some(b) => {
+                    counters.moved(true, b.len());
+                    uw.write_all(&b).await.or_err(ErrorType::WriteError, "CONNECT upstream")?
+                }
                 None => {
                     down_open = false;
                     let _ = uw.shutdown().await;
@@ -129,6 +144,7 @@ async fn pipe(session: &mut Session, upstream: Box<dyn crate::tcp::Upstream>) ->
             },
             n = ur.read(&mut buf), if up_open => {
                 let n = n.or_err(ErrorType::ReadError, "CONNECT upstream")?;
+                counters.moved(false, n);
                 let down = session.as_downstream_mut();
                 if n == 0 {
                     up_open = false;

@@ -1415,6 +1415,9 @@ impl ProxyHttp for Router {
         if let Some(a) = &mut ctx.admitted {
             a.connected();
         }
+        if !reused && let Some(s) = &ctx.cluster_stats {
+            s.cx_total.inc();
+        }
         #[cfg(unix)]
         if let Some(c) = &ctx.cluster {
             ctx.last_on_connection = c.last_request_on(fd, reused);
