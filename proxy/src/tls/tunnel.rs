@@ -60,6 +60,7 @@ impl Tunnel {
         lookup: Lookup,
         internal: InternalConnect,
     ) -> std::io::Result<Arc<Tunnel>> {
+        sweep_stale(&std::env::temp_dir());
         let path = std::env::temp_dir().join(format!(
             "pingsail-tls-{}-{:x}.sock",
             std::process::id(),
@@ -95,6 +96,28 @@ impl Tunnel {
     /// The socket path for `HttpPeer::new_proxy`.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// Removes tunnel sockets left by proxies that died without cleaning up (SIGKILL): those whose
+/// process id no longer exists.
+fn sweep_stale(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("pingsail-tls-"))
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
