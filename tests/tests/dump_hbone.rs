@@ -127,6 +127,20 @@ fn main_internal(policies: Option<Value>) -> Value {
     l
 }
 
+/// Logs (see [`log`]), a temp dir and a mesh PKI.
+fn setup() -> (TempDir, TestPki) {
+    log();
+    (
+        TempDir::new("pingsail-dump-hbone").unwrap(),
+        TestPki::new("cluster.local", true).unwrap(),
+    )
+}
+
+/// An RBAC policy allowing only the client's (sleep's) identity.
+fn allow_sleep() -> Value {
+    allow_peer(json!({ "exact": SLEEP_ID }))
+}
+
 fn allow_peer(principal: Value) -> Value {
     json!({ "test": { "permissions": [ { "any": true } ],
         "principals": [ { "filter_state": { "key": "io.istio.peer_principal", "string_match": principal } } ] } })
@@ -312,19 +326,12 @@ async fn first_answer(client: Ipv4Addr, path: &str) -> Option<(u16, String, Stri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dump_hbone_listeners_carry_traffic_to_the_inbound_cluster_with_the_peer_identity() {
-    log();
-    let dir = TempDir::new("pingsail-dump-hbone").unwrap();
-    let pki = TestPki::new("cluster.local", true).unwrap();
+    let (dir, pki) = setup();
     let destination = format!("{POD}:80");
 
     // main_internal's RBAC allows only the client's identity, which arrives from 15008's mTLS
     // handshake across the internal connection.
-    let srv = server(
-        dir.path(),
-        &pki,
-        Some(allow_peer(json!({ "exact": SLEEP_ID }))),
-    )
-    .await;
+    let srv = server(dir.path(), &pki, Some(allow_sleep())).await;
     let (client, _c, _cs) = pingsail_client(dir.path(), &pki, srv.ip, &destination).await;
     let (status, server_header, _) = first_answer(client, "/through-hbone")
         .await
@@ -367,15 +374,8 @@ async fn dump_hbone_listeners_carry_traffic_to_the_inbound_cluster_with_the_peer
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dump_hbone_carries_http_routed_to_an_internal_endpoint() {
-    log();
-    let dir = TempDir::new("pingsail-dump-hbone").unwrap();
-    let pki = TestPki::new("cluster.local", true).unwrap();
-    let srv = server(
-        dir.path(),
-        &pki,
-        Some(allow_peer(json!({ "exact": SLEEP_ID }))),
-    )
-    .await;
+    let (dir, pki) = setup();
+    let srv = server(dir.path(), &pki, Some(allow_sleep())).await;
     let (client, _c, _cs) = pingsail_client(dir.path(), &pki, srv.ip, &format!("{POD}:80")).await;
     assert_eq!(first_answer(client, "/ready").await.map(|r| r.0), Some(200));
     // The client's HTTP router sends to the outbound cluster's internal endpoint
@@ -415,9 +415,7 @@ async fn dump_hbone_carries_http_routed_to_an_internal_endpoint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dump_hbone_authority_selects_the_internal_chain() {
-    log();
-    let dir = TempDir::new("pingsail-dump-hbone").unwrap();
-    let pki = TestPki::new("cluster.local", true).unwrap();
+    let (dir, pki) = setup();
     let srv = server(
         dir.path(),
         &pki,
@@ -447,15 +445,8 @@ async fn dump_hbone_authority_selects_the_internal_chain() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_hbone_client_reaches_the_dump_listeners_on_pingsail() {
-    log();
-    let dir = TempDir::new("pingsail-dump-hbone").unwrap();
-    let pki = TestPki::new("cluster.local", true).unwrap();
-    let srv = server(
-        dir.path(),
-        &pki,
-        Some(allow_peer(json!({ "exact": SLEEP_ID }))),
-    )
-    .await;
+    let (dir, pki) = setup();
+    let srv = server(dir.path(), &pki, Some(allow_sleep())).await;
     let (client, _envoy, _cs) = envoy_client(dir.path(), &pki, srv.ip, &format!("{POD}:80")).await;
     let (status, server_header, _) = first_answer(client, "/from-envoy")
         .await

@@ -243,6 +243,26 @@ static_resources:
     )
 }
 
+/// Echo servers `a` and `b` and `kind` on [`tcp_bootstrap`] (the echoes must outlive the proxy).
+async fn start_tcp(
+    kind: ProxyUnderTest,
+) -> (
+    Ipv4Addr,
+    Box<dyn pingsail_tests::proxy::RunningProxy>,
+    [EchoServer; 2],
+) {
+    let (a, b) = (
+        EchoServer::start("a").await.unwrap(),
+        EchoServer::start("b").await.unwrap(),
+    );
+    let ip = random_loopback_ip();
+    let proxy = kind
+        .start(&tcp_bootstrap(ip, a.port(), b.port()), ip)
+        .await
+        .unwrap();
+    (ip, proxy, [a, b])
+}
+
 /// tcp_proxy: bytes reach the cluster untouched, weighted clusters split by weight, and an idle
 /// connection is closed after `idle_timeout` — on Envoy and on pingsail alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,15 +271,7 @@ async fn tcp_proxy_matches_envoy() {
     use tokio::io::AsyncReadExt;
     let mut results = Vec::new();
     for kind in [ProxyUnderTest::Envoy, ProxyUnderTest::Pingsail] {
-        let (a, b) = (
-            EchoServer::start("a").await.unwrap(),
-            EchoServer::start("b").await.unwrap(),
-        );
-        let ip = random_loopback_ip();
-        let proxy = kind
-            .start(&tcp_bootstrap(ip, a.port(), b.port()), ip)
-            .await
-            .unwrap();
+        let (ip, proxy, _echoes) = start_tcp(kind).await;
         let addr = std::net::SocketAddr::from((ip, 9090));
         // The HTTP request goes through unmodified: no host rewriting, no added headers.
         let mut c = Connection::connect(addr).await.unwrap();
@@ -1151,15 +1163,7 @@ async fn tcp_proxy_counters_match_envoy() {
     const NAMES: &str = "(tcp\\.tcp\\.(downstream_cx_total|downstream_cx_rx_bytes_total|downstream_cx_tx_bytes_total|idle_timeout|downstream_cx_no_route)|cluster\\.a\\.(upstream_cx_total|upstream_cx_rx_bytes_total|upstream_cx_tx_bytes_total))$";
     let mut results = Vec::new();
     for kind in [ProxyUnderTest::Envoy, ProxyUnderTest::Pingsail] {
-        let (a, b) = (
-            EchoServer::start("a").await.unwrap(),
-            EchoServer::start("b").await.unwrap(),
-        );
-        let ip = random_loopback_ip();
-        let proxy = kind
-            .start(&tcp_bootstrap(ip, a.port(), b.port()), ip)
-            .await
-            .unwrap();
+        let (ip, proxy, _echoes) = start_tcp(kind).await;
         let addr = std::net::SocketAddr::from((ip, 9090));
         // Two exchanges that end with the upstream closing (connection: close), then one
         // connection left idle until the proxy closes it.

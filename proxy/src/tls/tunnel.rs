@@ -229,18 +229,10 @@ async fn serve(
     };
     let (cluster, socket) = (get(H_CLUSTER).unwrap_or(""), get(H_SOCKET).unwrap_or(""));
     if let Some(listener) = get(H_INTERNAL) {
-        let mut pipe = match internal(cluster, listener, get(H_ENDPOINT).unwrap_or("")) {
-            Ok(p) => p,
-            Err(e) => {
-                s.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
-                    .await?;
-                return Err(e);
-            }
+        return match internal(cluster, listener, get(H_ENDPOINT).unwrap_or("")) {
+            Ok(pipe) => established(s, pipe).await,
+            Err(e) => refuse(s, e).await,
         };
-        s.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-            .await?;
-        let _ = tokio::io::copy_bidirectional(&mut s, &mut pipe).await;
-        return Ok(());
     }
     let http2 = get(H_HTTP).map(|v| v == "2");
     let bind = get(H_BIND).and_then(|b| b.parse().ok());
@@ -248,22 +240,29 @@ async fn serve(
         .and_then(|t| t.parse().ok())
         .map_or(Duration::from_secs(5), Duration::from_millis);
     let Some(ctx) = lookup(cluster, socket) else {
-        s.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
-            .await?;
-        return Err(std::io::Error::other(format!(
-            "no TLS context for cluster '{cluster}' socket '{socket}'"
-        )));
+        let e = format!("no TLS context for cluster '{cluster}' socket '{socket}'");
+        return refuse(s, std::io::Error::other(e)).await;
     };
-    let mut tls = match connect_tls(&ctx, secrets, addr, bind, timeout, http2).await {
-        Ok(t) => t,
-        Err(e) => {
-            s.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
-                .await?;
-            return Err(e);
-        }
-    };
+    match connect_tls(&ctx, secrets, addr, bind, timeout, http2).await {
+        Ok(tls) => established(s, tls).await,
+        Err(e) => refuse(s, e).await,
+    }
+}
+
+/// Answers the CONNECT with 503 and reports `e`.
+async fn refuse(mut s: UnixStream, e: std::io::Error) -> std::io::Result<()> {
+    s.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+        .await?;
+    Err(e)
+}
+
+/// Answers the CONNECT with 200 and moves bytes until both sides are done.
+async fn established<U>(mut s: UnixStream, mut upstream: U) -> std::io::Result<()>
+where
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     s.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         .await?;
-    let _ = tokio::io::copy_bidirectional(&mut s, &mut tls).await;
+    let _ = tokio::io::copy_bidirectional(&mut s, &mut upstream).await;
     Ok(())
 }

@@ -813,6 +813,24 @@ fn load_assignment(
                 pipes.push(pipe.path.as_str().into());
                 continue;
             }
+            // Envoy: unhealthy / draining / timeout hosts are not used for load balancing.
+            use envoy_types::pb::envoy::config::core::v3::HealthStatus as HS;
+            let healthy = matches!(
+                HS::try_from(lbe.health_status),
+                Ok(HS::Unknown | HS::Healthy | HS::Degraded)
+            );
+            let weight = lbe.load_balancing_weight.as_ref().map_or(1, |w| w.value);
+            if weight == 0 {
+                return invalid(&q.field("load_balancing_weight"), "must be at least 1");
+            }
+            let socket_match = match lbe
+                .metadata
+                .as_ref()
+                .and_then(|m| m.filter_metadata.get("envoy.transport_socket_match"))
+            {
+                Some(st) => struct_strings(st, &q.field("metadata"))?,
+                None => Vec::new(),
+            };
             if let Some(A::EnvoyInternalAddress(ia)) = &addr.address {
                 let ip = ep_path.field("address").field("envoy_internal_address");
                 only(ia, &ip, &["server_listener_name", "endpoint_id"], &[])?;
@@ -823,46 +841,24 @@ fn load_assignment(
                 if !matches!(discovery, Discovery::Static) {
                     return invalid(&ip, "internal addresses need a STATIC or EDS cluster");
                 }
-                let healthy = matches!(
-                    envoy_types::pb::envoy::config::core::v3::HealthStatus::try_from(
-                        lbe.health_status
-                    ),
-                    Ok(
-                        envoy_types::pb::envoy::config::core::v3::HealthStatus::Unknown
-                            | envoy_types::pb::envoy::config::core::v3::HealthStatus::Healthy
-                            | envoy_types::pb::envoy::config::core::v3::HealthStatus::Degraded
-                    )
-                );
-                if !healthy {
-                    continue;
+                if healthy {
+                    out.push(Endpoint {
+                        host: format!("envoy://{listener}/{}", ia.endpoint_id).into(),
+                        port: 0,
+                        // The internal listener is the destination: no socket address (see
+                        // proxy/src/internal.rs); 0.0.0.0:0 keeps the balancers' bookkeeping
+                        // uniform.
+                        addr: Some(std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+                        weight,
+                        hostname: (!ep.hostname.is_empty()).then(|| ep.hostname.as_str().into()),
+                        socket_match,
+                        internal: Some(Arc::new(crate::config::InternalEndpoint {
+                            listener: listener.as_str().into(),
+                            endpoint_id: ia.endpoint_id.as_str().into(),
+                            metadata: lbe.metadata.as_ref().map(metadata_json).unwrap_or_default(),
+                        })),
+                    });
                 }
-                let weight = lbe.load_balancing_weight.as_ref().map_or(1, |w| w.value);
-                if weight == 0 {
-                    return invalid(&q.field("load_balancing_weight"), "must be at least 1");
-                }
-                let socket_match = match lbe
-                    .metadata
-                    .as_ref()
-                    .and_then(|m| m.filter_metadata.get("envoy.transport_socket_match"))
-                {
-                    Some(st) => struct_strings(st, &q.field("metadata"))?,
-                    None => Vec::new(),
-                };
-                out.push(Endpoint {
-                    host: format!("envoy://{listener}/{}", ia.endpoint_id).into(),
-                    port: 0,
-                    // The internal listener is the destination: no socket address (see
-                    // proxy/src/internal.rs); 0.0.0.0:0 keeps the balancers' bookkeeping uniform.
-                    addr: Some(std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
-                    weight,
-                    hostname: (!ep.hostname.is_empty()).then(|| ep.hostname.as_str().into()),
-                    socket_match,
-                    internal: Some(Arc::new(crate::config::InternalEndpoint {
-                        listener: listener.as_str().into(),
-                        endpoint_id: ia.endpoint_id.as_str().into(),
-                        metadata: lbe.metadata.as_ref().map(metadata_json).unwrap_or_default(),
-                    })),
-                });
                 continue;
             }
             let (host, port, sock) = match discovery {
@@ -875,22 +871,8 @@ fn load_assignment(
                     (s.ip().to_string(), s.port(), Some(s))
                 }
             };
-            // Envoy: unhealthy / draining / timeout hosts are not used for load balancing.
-            use envoy_types::pb::envoy::config::core::v3::HealthStatus as HS;
-            let healthy = matches!(
-                HS::try_from(lbe.health_status),
-                Ok(HS::Unknown | HS::Healthy | HS::Degraded)
-            );
             if !healthy {
                 continue;
-            }
-            let weight = lbe
-                .load_balancing_weight
-                .as_ref()
-                .map(|w| w.value)
-                .unwrap_or(1);
-            if weight == 0 {
-                return invalid(&q.field("load_balancing_weight"), "must be at least 1");
             }
             // Envoy's DNS hosts carry their DNS name as hostname (used by auto_host_rewrite).
             let hostname: Option<arcstr::ArcStr> = if !ep.hostname.is_empty() {
@@ -899,14 +881,6 @@ fn load_assignment(
                 Some(host.as_str().into())
             } else {
                 None
-            };
-            let socket_match = match lbe
-                .metadata
-                .as_ref()
-                .and_then(|m| m.filter_metadata.get("envoy.transport_socket_match"))
-            {
-                Some(st) => struct_strings(st, &q.field("metadata"))?,
-                None => Vec::new(),
             };
             out.push(Endpoint {
                 host: host.into(),
