@@ -52,6 +52,8 @@ pub struct Shared {
     pub secret_names: watch::Sender<std::collections::BTreeSet<String>>,
     /// the HTTP proxies, for connections to internal listeners (set once at start)
     pub apps: std::sync::OnceLock<std::sync::Weak<Apps>>,
+    /// HTTP/2 connections carrying tcp_proxy CONNECT tunnels (HBONE)
+    pub tunnels: tunnel::Pool,
 }
 
 impl Shared {
@@ -231,6 +233,7 @@ pub fn start(
         tunnel: std::sync::OnceLock::new(),
         secret_names: watch::Sender::new(Default::default()),
         apps: std::sync::OnceLock::new(),
+        tunnels: Default::default(),
     });
     for (name, m) in loaded.static_secrets {
         shared.secrets.set(&name, Some(m));

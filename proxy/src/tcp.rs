@@ -76,7 +76,25 @@ where
         tracing::debug!(cluster = %name, "tcp_proxy: no healthy upstream; closing");
         return;
     };
-    let upstream = match connect_upstream(shared, &cluster, &picked, &conn).await {
+    let tunnel = cfg.tunneling.as_ref().map(|t| {
+        let headers: Vec<_> = t
+            .headers
+            .iter()
+            .map(|(n, v)| (n.clone(), v.render(conn.local, conn.remote)))
+            .collect();
+        (t.hostname.render(conn.local, conn.remote), headers)
+    });
+    let connected = match &tunnel {
+        None => connect_upstream(shared, &cluster, &picked, &conn).await,
+        // HTTP/2 connections carrying CONNECT streams are pooled per endpoint, as Envoy's
+        // cluster connection pool does.
+        Some((authority, headers)) => {
+            crate::tunnel::open(shared, &cluster, &picked, &conn, authority, headers)
+                .await
+                .map(|s| Box::new(s) as Box<dyn Upstream>)
+        }
+    };
+    let mut upstream = match connected {
         Ok(u) => u,
         Err(e) => {
             tracing::debug!(cluster = %name, upstream = %picked.addr, "tcp_proxy: connect: {e}");
@@ -88,27 +106,11 @@ where
     // A connection counts as a success for outlier detection.
     cluster.record(&picked, crate::cluster::outlier::Outcome::Status(200));
     stats.rq_total.inc();
-    stats.cx_total.inc();
+    if tunnel.is_none() {
+        stats.cx_total.inc();
+    }
     // Keep the active-request count for least-request while the connection lives.
     let _picked = picked;
-    let mut upstream = match &cfg.tunneling {
-        None => upstream,
-        Some(t) => {
-            let authority = t.hostname.render(conn.local, conn.remote);
-            let headers: Vec<_> = t
-                .headers
-                .iter()
-                .map(|(n, v)| (n.clone(), v.render(conn.local, conn.remote)))
-                .collect();
-            match crate::tunnel::originate(upstream, &authority, &headers).await {
-                Ok(s) => Box::new(s),
-                Err(e) => {
-                    tracing::debug!(cluster = %name, %authority, "tcp_proxy: CONNECT tunnel: {e}");
-                    return;
-                }
-            }
-        }
-    };
     let counters = ByteCounters {
         downstream: Some(tcp_stats.clone()),
         upstream: stats,

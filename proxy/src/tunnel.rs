@@ -7,9 +7,10 @@
 //! 2xx and then moves bytes as DATA frames; a downstream half-close becomes END_STREAM and the
 //! upstream's END_STREAM a half-close of the downstream.
 
-use crate::tcp::Upstream;
 use bytes::Bytes;
+use std::collections::HashMap;
 use std::io;
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 /// Bytes buffered between the tunnel's stream and the tcp_proxy's copy loop.
@@ -26,22 +27,82 @@ fn h2_err(e: h2::Error) -> io::Error {
     io::Error::other(e)
 }
 
-/// Opens an HTTP/2 connection over `io`, sends `CONNECT authority` and, once the upstream answers
-/// 2xx, returns a byte stream carried by that CONNECT stream.
-pub async fn originate(
-    io: Box<dyn Upstream>,
+/// Pooled HTTP/2 connections that carry CONNECT streams, by (cluster, endpoint, transport socket).
+#[derive(Default)]
+pub struct Pool {
+    conns: parking_lot::Mutex<HashMap<PoolKey, h2::client::SendRequest<Bytes>>>,
+}
+
+type PoolKey = (arcstr::ArcStr, std::net::SocketAddr, usize);
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("connections", &self.conns.lock().len())
+            .finish()
+    }
+}
+
+/// A CONNECT stream to `authority` on the picked endpoint: on a pooled HTTP/2 connection when one
+/// is open and accepts another stream, else on a new one (counted in `upstream_cx_total`).
+pub async fn open(
+    shared: &Arc<crate::Shared>,
+    cluster: &crate::cluster::ClusterState,
+    picked: &crate::cluster::Picked,
+    conn: &crate::tcp::Conn,
     authority: &str,
     headers: &[(http::HeaderName, String)],
 ) -> io::Result<DuplexStream> {
-    let (client, conn) = h2::client::Builder::new()
-        .handshake::<_, Bytes>(io)
-        .await
-        .map_err(h2_err)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!("CONNECT tunnel connection: {e}");
-        }
+    // Internal endpoints get a connection each (their pipe carries per-connection state).
+    let key = picked.internal.is_none().then(|| {
+        let socket = picked.tls.as_ref().map_or(usize::MAX, |(i, _)| *i);
+        (cluster.config.name.clone(), picked.addr, socket)
     });
+    let pooled = key
+        .as_ref()
+        .and_then(|k| shared.tunnels.conns.lock().get(k).cloned());
+    // A pooled connection takes the stream only if it can right now; one that is full (the peer's
+    // max_concurrent_streams) or gone is replaced by a new connection.
+    let client = match pooled {
+        Some(mut c) => {
+            let state = std::future::poll_fn(|cx| std::task::Poll::Ready(c.poll_ready(cx))).await;
+            match state {
+                std::task::Poll::Ready(Ok(())) => Some(c),
+                std::task::Poll::Ready(Err(_)) | std::task::Poll::Pending => None,
+            }
+        }
+        None => None,
+    };
+    let client = match client {
+        Some(c) => c,
+        None => {
+            let io = crate::tcp::connect_upstream(shared, cluster, picked, conn).await?;
+            let (client, h2conn) = h2::client::Builder::new()
+                .handshake::<_, Bytes>(io)
+                .await
+                .map_err(h2_err)?;
+            tokio::spawn(async move {
+                if let Err(e) = h2conn.await {
+                    tracing::debug!("CONNECT tunnel connection: {e}");
+                }
+            });
+            shared.stats.cluster(&cluster.config.name).cx_total.inc();
+            if let Some(k) = key {
+                shared.tunnels.conns.lock().insert(k, client.clone());
+            }
+            client.ready().await.map_err(h2_err)?
+        }
+    };
+    originate(client, authority, headers).await
+}
+
+/// Sends `CONNECT authority` on `client` and, once the upstream answers 2xx, returns a byte
+/// stream carried by that CONNECT stream.
+async fn originate(
+    mut client: h2::client::SendRequest<Bytes>,
+    authority: &str,
+    headers: &[(http::HeaderName, String)],
+) -> io::Result<DuplexStream> {
     let mut req = http::Request::builder()
         .method(http::Method::CONNECT)
         .uri(authority)
@@ -52,7 +113,6 @@ pub async fn originate(
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         req.headers_mut().append(n.clone(), v);
     }
-    let mut client = client.ready().await.map_err(h2_err)?;
     let (response, send) = client.send_request(req, false).map_err(h2_err)?;
     let response = response.await.map_err(h2_err)?;
     if !response.status().is_success() {

@@ -236,6 +236,20 @@ async fn app() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     (addr, count)
 }
 
+/// A counter from the server sidecar's admin `/stats`.
+async fn server_stat(ip: Ipv4Addr, name: &str) -> Option<u64> {
+    let r = pingsail_tests::client::send(
+        SocketAddr::from((ip, 15000)),
+        &pingsail_tests::client::Request::get("/stats").header("host", "admin"),
+    )
+    .await
+    .ok()?;
+    r.body_text()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Sends `msg`, half-closes, reads until the proxy closes: what came back (empty if nothing).
 async fn exchange(client: Ipv4Addr, msg: &[u8]) -> Vec<u8> {
     let Ok(mut s) = tokio::net::TcpStream::connect((client, 18080)).await else {
@@ -256,6 +270,8 @@ struct Seen {
     echoed: String,
     /// 64 KiB each way (flow control across DATA frames and the internal pipes)
     large_ok: bool,
+    /// connections the server's 15008 accepted for the tunnels so far
+    tls_connections: Option<u64>,
     /// the client expects another server identity
     wrong_san: String,
     /// the tunnel's authority names a port main_internal has no chain for
@@ -316,6 +332,10 @@ async fn pairing(client_side: Side, server_side: Side) -> Seen {
     let large: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
     let back = exchange(c_ip, &large).await;
     let large_ok = back.len() == large.len() + 4 && back[4..] == large[..];
+    // Both tunnels (and the first attempts while secrets arrived) rode one pooled HTTP/2
+    // connection: the server's 15008 listener accepted one connection.
+    let tls_connections =
+        server_stat(s_ip, &format!("listener.{s_ip}_15008.downstream_cx_total")).await;
     let before = app_count.load(std::sync::atomic::Ordering::SeqCst);
     let wrong_san =
         String::from_utf8_lossy(&exchange(c2_ip, b"to the wrong server").await).into_owned();
@@ -328,6 +348,7 @@ async fn pairing(client_side: Side, server_side: Side) -> Seen {
     Seen {
         echoed,
         large_ok,
+        tls_connections,
         wrong_san,
         no_chain,
         app_connections: after,
@@ -341,6 +362,7 @@ async fn check(client_side: Side, server_side: Side) {
         Seen {
             echoed: "app:hello through hbone".into(),
             large_ok: true,
+            tls_connections: Some(1),
             wrong_san: String::new(),
             no_chain: String::new(),
             app_connections: 2,
