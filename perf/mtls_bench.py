@@ -195,6 +195,134 @@ static_resources:
 """
 
 
+# ---------------------------------------------------------------- HBONE bootstraps (as tests/tests/hbone.rs)
+
+BOOTSTRAP_EXT = """
+bootstrap_extensions:
+- name: envoy.bootstrap.internal_listener
+  typed_config: { "@type": type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener }"""
+
+ORIGINAL_DST_FILTER = """
+    listener_filters:
+    - name: envoy.filters.listener.original_dst
+      typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst }"""
+
+
+def internal_cluster(name: str, listener: str, metadata: str, passthrough: str) -> str:
+    md = f"\n          metadata: {{ filter_metadata: {metadata} }}" if metadata else ""
+    return f"""
+  - name: {name}
+    type: STATIC
+    connect_timeout: 2s
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ envoy_internal_address: {{ server_listener_name: {listener} }} }} }}{md}
+    transport_socket:
+      name: envoy.transport_sockets.internal_upstream
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport
+        passthrough_metadata: {passthrough}
+        transport_socket: {{ name: raw_buffer, typed_config: {{ "@type": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer }} }}"""
+
+
+def hbone_tls(kind: str, san: str, indent: int) -> str:
+    """TLS 1.3, ALPN h2, SPIFFE SAN (Istio's HBONE contexts), as a `transport_socket` value."""
+    i0, i1, i2, i3 = (" " * (indent + n) for n in (0, 2, 4, 6))
+    req = f"\n{i1}require_client_certificate: true" if kind == "Downstream" else ""
+    return f"""
+{i0}name: envoy.transport_sockets.tls
+{i0}typed_config:
+{i1}"@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.{kind}TlsContext{req}
+{i1}common_tls_context:
+{i2}tls_params: {{ tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }}
+{i2}alpn_protocols: [h2]
+{i2}tls_certificate_sds_secret_configs: [ {{ name: default, sds_config: {SDS} }} ]
+{i2}combined_validation_context:
+{i3}default_validation_context: {{ match_subject_alt_names: [ {san} ] }}
+{i3}validation_context_sds_secret_config: {{ name: ROOTCA, sds_config: {SDS} }}"""
+
+
+def hbone_server_bootstrap(sock: Path, admin_port: int, listen_port: int, upstream_port: int) -> str:
+    """15008-style CONNECT terminator → internal listener main_internal (port-80 HTTP chain) → nginx."""
+    return f"""
+{admin(admin_port, "server")}{BOOTSTRAP_EXT}
+static_resources:
+  listeners:
+  - name: connect_terminate
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {listen_port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: connect_terminate
+          route_config:
+            virtual_hosts:
+            - name: default
+              domains: ["*"]
+              routes:
+              - match: {{ connect_matcher: {{}} }}
+                route: {{ cluster: main_internal, upgrade_configs: [ {{ upgrade_type: CONNECT, connect_config: {{}} }} ] }}
+          http_filters:
+          - name: connect_authority
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config
+              on_request_headers:
+              - object_key: envoy.filters.listener.original_dst.local_ip
+                format_string: {{ text_format_source: {{ inline_string: "%REQ(:AUTHORITY)%" }} }}
+                shared_with_upstream: ONCE
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+          http2_protocol_options: {{ allow_connect: true, max_concurrent_streams: 100 }}
+          upgrade_configs: [ {{ upgrade_type: CONNECT }} ]
+      transport_socket:{hbone_tls("Downstream", '{ prefix: "spiffe://cluster.local/" }', 8)}
+  - name: main_internal
+    internal_listener: {{}}{ORIGINAL_DST_FILTER}
+    filter_chains:
+    - filter_chain_match: {{ destination_port: 80 }}
+      filters:{hcm("inbound|80||")}
+  clusters:{sds_cluster(sock)}{static_cluster("inbound|80||", upstream_port)}{internal_cluster("main_internal", "main_internal", "", "[]")}
+"""
+
+
+def hbone_client_bootstrap(sock: Path, admin_port: int, listen_port: int, server_port: int) -> str:
+    """HTTP → an HBONE endpoint (internal listener connect_originate) → CONNECT over TLS h2."""
+    return f"""
+{admin(admin_port, "client")}{BOOTSTRAP_EXT}
+static_resources:
+  listeners:
+  - name: outbound_http
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {listen_port} }} }}
+    filter_chains:
+    - filters:{hcm("outbound|80||server")}
+  - name: connect_originate
+    internal_listener: {{}}{ORIGINAL_DST_FILTER}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: connect_originate
+          cluster: connect_originate
+          tunneling_config: {{ hostname: "%DOWNSTREAM_LOCAL_ADDRESS%" }}
+  clusters:{sds_cluster(sock)}{internal_cluster("outbound|80||server", "connect_originate",
+      '{ envoy.filters.listener.original_dst: { local: "127.0.0.1:80" } }',
+      '[ { name: envoy.filters.listener.original_dst, kind: { host: {} } } ]')}
+  - name: connect_originate
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 2s
+    original_dst_lb_config: {{ upstream_port_override: {server_port} }}
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{ allow_connect: true }} }}
+    transport_socket:{hbone_tls("Upstream", '{ exact: "%s" }' % SERVER_ID, 6)}
+"""
+
+
 # ---------------------------------------------------------------- one run
 
 
@@ -273,8 +401,12 @@ def one_run(args, tmp: Path, pki: Path, socks: dict, name: str, up_port: int, ng
     s_lp, s_ap, c_lp, c_ap = free_port(), free_port(), free_port(), free_port()
     sb = tmp / f"server-{name}-{idx}.yaml"
     cb = tmp / f"client-{name}-{idx}.yaml"
-    sb.write_text(server_bootstrap(socks["server"], s_ap, s_lp, up_port))
-    cb.write_text(client_bootstrap(socks["client"], c_ap, c_lp, s_lp))
+    if args.hbone:
+        sb.write_text(hbone_server_bootstrap(socks["server"], s_ap, s_lp, up_port))
+        cb.write_text(hbone_client_bootstrap(socks["client"], c_ap, c_lp, s_lp))
+    else:
+        sb.write_text(server_bootstrap(socks["server"], s_ap, s_lp, up_port))
+        cb.write_text(client_bootstrap(socks["client"], c_ap, c_lp, s_lp))
     res["quiet_start"] = bench.wait_quiet(args)
     sp = start(proxy_cmd(name, sb, args), tmp / f"server-{name}-{idx}.log", None)
     cp = start(proxy_cmd(name, cb, args), tmp / f"client-{name}-{idx}.log", None)
@@ -306,7 +438,7 @@ def one_run(args, tmp: Path, pki: Path, socks: dict, name: str, up_port: int, ng
         res["fixed"] = r
         res["peak_rss_fixed_mib"] = {"client": round(proc_mem(cp.pid)["VmHWM"], 2),
                                      "server": round(proc_mem(sp.pid)["VmHWM"], 2)}
-        if not args.no_handshakes:
+        if not args.no_handshakes and not args.hbone:
             res["quiet_hs"] = bench.wait_quiet(args)
             res["hs"] = handshakes(args, pki, s_lp, sp.pid)
             # One more request through both hops: the server sidecar still serves after the storm.
@@ -409,6 +541,9 @@ def main() -> int:
     ap.add_argument("--hs-duration", type=float, default=8.0)
     ap.add_argument("--hs-clients", type=int, default=1, help="concurrent `openssl s_time` processes")
     ap.add_argument("--no-handshakes", action="store_true")
+    ap.add_argument("--hbone", action="store_true",
+                    help="HBONE instead of Istio mTLS: HTTP over CONNECT tunnels through internal listeners "
+                         "(tests/tests/hbone.rs shapes); handshakes are skipped")
     ap.add_argument("--body-size", type=int, default=1024)
     ap.add_argument("--quiet-load", type=float, default=0.7)
     ap.add_argument("--quiet-busy", type=float, default=0.3)
