@@ -16,4 +16,5 @@ pub mod net;
 pub mod netns;
 pub mod proxy;
 pub mod scenario;
+pub mod sidecar;
 mod wire;

@@ -18,15 +18,15 @@
 //! `connect_originate`) or point at test servers (`inbound|80||`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
-use pingsail_agent::sds::{Server, ServerHandle, secret_channel};
+use pingsail_agent::sds::ServerHandle;
 use pingsail_agent::testing::TestPki;
 use pingsail_tests::echo::EchoServer;
 use pingsail_tests::envoy::Envoy;
 use pingsail_tests::net::{TempDir, closed_port, random_loopback_ip};
+use pingsail_tests::sidecar::{bootstrap, sds_cluster, sds_config, sds_server as sds};
 use serde_json::{Value, json};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -54,20 +54,6 @@ fn listener(name: &str) -> Value {
         }
     }
     panic!("listener {name} not in the dump")
-}
-
-fn sds_config() -> Value {
-    json!({ "api_config_source": { "api_type": "GRPC", "grpc_services": [ { "envoy_grpc": { "cluster_name": "sds-grpc" } } ],
-            "set_node_on_first_message_only": true, "transport_api_version": "V3" },
-            "initial_fetch_timeout": "0s", "resource_api_version": "V3" })
-}
-
-fn sds_cluster(sock: &Path) -> Value {
-    json!({ "name": "sds-grpc", "type": "STATIC", "connect_timeout": "1s",
-        "typed_extension_protocol_options": { "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": { "http2_protocol_options": {} } } },
-        "load_assignment": { "cluster_name": "sds-grpc", "endpoints": [ { "lb_endpoints": [ { "endpoint": { "address": { "pipe": { "path": sock.display().to_string() } } } } ] } ] } })
 }
 
 fn static_cluster(name: &str, a: SocketAddr) -> Value {
@@ -100,17 +86,6 @@ fn internal_upstream(passthrough: Value) -> Value {
         "@type": "type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
         "passthrough_metadata": passthrough,
         "transport_socket": { "name": "raw_buffer", "typed_config": { "@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" } } } })
-}
-
-fn bootstrap(ip: Ipv4Addr, listeners: Vec<Value>, clusters: Vec<Value>) -> String {
-    json!({
-        "admin": { "address": { "socket_address": { "address": ip.to_string(), "port_value": 15000 } } },
-        "node": { "id": format!("sidecar~{ip}~pod.default~default.svc.cluster.local"), "cluster": "test" },
-        "bootstrap_extensions": [ { "name": "envoy.bootstrap.internal_listener", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener" } } ],
-        "static_resources": { "listeners": listeners, "clusters": clusters }
-    })
-    .to_string()
 }
 
 /// main_internal as in the dump, with its first RBAC filter's ALLOW policies replaced by `policies`
@@ -151,21 +126,6 @@ struct ServerPod {
     _proxy: pingsail_proxy::testing::Running,
     app: EchoServer,
     _sds: ServerHandle,
-}
-
-async fn sds(
-    dir: &Path,
-    name: &str,
-    pki: &TestPki,
-    id: &str,
-) -> (ServerHandle, std::path::PathBuf) {
-    let sock = dir.join(format!("{name}.sock"));
-    let (tx, rx) = secret_channel();
-    tx.send_replace(Some(Arc::new(
-        pki.workload_secret(id, Duration::from_secs(3600)).unwrap(),
-    )));
-    drop(tx);
-    (Server::start(&sock, rx).await.unwrap(), sock)
 }
 
 /// The server sidecar: the dump's connect_terminate (on `<ip>:15008`) and main_internal.

@@ -21,10 +21,10 @@
 //! tunnel, a refused server identity, and an authority with no chain behind 15008.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
-use pingsail_agent::sds::{Server, ServerHandle, secret_channel};
 use pingsail_agent::testing::TestPki;
 use pingsail_tests::envoy::Envoy;
 use pingsail_tests::net::{TempDir, random_loopback_ip};
+use pingsail_tests::sidecar::{bootstrap, sds_cluster, sds_config, sds_server as sds};
 use serde_json::{Value, json};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -54,20 +54,6 @@ async fn start(side: Side, bootstrap: &str) -> Proxy {
         Side::Envoy => Proxy::Envoy(Envoy::start(bootstrap).await.unwrap()),
         Side::Pingsail => Proxy::Pingsail(pingsail_proxy::testing::start(bootstrap).await.unwrap()),
     }
-}
-
-fn sds_config() -> Value {
-    json!({ "api_config_source": { "api_type": "GRPC", "grpc_services": [ { "envoy_grpc": { "cluster_name": "sds-grpc" } } ],
-            "set_node_on_first_message_only": true, "transport_api_version": "V3" },
-            "initial_fetch_timeout": "0s", "resource_api_version": "V3" })
-}
-
-fn sds_cluster(sock: &Path) -> Value {
-    json!({ "name": "sds-grpc", "type": "STATIC", "connect_timeout": "1s",
-        "typed_extension_protocol_options": { "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": { "http2_protocol_options": {} } } },
-        "load_assignment": { "cluster_name": "sds-grpc", "endpoints": [ { "lb_endpoints": [ { "endpoint": { "address": { "pipe": { "path": sock.display().to_string() } } } } ] } ] } })
 }
 
 fn common_tls(san: &str) -> Value {
@@ -108,17 +94,6 @@ fn internal_cluster(name: &str, listener: &str, metadata: Value, passthrough: Va
         "transport_socket": { "name": "envoy.transport_sockets.internal_upstream", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
             "passthrough_metadata": passthrough, "transport_socket": raw_buffer() } } })
-}
-
-fn bootstrap(ip: Ipv4Addr, listeners: Vec<Value>, clusters: Vec<Value>) -> String {
-    json!({
-        "admin": { "address": { "socket_address": { "address": ip.to_string(), "port_value": 15000 } } },
-        "node": { "id": format!("sidecar~{ip}~pod.default~default.svc.cluster.local"), "cluster": "test" },
-        "bootstrap_extensions": [ { "name": "envoy.bootstrap.internal_listener", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener" } } ],
-        "static_resources": { "listeners": listeners, "clusters": clusters }
-    })
-    .to_string()
 }
 
 /// The client sidecar: the app's connections to :18080 are tunnelled to `dst` (the server's
@@ -195,21 +170,6 @@ fn server_bootstrap(ip: Ipv4Addr, sock: &Path, app: SocketAddr) -> String {
                 "socket_address": { "address": app.ip().to_string(), "port_value": app.port() } } } } ] } ] } }),
     ];
     bootstrap(ip, vec![terminate, main_internal], clusters)
-}
-
-async fn sds(
-    dir: &Path,
-    name: &str,
-    pki: &TestPki,
-    id: &str,
-) -> (ServerHandle, std::path::PathBuf) {
-    let sock = dir.join(format!("{name}.sock"));
-    let (tx, rx) = secret_channel();
-    tx.send_replace(Some(Arc::new(
-        pki.workload_secret(id, Duration::from_secs(3600)).unwrap(),
-    )));
-    drop(tx);
-    (Server::start(&sock, rx).await.unwrap(), sock)
 }
 
 /// An app that answers every connection with `app:` followed by the bytes it received, once the
