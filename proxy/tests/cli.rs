@@ -315,3 +315,70 @@ fn http(port: u16, method: &str, path: &str) -> std::io::Result<String> {
     s.read_to_string(&mut out)?;
     Ok(out)
 }
+
+/// An internal listener tunnelling over CONNECT, as istiod's `connect_originate`.
+const TUNNEL: &str = r#"
+static_resources:
+  listeners:
+  - name: connect_originate
+    internal_listener: {}
+    listener_filters:
+    - name: envoy.filters.listener.original_dst
+      typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: t
+          cluster: c
+          tunneling_config: {hostname: "%DOWNSTREAM_LOCAL_ADDRESS%"}
+  clusters:
+  - name: c
+    load_assignment:
+      cluster_name: c
+      endpoints: [{lb_endpoints: [{endpoint: {address: {envoy_internal_address: {server_listener_name: connect_originate}}}}]}]
+"#;
+
+#[test]
+fn hbone_config_errors_name_their_paths() {
+    // The shape itself validates.
+    let path = temp_file("bootstrap.yaml", TUNNEL);
+    let out = Command::new(BIN)
+        .args(["--mode", "validate", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let err = refused(&TUNNEL.replace("%DOWNSTREAM_LOCAL_ADDRESS%", "%UPSTREAM_HOST%"));
+    assert!(
+        err.contains(
+            "tunneling_config.hostname: command operator %UPSTREAM_HOST% is not supported here"
+        ),
+        "{err}"
+    );
+    let err = refused(&TUNNEL.replace("%DOWNSTREAM_LOCAL_ADDRESS%", "%DOWNSTREAM_LOCAL"));
+    assert!(err.contains("unterminated command operator"), "{err}");
+    let err = refused(&TUNNEL.replace(
+        "    internal_listener: {}",
+        "    internal_listener: {}\n    address: {socket_address: {address: 127.0.0.1, port_value: 0}}",
+    ));
+    assert!(
+        err.contains("static_resources.listeners[0].address: an internal listener has no address"),
+        "{err}"
+    );
+    let err = refused(&TUNNEL.replace(
+        "{server_listener_name: connect_originate}",
+        "{endpoint_id: x}",
+    ));
+    assert!(
+        err.contains("envoy_internal_address.server_listener_name"),
+        "{err}"
+    );
+}
